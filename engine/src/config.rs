@@ -1,0 +1,239 @@
+//! The server's one configuration struct. Every field has a documented default and the
+//! trade-off it controls; `validate()` runs right after loading. `switchboard serve --print-config`
+//! prints the effective values as TOML.
+
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Default port for the embedded single-box setup (WebSocket, HTTP metrics, echo all share it).
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7070";
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address every core's listener binds (SO_REUSEPORT: the kernel spreads connections over
+    /// cores). Default `127.0.0.1:7070`; use `0.0.0.0:7070` to serve other hosts.
+    pub listen: SocketAddr,
+    /// Listen backlog per core. Default 4096. Larger absorbs connect storms (a reconnecting
+    /// fleet) at the cost of kernel memory for half-open connections; capped by `net.core.somaxconn`.
+    pub listen_backlog: u32,
+    /// Reactor (glommio executor) count, one per core. 0 = one per available CPU. Default 0.
+    pub cores: usize,
+    /// Pin each reactor to its own CPU (`Placement::Fixed`). Default true. Turned off
+    /// automatically when `cores` exceeds the CPU count (tests that want many shards on a small box).
+    pub pin_cores: bool,
+    /// Where the embedded store keeps its logs. Default `./data`.
+    pub data_dir: PathBuf,
+    /// Secret for signing session tokens (HMAC-SHA256), at least 32 bytes. Default: empty,
+    /// meaning read `<data_dir>/token.secret`, creating it with 32 random bytes on first start.
+    pub token_secret: String,
+    /// Largest WebSocket message accepted, bytes. Default 65 KiB + 1 KiB (a 64 KiB payload plus its
+    /// envelope); cannot exceed the protocol's `FRAME_BYTES_MAX`.
+    pub frame_bytes_max: usize,
+    /// Bytes queued towards one connection (not yet written to its socket) before the server
+    /// closes it as a slow consumer with close code 4002. Default 1 MiB. The worst-case memory
+    /// of a stuck connection; messages are durable, so the client loses nothing: it reconnects
+    /// and syncs.
+    pub conn_send_queue_bytes_max: usize,
+    /// Sends a connection may have in flight (sent to the owning core, not yet answered) before the
+    /// server stops reading that socket. Default 256. Back-pressure towards a fast sender.
+    pub conn_inflight_sends_max: usize,
+    /// Time allowed from TCP accept to a complete HTTP request head. Default 10 s.
+    #[serde(with = "duration_secs")]
+    pub handshake_timeout: Duration,
+    /// Interval of server WebSocket pings. Default 25 s (below common 30 s NAT/proxy idle timers).
+    #[serde(with = "duration_secs")]
+    pub ping_interval: Duration,
+    /// A connection that sends nothing (not even a pong) for this long is closed. Default 60 s;
+    /// must exceed `ping_interval` so a live client always answers in time.
+    #[serde(with = "duration_secs")]
+    pub idle_timeout: Duration,
+    /// Connections one core accepts before answering new ones with HTTP 503. Default 100_000.
+    /// Each idle authenticated connection costs a few KiB of user memory plus kernel socket memory.
+    pub conns_per_core_max: usize,
+    /// Enable `GET /v1/echo`: an unauthenticated WebSocket echo on the same framing code, for
+    /// conformance suites (Autobahn|Testsuite). Default false; never enable it in production.
+    pub echo_endpoint: bool,
+    /// Most records in one group commit (one write + one fdatasync). Default 1024. Larger batches
+    /// amortise the fsync further but delay every message in the batch.
+    pub commit_batch_records_max: usize,
+    /// Extra time the committer waits to fill a batch after the first record arrives, microseconds.
+    /// Default 0: batches form naturally while the previous fsync runs; raise it to trade latency
+    /// for fewer fsyncs on slow disks.
+    pub commit_delay_us: u64,
+    /// Records waiting for the committer on one shard before new sends get `Overloaded`.
+    /// Default 16_384. Bounds the memory of a shard whose disk cannot keep up.
+    pub shard_pending_records_max: usize,
+    /// Messages per chat one `Sync` round returns before answering `more = true`. Default 1000.
+    pub sync_chat_messages_max: usize,
+    /// Batches in flight on each core-to-core channel. Default 128 (Seastar's queue length).
+    pub mesh_channel_batches_max: usize,
+    /// Items in one core-to-core batch. Default 256.
+    pub mesh_batch_items_max: usize,
+    /// Items waiting in a core's outbox towards one other core before producers wait. Default 8192.
+    pub mesh_outbox_items_max: usize,
+    /// Size of the embedded store's log segments. Default 64 MiB.
+    pub segment_bytes_max: u64,
+    /// Dedup entries (sender, client_msg_id) kept per shard; a retry older than the newest this
+    /// many sends is stored again. Default 1_000_000 (~80 MB per shard at worst).
+    pub dedup_entries_max: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: DEFAULT_LISTEN.parse().expect("valid default address"),
+            listen_backlog: 4096,
+            cores: 0,
+            pin_cores: true,
+            data_dir: PathBuf::from("data"),
+            token_secret: String::new(),
+            frame_bytes_max: switchboard_wire::limits::FRAME_BYTES_MAX,
+            conn_send_queue_bytes_max: 1024 * 1024,
+            conn_inflight_sends_max: 256,
+            handshake_timeout: Duration::from_secs(10),
+            ping_interval: Duration::from_secs(25),
+            idle_timeout: Duration::from_secs(60),
+            conns_per_core_max: 100_000,
+            echo_endpoint: false,
+            commit_batch_records_max: 1024,
+            commit_delay_us: 0,
+            shard_pending_records_max: 16_384,
+            sync_chat_messages_max: 1000,
+            mesh_channel_batches_max: 128,
+            mesh_batch_items_max: 256,
+            mesh_outbox_items_max: 8192,
+            segment_bytes_max: 64 * 1024 * 1024,
+            dedup_entries_max: 1_000_000,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct ConfigError(pub String);
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "invalid configuration: {}", self.0)
+    }
+}
+impl std::error::Error for ConfigError {}
+
+impl Config {
+    pub fn load(path: &std::path::Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError(format!("cannot read {}: {e}", path.display())))?;
+        toml::from_str(&text).map_err(|e| ConfigError(format!("{}: {e}", path.display())))
+    }
+
+    /// Checks every field and the relationships between them.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let err = |s: &str| Err(ConfigError(s.to_string()));
+        if self.frame_bytes_max < 1024
+            || self.frame_bytes_max > switchboard_wire::limits::FRAME_BYTES_MAX
+        {
+            return err("frame_bytes_max must be within 1 KiB ..= FRAME_BYTES_MAX (65 KiB)");
+        }
+        if self.conn_send_queue_bytes_max < switchboard_wire::limits::SERVER_FRAME_BYTES_MAX {
+            return err(
+                "conn_send_queue_bytes_max must hold at least one largest server frame (512 KiB)",
+            );
+        }
+        if self.idle_timeout <= self.ping_interval {
+            return err("idle_timeout must be longer than ping_interval");
+        }
+        if self.handshake_timeout.is_zero() || self.ping_interval.is_zero() {
+            return err("handshake_timeout and ping_interval must be positive");
+        }
+        if self.conns_per_core_max == 0 || self.conn_inflight_sends_max == 0 {
+            return err("conns_per_core_max and conn_inflight_sends_max must be positive");
+        }
+        if self.commit_batch_records_max == 0
+            || self.shard_pending_records_max < self.commit_batch_records_max
+        {
+            return err("need 0 < commit_batch_records_max <= shard_pending_records_max");
+        }
+        if self.mesh_channel_batches_max == 0
+            || self.mesh_batch_items_max == 0
+            || self.mesh_outbox_items_max == 0
+        {
+            return err("mesh_* limits must be positive");
+        }
+        if self.segment_bytes_max < 1024 * 1024 {
+            return err("segment_bytes_max must be at least 1 MiB");
+        }
+        if self.cores > 256 {
+            return err("cores must be at most 256");
+        }
+        if !self.token_secret.is_empty() && self.token_secret.len() < 32 {
+            return err("token_secret must be at least 32 characters");
+        }
+        if self.sync_chat_messages_max == 0 || self.dedup_entries_max == 0 {
+            return err("sync_chat_messages_max and dedup_entries_max must be positive");
+        }
+        Ok(())
+    }
+
+    /// The number of reactors to run.
+    pub fn effective_cores(&self) -> usize {
+        if self.cores == 0 {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1)
+        } else {
+            self.cores
+        }
+    }
+}
+
+mod duration_secs {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(d.as_secs_f64())
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let secs = f64::deserialize(d)?;
+        if !(0.0..=86_400.0 * 365.0).contains(&secs) {
+            return Err(serde::de::Error::custom("duration out of range"));
+        }
+        Ok(Duration::from_secs_f64(secs))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_roundtrip_as_toml() {
+        let c = Config::default();
+        c.validate().unwrap();
+        let text = toml::to_string(&c).unwrap();
+        let back: Config = toml::from_str(&text).unwrap();
+        assert_eq!(back.listen, c.listen);
+        assert_eq!(back.idle_timeout, c.idle_timeout);
+    }
+
+    #[test]
+    fn bad_relationships_are_rejected() {
+        let mut c = Config {
+            idle_timeout: Duration::from_secs(5),
+            ..Config::default()
+        };
+        assert!(c.validate().is_err());
+        c = Config {
+            frame_bytes_max: 10 * 1024 * 1024,
+            ..Config::default()
+        };
+        assert!(c.validate().is_err());
+        c = Config {
+            token_secret: "short".into(),
+            ..Config::default()
+        };
+        assert!(c.validate().is_err());
+        assert!(toml::from_str::<Config>("no_such_field = 1").is_err());
+    }
+}

@@ -1,0 +1,709 @@
+//! One TCP connection on its core: the HTTP request head (upgrade, metrics, health), then the
+//! WebSocket loop. The only code that touches client sockets.
+//!
+//! ```text
+//!  socket ──read──► WsIo.rx ──tungstenite──► decode_client ──► route to the chat's owner core
+//!  ConnShared.queue (frames from any core) ──► WsIo.tx ──write──► socket
+//! ```
+
+use crate::core::Core;
+use crate::http::{self, Route};
+use crate::msg::{ConnRef, CoreMsg, Frame, FrameKind, Origin};
+use crate::notify::Notify;
+use crate::ws::{self, close, WsIo};
+use futures_lite::{AsyncRead, AsyncWriteExt};
+use glommio::net::TcpStream;
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+use switchboard_storage::CursorKind;
+use switchboard_wire::{
+    decode_client, ChatId, ClientFrame, DeviceId, ErrorCode, ErrorFrame, Seq, ServerFrame, Target,
+    UserId,
+};
+use tungstenite::protocol::frame::coding::CloseCode;
+use tungstenite::protocol::{CloseFrame, Role, WebSocketContext};
+use tungstenite::Message as WsMessage;
+
+/// A `Sync` in progress: live messages wait in `held` until every shard has answered, so the
+/// client sees each chat in seq order.
+struct SyncProgress {
+    request_id: u32,
+    parts_pending: u32,
+    messages: u32,
+    more: bool,
+    max_seq: HashMap<ChatId, Seq>,
+    held: Vec<(ChatId, Seq, Frame)>,
+}
+
+/// The part of a connection other tasks on its core see: its outbound queue and flags.
+pub struct ConnShared {
+    pub id: u64,
+    pub user: UserId,
+    pub device: DeviceId,
+    queue: RefCell<VecDeque<Frame>>,
+    /// Bytes in `queue`, in `held`, and not yet written from `WsIo::tx`.
+    queued_bytes: Cell<usize>,
+    inflight: Cell<usize>,
+    closing: Cell<Option<(u16, &'static str)>>,
+    sync: RefCell<Option<SyncProgress>>,
+    wake: Notify,
+}
+
+impl ConnShared {
+    fn new(id: u64, user: UserId, device: DeviceId) -> ConnShared {
+        ConnShared {
+            id,
+            user,
+            device,
+            queue: RefCell::new(VecDeque::new()),
+            queued_bytes: Cell::new(0),
+            inflight: Cell::new(0),
+            closing: Cell::new(None),
+            sync: RefCell::new(None),
+            wake: Notify::new(),
+        }
+    }
+
+    /// Asks the connection task to close with `code`; queued frames are dropped (the messages
+    /// are durable: the client gets them on its next sync).
+    pub fn close(&self, code: u16, reason: &'static str) {
+        if self.closing.get().is_none() {
+            self.closing.set(Some((code, reason)));
+            self.queue.borrow_mut().clear();
+            self.sync.borrow_mut().take();
+            self.wake.notify();
+        }
+    }
+
+    /// Accounts `len` more queued bytes; false (and the connection closes) past the limit.
+    fn reserve(&self, core: &Core, len: usize) -> bool {
+        let total = self.queued_bytes.get() + len;
+        if total > core.cfg.conn_send_queue_bytes_max {
+            core.metrics().slow_consumer_closes.fetch_add(1, Relaxed);
+            self.close(
+                close::SLOW_CONSUMER,
+                "send queue full: read faster, then sync",
+            );
+            return false;
+        }
+        self.queued_bytes.set(total);
+        true
+    }
+
+    fn enqueue(&self, frame: Frame) {
+        self.queue.borrow_mut().push_back(frame);
+        self.wake.notify();
+    }
+
+    /// A frame for this connection from any core.
+    pub fn push(&self, core: &Core, frame: Frame, kind: FrameKind) {
+        if self.closing.get().is_some() {
+            return;
+        }
+        if let FrameKind::Reply {
+            completes_send: true,
+        } = kind
+        {
+            self.inflight.set(self.inflight.get().saturating_sub(1));
+            self.wake.notify();
+        }
+        if !self.reserve(core, frame.len()) {
+            return;
+        }
+        let mut sync = self.sync.borrow_mut();
+        match (kind, sync.as_mut()) {
+            (FrameKind::Live { chat, seq }, Some(s)) => s.held.push((chat, seq, frame)),
+            (FrameKind::SyncMessage { chat, seq }, Some(s)) => {
+                let max = s.max_seq.entry(chat).or_default();
+                *max = (*max).max(seq);
+                s.messages += 1;
+                drop(sync);
+                self.enqueue(frame);
+            }
+            _ => {
+                drop(sync);
+                self.enqueue(frame);
+            }
+        }
+    }
+
+    /// One shard finished its part of the sync; after the last, send `SyncDone` and release the
+    /// live messages held meanwhile (minus those the sync already delivered).
+    pub fn sync_part(&self, core: &Core, request_id: u32, more: bool) {
+        let done = {
+            let mut sync = self.sync.borrow_mut();
+            let Some(s) = sync.as_mut().filter(|s| s.request_id == request_id) else {
+                return;
+            };
+            s.more |= more;
+            s.parts_pending -= 1;
+            if s.parts_pending > 0 {
+                return;
+            }
+            sync.take().expect("checked above")
+        };
+        let frame = core.encode(&ServerFrame::SyncDone {
+            request_id,
+            messages: done.messages,
+            more: done.more,
+        });
+        if !self.reserve(core, frame.len()) {
+            return;
+        }
+        self.enqueue(frame);
+        for (chat, seq, frame) in done.held {
+            if done.max_seq.get(&chat).is_some_and(|max| seq <= *max) {
+                self.queued_bytes.set(self.queued_bytes.get() - frame.len());
+                continue;
+            }
+            self.enqueue(frame);
+        }
+    }
+}
+
+/// Reads from the socket into the core's shared scratch buffer. The buffer is borrowed only
+/// inside `poll`, never across a suspension, so thousands of idle connections share one buffer
+/// (glommio's non-buffered stream polls readiness and only then reads).
+struct ReadScratch<'a> {
+    stream: &'a mut TcpStream,
+    core: &'a Core,
+}
+
+impl Future for ReadScratch<'_> {
+    type Output = std::io::Result<usize>;
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        let mut scratch = this.core.read_scratch.borrow_mut();
+        Pin::new(&mut *this.stream).poll_read(cx, &mut scratch[..])
+    }
+}
+
+enum Event {
+    Read(std::io::Result<usize>),
+    Wake,
+    Tick,
+}
+
+enum Mode {
+    Chat(Rc<ConnShared>),
+    Echo,
+}
+
+/// Serves one accepted TCP connection to its end.
+pub async fn serve(core: Rc<Core>, mut stream: TcpStream) {
+    core.metrics().connections_accepted.fetch_add(1, Relaxed);
+    let _ = stream.set_nodelay(true);
+    let head =
+        futures_lite::future::or(async { Some(read_head(&core, &mut stream).await) }, async {
+            glommio::timer::sleep(core.cfg.handshake_timeout).await;
+            None
+        })
+        .await;
+    let Some(Ok((route, leftover))) = head else {
+        if let Some(Err(Some(e))) = head {
+            let _ = stream.write_all(&http::error_response(&e)).await;
+        }
+        return;
+    };
+    match route {
+        Route::Metrics => {
+            let body = crate::metrics::render(&core.all_metrics);
+            let _ = stream
+                .write_all(&http::response(
+                    200,
+                    "OK",
+                    "text/plain; version=0.0.4",
+                    body.as_bytes(),
+                ))
+                .await;
+        }
+        Route::Health => {
+            let _ = stream
+                .write_all(&http::response(200, "OK", "text/plain", b"ok\n"))
+                .await;
+        }
+        Route::Echo { key } => {
+            if !core.cfg.echo_endpoint {
+                let e = http::HttpError {
+                    status: 404,
+                    reason: "Not Found",
+                    detail: "echo endpoint is disabled",
+                };
+                let _ = stream.write_all(&http::error_response(&e)).await;
+                return;
+            }
+            if stream
+                .write_all(&http::upgrade_response(&key))
+                .await
+                .is_ok()
+            {
+                run_ws(&core, stream, leftover, Mode::Echo).await;
+            }
+        }
+        Route::WebSocket { key, token } => {
+            let now_s = crate::core::unix_ms() / 1000;
+            let claims = match token.as_deref().map(|t| core.key.verify(t, now_s)) {
+                Some(Ok(c)) => c,
+                other => {
+                    core.metrics().http_unauthorized.fetch_add(1, Relaxed);
+                    let detail = match other {
+                        None => "missing token: send Authorization: Bearer <token> or ?token=",
+                        Some(Err(crate::token::TokenError::Expired)) => "token expired",
+                        _ => "invalid token",
+                    };
+                    let e = http::HttpError {
+                        status: 401,
+                        reason: "Unauthorized",
+                        detail,
+                    };
+                    let _ = stream.write_all(&http::error_response(&e)).await;
+                    return;
+                }
+            };
+            if core.conns.borrow().len() >= core.cfg.conns_per_core_max {
+                core.metrics().connections_rejected.fetch_add(1, Relaxed);
+                let e = http::HttpError {
+                    status: 503,
+                    reason: "Service Unavailable",
+                    detail: "connection limit reached",
+                };
+                let _ = stream.write_all(&http::error_response(&e)).await;
+                return;
+            }
+            if stream
+                .write_all(&http::upgrade_response(&key))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            let conn = Rc::new(ConnShared::new(
+                core.next_conn_id(),
+                claims.user,
+                claims.device,
+            ));
+            core.conns.borrow_mut().insert(conn.id, conn.clone());
+            core.metrics().connections.fetch_add(1, Relaxed);
+            let me = ConnRef {
+                core: core.id,
+                conn: conn.id,
+            };
+            let (user, device) = (conn.user, conn.device);
+            core.broadcast(|| CoreMsg::Online {
+                user,
+                device,
+                conn: me,
+            })
+            .await;
+            run_ws(&core, stream, leftover, Mode::Chat(conn.clone())).await;
+            core.conns.borrow_mut().remove(&conn.id);
+            core.metrics().connections.fetch_sub(1, Relaxed);
+            core.broadcast(|| CoreMsg::Offline {
+                user,
+                device,
+                conn: me,
+            })
+            .await;
+        }
+    }
+}
+
+/// Reads until a complete request head. `Err(None)`: the peer went away; `Err(Some(e))`: answer e.
+async fn read_head(
+    core: &Core,
+    stream: &mut TcpStream,
+) -> Result<(Route, Vec<u8>), Option<http::HttpError>> {
+    let mut buf = Vec::new();
+    loop {
+        let n = ReadScratch {
+            stream: &mut *stream,
+            core,
+        }
+        .await
+        .map_err(|_| None)?;
+        if n == 0 {
+            return Err(None);
+        }
+        buf.extend_from_slice(&core.read_scratch.borrow()[..n]);
+        if let Some((route, len)) = http::parse_request(&buf).map_err(Some)? {
+            return Ok((route, buf.split_off(len)));
+        }
+    }
+}
+
+/// Why the WebSocket loop ended.
+enum End {
+    /// Send a close frame with this code, then close.
+    Close(u16, &'static str),
+    /// The peer is gone or the close handshake finished: just close the socket.
+    Gone,
+}
+
+async fn run_ws(core: &Rc<Core>, mut stream: TcpStream, leftover: Vec<u8>, mode: Mode) {
+    let cfg = core.cfg.clone();
+    let mut ctx = WebSocketContext::new(Role::Server, Some(ws::config(cfg.frame_bytes_max)));
+    let mut io = WsIo::new(leftover);
+    let mut last_rx = Instant::now();
+    let mut next_ping = last_rx + cfg.ping_interval;
+    let chat = match &mode {
+        Mode::Chat(c) => Some(c.clone()),
+        Mode::Echo => None,
+    };
+    // Bytes from before the first read (sent together with the request head).
+    let mut fresh_input = !io.rx.is_empty();
+    let end = 'conn: loop {
+        if fresh_input {
+            fresh_input = false;
+            loop {
+                match ctx.read(&mut io) {
+                    Ok(msg) => {
+                        if let Some(end) = on_message(core, &mut ctx, &mut io, &mode, msg).await {
+                            break 'conn end;
+                        }
+                    }
+                    Err(tungstenite::Error::Io(e))
+                        if e.kind() == std::io::ErrorKind::WouldBlock =>
+                    {
+                        break
+                    }
+                    Err(e) => break 'conn ws_error_end(e),
+                }
+            }
+        }
+        if let Some(c) = &chat {
+            if let Some((code, reason)) = c.closing.get() {
+                break End::Close(code, reason);
+            }
+            let _ = ctx.flush(&mut io); // pending pongs first
+            let mut q = c.queue.borrow_mut();
+            let n = q.len();
+            while let Some(frame) = q.pop_front() {
+                ws::write_binary_frame(&mut io.tx, &frame);
+                // The frame's bytes move from the queue to `tx`, which is counted separately.
+                c.queued_bytes.set(c.queued_bytes.get() - frame.len());
+            }
+            core.metrics().frames_out.fetch_add(n as u64, Relaxed);
+        } else {
+            let _ = ctx.flush(&mut io);
+        }
+        if !io.tx.is_empty() {
+            if let Some(c) = &chat {
+                c.queued_bytes.set(c.queued_bytes.get() + io.tx.len());
+            }
+            let written = io.tx.len();
+            let ok =
+                futures_lite::future::or(async { stream.write_all(&io.tx).await.is_ok() }, async {
+                    glommio::timer::sleep(cfg.idle_timeout).await;
+                    false
+                })
+                .await;
+            if let Some(c) = &chat {
+                c.queued_bytes.set(c.queued_bytes.get() - written);
+            }
+            io.tx.clear();
+            if !ok {
+                break End::Gone;
+            }
+            core.metrics().bytes_out.fetch_add(written as u64, Relaxed);
+        }
+        io.compact();
+        if !ctx.can_write() && io.tx.is_empty() {
+            break End::Gone; // close handshake done
+        }
+        let can_read = chat
+            .as_ref()
+            .is_none_or(|c| c.inflight.get() < cfg.conn_inflight_sends_max);
+        let now = Instant::now();
+        let deadline = next_ping.min(last_rx + cfg.idle_timeout);
+        let tick = async {
+            glommio::timer::sleep(deadline.saturating_duration_since(now)).await;
+            Event::Tick
+        };
+        let wake = async {
+            match &chat {
+                Some(c) => c.wake.notified().await,
+                None => std::future::pending().await,
+            }
+            Event::Wake
+        };
+        let event = if can_read {
+            let read = async {
+                Event::Read(
+                    ReadScratch {
+                        stream: &mut stream,
+                        core,
+                    }
+                    .await,
+                )
+            };
+            futures_lite::future::or(read, futures_lite::future::or(wake, tick)).await
+        } else {
+            futures_lite::future::or(wake, tick).await
+        };
+        match event {
+            Event::Read(Ok(0)) | Event::Read(Err(_)) => break End::Gone,
+            Event::Read(Ok(n)) => {
+                last_rx = Instant::now();
+                core.metrics().bytes_in.fetch_add(n as u64, Relaxed);
+                io.feed(&core.read_scratch.borrow()[..n]);
+                fresh_input = true;
+            }
+            Event::Wake => {}
+            Event::Tick => {
+                let now = Instant::now();
+                if now >= last_rx + cfg.idle_timeout {
+                    break End::Close(close::IDLE_TIMEOUT, "idle timeout");
+                }
+                if now >= next_ping {
+                    let _ = ctx.write(&mut io, WsMessage::Ping(Default::default()));
+                    next_ping = now + cfg.ping_interval;
+                }
+            }
+        }
+    };
+    if let End::Close(code, reason) = end {
+        let frame = CloseFrame {
+            code: CloseCode::from(code),
+            reason: reason.into(),
+        };
+        let _ = ctx.close(&mut io, Some(frame));
+        let _ = ctx.flush(&mut io);
+        if !io.tx.is_empty() {
+            let _ = futures_lite::future::or(
+                async { stream.write_all(&io.tx).await.map(|_| ()) },
+                async {
+                    glommio::timer::sleep(Duration::from_secs(1)).await;
+                    Ok(())
+                },
+            )
+            .await;
+        }
+    }
+    let _ = stream.close().await;
+}
+
+fn ws_error_end(e: tungstenite::Error) -> End {
+    use tungstenite::error::{CapacityError, Error as E};
+    match e {
+        E::ConnectionClosed | E::AlreadyClosed | E::Io(_) => End::Gone,
+        E::Capacity(CapacityError::MessageTooLong { .. }) => {
+            End::Close(close::TOO_BIG, "message too big")
+        }
+        E::Capacity(_) => End::Close(close::TOO_BIG, "frame too big"),
+        E::Utf8(_) => End::Close(close::INVALID_PAYLOAD, "invalid UTF-8"),
+        E::Protocol(_) => End::Close(close::PROTOCOL, "WebSocket protocol error"),
+        _ => End::Close(close::INTERNAL, "internal error"),
+    }
+}
+
+/// Handles one complete WebSocket message; `Some(end)` ends the connection.
+async fn on_message(
+    core: &Rc<Core>,
+    ctx: &mut WebSocketContext,
+    io: &mut WsIo,
+    mode: &Mode,
+    msg: WsMessage,
+) -> Option<End> {
+    match (mode, msg) {
+        (Mode::Echo, m @ (WsMessage::Binary(_) | WsMessage::Text(_))) => {
+            let _ = ctx.write(io, m);
+            None
+        }
+        (Mode::Chat(_), WsMessage::Text(_)) => {
+            Some(End::Close(close::UNSUPPORTED_DATA, "binary frames only"))
+        }
+        (Mode::Chat(conn), WsMessage::Binary(bytes)) => {
+            core.metrics().frames_in.fetch_add(1, Relaxed);
+            on_frame(core, conn, &bytes).await;
+            None
+        }
+        // Pings are answered by tungstenite; pongs only refresh `last_rx`; a close is answered
+        // by tungstenite and ends the loop once written.
+        _ => None,
+    }
+}
+
+/// Sends an error frame to this connection directly.
+fn reply_error(
+    core: &Core,
+    conn: &ConnShared,
+    code: ErrorCode,
+    text: &str,
+    request_id: u32,
+    id: Option<switchboard_wire::ClientMsgId>,
+) {
+    core.metrics().error(code);
+    let frame = core.encode(&ServerFrame::Error(ErrorFrame {
+        code,
+        text: text.to_string(),
+        client_msg_id: id,
+        request_id,
+    }));
+    conn.push(
+        core,
+        frame,
+        FrameKind::Reply {
+            completes_send: false,
+        },
+    );
+}
+
+async fn on_frame(core: &Rc<Core>, conn: &Rc<ConnShared>, bytes: &[u8]) {
+    let frame = match decode_client(bytes) {
+        Ok(f) => f,
+        Err(e) => return reply_error(core, conn, e.code(), &e.to_string(), 0, None),
+    };
+    let origin = Origin {
+        conn: ConnRef {
+            core: core.id,
+            conn: conn.id,
+        },
+        user: conn.user,
+        device: conn.device,
+    };
+    match frame {
+        ClientFrame::Send(req) => {
+            let (chat, peer) = match req.target {
+                Target::Peer(p) if p == conn.user => {
+                    return reply_error(
+                        core,
+                        conn,
+                        ErrorCode::SelfChat,
+                        "cannot open a 1:1 chat with yourself",
+                        0,
+                        Some(req.client_msg_id),
+                    );
+                }
+                Target::Peer(p) => (ChatId::direct(conn.user, p), Some(p)),
+                Target::Chat(c) if !c.is_direct() => {
+                    return reply_error(
+                        core,
+                        conn,
+                        ErrorCode::UnknownChat,
+                        "group chats are not supported yet",
+                        0,
+                        Some(req.client_msg_id),
+                    );
+                }
+                Target::Chat(c) => (c, None),
+            };
+            conn.inflight.set(conn.inflight.get() + 1);
+            let owner = core.core_of_chat(chat);
+            core.route(
+                owner,
+                CoreMsg::Send {
+                    origin,
+                    chat,
+                    peer,
+                    req,
+                },
+            )
+            .await;
+        }
+        ClientFrame::Delivered { chat, up_to } | ClientFrame::Read { chat, up_to }
+            if !chat.is_direct() =>
+        {
+            let _ = up_to;
+            reply_error(core, conn, ErrorCode::UnknownChat, "no such chat", 0, None)
+        }
+        ClientFrame::Delivered { chat, up_to } => {
+            core.route(
+                core.core_of_chat(chat),
+                CoreMsg::Cursor {
+                    origin,
+                    chat,
+                    kind: CursorKind::Delivered,
+                    up_to,
+                },
+            )
+            .await
+        }
+        ClientFrame::Read { chat, up_to } => {
+            core.route(
+                core.core_of_chat(chat),
+                CoreMsg::Cursor {
+                    origin,
+                    chat,
+                    kind: CursorKind::Read,
+                    up_to,
+                },
+            )
+            .await
+        }
+        ClientFrame::Sync {
+            request_id,
+            cursors,
+        } => {
+            if conn.sync.borrow().is_some() {
+                return reply_error(
+                    core,
+                    conn,
+                    ErrorCode::InvalidArgument,
+                    "a sync is already in progress",
+                    request_id,
+                    None,
+                );
+            }
+            *conn.sync.borrow_mut() = Some(SyncProgress {
+                request_id,
+                parts_pending: core.shards_total,
+                messages: 0,
+                more: false,
+                max_seq: HashMap::new(),
+                held: Vec::new(),
+            });
+            let cursors = Arc::new(cursors);
+            core.broadcast(|| CoreMsg::Sync {
+                origin,
+                request_id,
+                cursors: cursors.clone(),
+            })
+            .await;
+        }
+        ClientFrame::History {
+            request_id,
+            chat,
+            before,
+            limit,
+        } => {
+            if !chat.is_direct() {
+                return reply_error(
+                    core,
+                    conn,
+                    ErrorCode::UnknownChat,
+                    "no such chat",
+                    request_id,
+                    None,
+                );
+            }
+            core.route(
+                core.core_of_chat(chat),
+                CoreMsg::History {
+                    origin,
+                    request_id,
+                    chat,
+                    before,
+                    limit,
+                },
+            )
+            .await
+        }
+        ClientFrame::Ping { nonce } => {
+            let frame = core.encode(&ServerFrame::Pong { nonce });
+            conn.push(
+                core,
+                frame,
+                FrameKind::Reply {
+                    completes_send: false,
+                },
+            );
+        }
+    }
+}

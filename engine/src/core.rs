@@ -1,0 +1,395 @@
+//! One reactor's shared-nothing state: its connections, its replica of the device directory,
+//! the shards it owns, and its end of the mesh. Every task on the core holds an `Rc<Core>`;
+//! nothing here is touched by another thread.
+//!
+//! Ownership rules (see ARCHITECTURE.md):
+//! - a chat belongs to shard `splitmix64(chat) % shards`, a shard to core `shard % cores`;
+//! - a connection belongs to the core that accepted it;
+//! - every core keeps a full replica of "which devices of which user are connected where",
+//!   updated by `Online`/`Offline` broadcasts, so the owner of a chat routes deliveries without
+//!   asking anyone.
+
+use crate::config::Config;
+use crate::conn::ConnShared;
+use crate::mesh::Mesh;
+use crate::metrics::CoreMetrics;
+use crate::msg::{ConnRef, CoreMsg, Frame, FrameKind};
+use crate::owner::Effect;
+use crate::shard::Shard;
+use crate::token::TokenKey;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use switchboard_wire::{splitmix64, ChatId, DeviceId, Encoder, ServerFrame, UserId};
+
+/// Connected devices of every user, replicated on every core.
+#[derive(Default)]
+pub struct Directory {
+    users: HashMap<UserId, Vec<(DeviceId, ConnRef)>>,
+}
+
+impl Directory {
+    /// Records a connection; returns the connection it replaces (same user and device), if any.
+    pub fn online(&mut self, user: UserId, device: DeviceId, conn: ConnRef) -> Option<ConnRef> {
+        let devices = self.users.entry(user).or_default();
+        let old = devices
+            .iter()
+            .position(|(d, _)| *d == device)
+            .map(|i| devices.swap_remove(i).1);
+        devices.push((device, conn));
+        old
+    }
+
+    /// Forgets a connection, unless a newer connection of the same device replaced it.
+    pub fn offline(&mut self, user: UserId, device: DeviceId, conn: ConnRef) {
+        if let Some(devices) = self.users.get_mut(&user) {
+            devices.retain(|(d, c)| !(*d == device && *c == conn));
+            if devices.is_empty() {
+                self.users.remove(&user);
+            }
+        }
+    }
+
+    pub fn devices(&self, user: UserId) -> &[(DeviceId, ConnRef)] {
+        self.users.get(&user).map(Vec::as_slice).unwrap_or(&[])
+    }
+}
+
+pub struct Core {
+    pub id: usize,
+    pub cores: usize,
+    pub shards_total: u32,
+    pub cfg: Rc<Config>,
+    pub key: TokenKey,
+    pub all_metrics: Arc<Vec<CoreMetrics>>,
+    pub mesh: Mesh,
+    pub conns: RefCell<HashMap<u64, Rc<ConnShared>>>,
+    next_conn: Cell<u64>,
+    pub directory: RefCell<Directory>,
+    pub shards: HashMap<u32, Rc<Shard>>,
+    encoder: RefCell<Encoder>,
+    /// Scratch buffer every connection on this core reads its socket into (see `conn.rs`).
+    pub read_scratch: RefCell<Vec<u8>>,
+}
+
+impl Core {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        id: usize,
+        cores: usize,
+        shards_total: u32,
+        cfg: Rc<Config>,
+        key: TokenKey,
+        all_metrics: Arc<Vec<CoreMetrics>>,
+        shards: HashMap<u32, Rc<Shard>>,
+    ) -> Core {
+        let mesh = Mesh::new(
+            id,
+            cores,
+            cfg.mesh_outbox_items_max,
+            cfg.mesh_batch_items_max,
+        );
+        Core {
+            id,
+            cores,
+            shards_total,
+            cfg,
+            key,
+            all_metrics,
+            mesh,
+            conns: RefCell::new(HashMap::new()),
+            next_conn: Cell::new(1),
+            directory: RefCell::new(Directory::default()),
+            shards,
+            encoder: RefCell::new(Encoder::new()),
+            read_scratch: RefCell::new(vec![0u8; 64 * 1024]),
+        }
+    }
+
+    pub fn metrics(&self) -> &CoreMetrics {
+        &self.all_metrics[self.id]
+    }
+
+    pub fn next_conn_id(&self) -> u64 {
+        let id = self.next_conn.get();
+        self.next_conn.set(id + 1);
+        id
+    }
+
+    pub fn shard_of(&self, chat: ChatId) -> u32 {
+        (splitmix64(chat.0) % self.shards_total as u64) as u32
+    }
+
+    pub fn core_of_chat(&self, chat: ChatId) -> usize {
+        self.shard_of(chat) as usize % self.cores
+    }
+
+    /// Encodes a server frame once into shareable bytes.
+    pub fn encode(&self, frame: &ServerFrame) -> Frame {
+        Arc::from(self.encoder.borrow_mut().encode_server(frame))
+    }
+
+    /// Delivers `msg` to core `dest`: handled inline when that is this core.
+    pub async fn route(self: &Rc<Self>, dest: usize, msg: CoreMsg) {
+        if dest == self.id {
+            self.handle(msg);
+        } else {
+            self.metrics().mesh_items_sent.fetch_add(1, Relaxed);
+            self.mesh.send(dest, msg).await;
+            self.metrics().mesh_outbox_depth[dest]
+                .store(self.mesh.outbox_depth(dest) as u64, Relaxed);
+        }
+    }
+
+    /// Sends `msg` to every core, this one included (handled first, inline).
+    pub async fn broadcast(self: &Rc<Self>, make: impl Fn() -> CoreMsg) {
+        self.handle(make());
+        for dest in (0..self.cores).filter(|d| *d != self.id) {
+            self.route(dest, make()).await;
+        }
+    }
+
+    pub async fn to_conn(self: &Rc<Self>, conn: ConnRef, frame: Frame, kind: FrameKind) {
+        self.route(
+            conn.core,
+            CoreMsg::ToConn {
+                conn: conn.conn,
+                frame,
+                kind,
+            },
+        )
+        .await;
+    }
+
+    /// Handles one message from this or another core. Never waits: anything that needs I/O or
+    /// the mesh is staged for the shard's committer or spawned as its own task. This is what keeps
+    /// the mesh free of wait cycles.
+    pub fn handle(self: &Rc<Self>, msg: CoreMsg) {
+        match msg {
+            CoreMsg::Send {
+                origin,
+                chat,
+                peer,
+                req,
+            } => {
+                let shard = self.owned_shard(chat);
+                shard
+                    .owner
+                    .borrow_mut()
+                    .on_send(unix_ms(), origin, chat, peer, req);
+                shard.staged();
+            }
+            CoreMsg::Cursor {
+                origin,
+                chat,
+                kind,
+                up_to,
+            } => {
+                let shard = self.owned_shard(chat);
+                shard
+                    .owner
+                    .borrow_mut()
+                    .on_cursor(origin, chat, kind, up_to);
+                shard.staged();
+            }
+            CoreMsg::Sync {
+                origin,
+                request_id,
+                cursors,
+            } => {
+                for shard in self.shards.values() {
+                    let task =
+                        shard
+                            .clone()
+                            .serve_sync(self.clone(), origin, request_id, cursors.clone());
+                    glommio::spawn_local(task).detach();
+                }
+            }
+            CoreMsg::History {
+                origin,
+                request_id,
+                chat,
+                before,
+                limit,
+            } => {
+                let shard = self.owned_shard(chat);
+                glommio::spawn_local(shard.serve_history(
+                    self.clone(),
+                    origin,
+                    request_id,
+                    chat,
+                    before,
+                    limit,
+                ))
+                .detach();
+            }
+            CoreMsg::Online { user, device, conn } => {
+                let replaced = self.directory.borrow_mut().online(user, device, conn);
+                if let Some(old) = replaced.filter(|c| c.core == self.id && *c != conn) {
+                    if let Some(c) = self.conns.borrow().get(&old.conn) {
+                        c.close(
+                            crate::ws::close::REPLACED,
+                            "replaced by a newer connection of this device",
+                        );
+                    }
+                }
+            }
+            CoreMsg::Offline { user, device, conn } => {
+                self.directory.borrow_mut().offline(user, device, conn)
+            }
+            CoreMsg::Deliver {
+                frame,
+                chat,
+                seq,
+                conns,
+            } => {
+                let local = self.conns.borrow();
+                for id in conns {
+                    if let Some(c) = local.get(&id) {
+                        c.push(self, frame.clone(), FrameKind::Live { chat, seq });
+                    }
+                }
+            }
+            CoreMsg::ToConn { conn, frame, kind } => {
+                if let Some(c) = self.conns.borrow().get(&conn) {
+                    c.push(self, frame, kind);
+                }
+            }
+            CoreMsg::SyncPart {
+                conn,
+                request_id,
+                more,
+            } => {
+                if let Some(c) = self.conns.borrow().get(&conn) {
+                    c.sync_part(self, request_id, more);
+                }
+            }
+        }
+    }
+
+    fn owned_shard(&self, chat: ChatId) -> Rc<Shard> {
+        let shard = self.shard_of(chat);
+        // A broken routing invariant, not bad input: the sender computed the owner the same way.
+        self.shards
+            .get(&shard)
+            .unwrap_or_else(|| panic!("core {} got chat of shard {shard} it does not own", self.id))
+            .clone()
+    }
+
+    /// Runs a committed batch's effects in order: encode each frame once, group the recipients of
+    /// a fan-out by core, and send one `Deliver` per core.
+    pub async fn run_effects(self: &Rc<Self>, effects: Vec<Effect>) {
+        for effect in effects {
+            match effect {
+                Effect::Reply {
+                    to,
+                    frame,
+                    completes_send,
+                } => {
+                    if let ServerFrame::Error(e) = &frame {
+                        self.metrics().error(e.code);
+                    }
+                    let bytes = self.encode(&frame);
+                    self.to_conn(to, bytes, FrameKind::Reply { completes_send })
+                        .await;
+                }
+                Effect::Fanout { msg, members, skip } => {
+                    let (chat, seq) = (msg.chat, msg.seq);
+                    let targets = self.targets(&members, Some(skip));
+                    if targets.is_empty() {
+                        continue;
+                    }
+                    let frame = self.encode(&ServerFrame::Message(msg));
+                    for (core, conns) in targets {
+                        self.metrics()
+                            .deliveries
+                            .fetch_add(conns.len() as u64, Relaxed);
+                        self.route(
+                            core,
+                            CoreMsg::Deliver {
+                                frame: frame.clone(),
+                                chat,
+                                seq,
+                                conns,
+                            },
+                        )
+                        .await;
+                    }
+                }
+                Effect::Receipt { receipt, to_users } => {
+                    let targets = self.targets(&to_users, None);
+                    if targets.is_empty() {
+                        continue;
+                    }
+                    let frame = self.encode(&ServerFrame::Receipt(receipt));
+                    for (core, conns) in targets {
+                        for conn in conns {
+                            let kind = FrameKind::Reply {
+                                completes_send: false,
+                            };
+                            self.route(
+                                core,
+                                CoreMsg::ToConn {
+                                    conn,
+                                    frame: frame.clone(),
+                                    kind,
+                                },
+                            )
+                            .await;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Online connections of `users`, grouped by core.
+    fn targets(&self, users: &[UserId], skip: Option<ConnRef>) -> Vec<(usize, Vec<u64>)> {
+        let dir = self.directory.borrow();
+        let mut by_core: Vec<(usize, Vec<u64>)> = Vec::new();
+        for user in users {
+            for (_, conn) in dir.devices(*user) {
+                if Some(*conn) == skip {
+                    continue;
+                }
+                match by_core.iter_mut().find(|(c, _)| *c == conn.core) {
+                    Some((_, v)) => v.push(conn.conn),
+                    None => by_core.push((conn.core, vec![conn.conn])),
+                }
+            }
+        }
+        by_core
+    }
+}
+
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn directory_replaces_and_forgets() {
+        let mut d = Directory::default();
+        let (u, dev) = (UserId(1), DeviceId(1));
+        let c1 = ConnRef { core: 0, conn: 1 };
+        let c2 = ConnRef { core: 1, conn: 7 };
+        assert_eq!(d.online(u, dev, c1), None);
+        assert_eq!(d.online(u, DeviceId(2), c2), None);
+        assert_eq!(d.devices(u).len(), 2);
+        assert_eq!(d.online(u, dev, c2), Some(c1));
+        // The replaced connection's late Offline must not remove the new one.
+        d.offline(u, dev, c1);
+        assert!(d.devices(u).contains(&(dev, c2)));
+        d.offline(u, dev, c2);
+        d.offline(u, DeviceId(2), c2);
+        assert!(d.devices(u).is_empty());
+    }
+}

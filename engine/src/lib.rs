@@ -1,0 +1,25 @@
+//! Switchboard: a thread-per-core messaging server.
+//!
+//! ```text
+//!            ┌──────────── core 0 (glommio, pinned) ────────────┐   ┌── core 1 ──┐
+//!  client ──►│ listener ─► conn task ─► decode ─► route(owner) ─┼──►│ shard: stage │
+//!            │        ▲                                         │   │ group commit │
+//!            │        └── ConnShared.queue ◄── Deliver / ToConn ◄──┼─┤ effects      │
+//!            └──────────────────────────────────────────────────┘   └──────────────┘
+//! ```
+//!
+//! See ARCHITECTURE.md for the code map and the life of a message.
+
+pub mod config;
+pub mod conn;
+pub mod core;
+pub mod http;
+pub mod mesh;
+pub mod metrics;
+pub mod msg;
+pub mod notify;
+pub mod owner;
+pub mod server;
+pub mod shard;
+pub mod token;
+pub mod ws;

@@ -1,0 +1,222 @@
+//! Start-up: validate the config, prepare the data directory, build the core-to-core mesh, and
+//! start one pinned glommio executor per core, each with its listener (SO_REUSEPORT), its shards
+//! and their committers, and its mesh tasks.
+
+use crate::config::Config;
+use crate::core::Core;
+use crate::metrics::CoreMetrics;
+use crate::shard::Shard;
+use crate::token::TokenKey;
+use crate::{conn, mesh};
+use glommio::{LocalExecutorBuilder, Placement};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::os::fd::{FromRawFd, IntoRawFd};
+use std::path::Path;
+use std::rc::Rc;
+use std::sync::Arc;
+
+const META_FILE: &str = "switchboard.meta";
+const SECRET_FILE: &str = "token.secret";
+
+/// Reads the token secret from the config, else from `<data_dir>/token.secret` (created with 32
+/// random bytes, mode 0600, on first use).
+pub fn token_secret(cfg: &Config) -> Result<Vec<u8>, String> {
+    if !cfg.token_secret.is_empty() {
+        return Ok(cfg.token_secret.as_bytes().to_vec());
+    }
+    let path = cfg.data_dir.join(SECRET_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(s) => {
+            let s = s.trim();
+            if s.len() < 64 {
+                return Err(format!(
+                    "{}: secret shorter than 64 hex characters",
+                    path.display()
+                ));
+            }
+            Ok(s.as_bytes().to_vec())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(&cfg.data_dir)
+                .map_err(|e| format!("create {}: {e}", cfg.data_dir.display()))?;
+            let mut bytes = [0u8; 32];
+            let mut f =
+                std::fs::File::open("/dev/urandom").map_err(|e| format!("/dev/urandom: {e}"))?;
+            std::io::Read::read_exact(&mut f, &mut bytes)
+                .map_err(|e| format!("/dev/urandom: {e}"))?;
+            let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut out = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+                .map_err(|e| format!("create {}: {e}", path.display()))?;
+            std::io::Write::write_all(&mut out, format!("{hex}\n").as_bytes())
+                .map_err(|e| format!("write {}: {e}", path.display()))?;
+            out.sync_all()
+                .map_err(|e| format!("sync {}: {e}", path.display()))?;
+            Ok(hex.into_bytes())
+        }
+        Err(e) => Err(format!("read {}: {e}", path.display())),
+    }
+}
+
+/// The shard count is fixed when a data directory is created (= the core count then) and stored
+/// in `switchboard.meta`; later starts with another core count spread the same shards over their
+/// cores (`shard % cores`).
+fn shard_count(data_dir: &Path, cores: usize) -> Result<u32, String> {
+    let path = data_dir.join(META_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => text
+            .lines()
+            .find_map(|l| l.strip_prefix("shards="))
+            .and_then(|v| v.trim().parse::<u32>().ok())
+            .filter(|n| *n > 0)
+            .ok_or_else(|| format!("{}: no valid shards= line", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let tmp = data_dir.join(format!("{META_FILE}.tmp"));
+            std::fs::write(&tmp, format!("format=1\nshards={cores}\n"))
+                .map_err(|e| format!("write {}: {e}", tmp.display()))?;
+            std::fs::File::open(&tmp)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| format!("sync {}: {e}", tmp.display()))?;
+            std::fs::rename(&tmp, &path).map_err(|e| format!("rename {}: {e}", path.display()))?;
+            std::fs::File::open(data_dir)
+                .and_then(|d| d.sync_all())
+                .map_err(|e| format!("sync {}: {e}", data_dir.display()))?;
+            Ok(cores as u32)
+        }
+        Err(e) => Err(format!("read {}: {e}", path.display())),
+    }
+}
+
+fn bind(addr: SocketAddr, backlog: u32) -> std::io::Result<socket2::Socket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    sock.set_reuse_address(true)?;
+    sock.set_reuse_port(true)?;
+    sock.set_nonblocking(true)?;
+    sock.bind(&addr.into())?;
+    sock.listen(backlog.min(i32::MAX as u32) as i32)?;
+    Ok(sock)
+}
+
+/// Runs the server until the process is killed. Prints `switchboard listening on ADDR` on stdout
+/// once every core accepts connections.
+pub fn run(cfg: Config) -> Result<(), String> {
+    cfg.validate().map_err(|e| e.to_string())?;
+    let cores = cfg.effective_cores();
+    std::fs::create_dir_all(&cfg.data_dir)
+        .map_err(|e| format!("create {}: {e}", cfg.data_dir.display()))?;
+    let key = TokenKey::new(&token_secret(&cfg)?);
+    let shards_total = shard_count(&cfg.data_dir, cores)?;
+    // Bind the first listener here so port 0 resolves once and every core shares that port.
+    let first = bind(cfg.listen, cfg.listen_backlog)
+        .map_err(|e| format!("listen on {}: {e}", cfg.listen))?;
+    let addr = first
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_socket())
+        .ok_or("listener has no address")?;
+    let mut first = Some(first);
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let pin = cfg.pin_cores && cores <= cpus;
+    let metrics: Arc<Vec<CoreMetrics>> =
+        Arc::new((0..cores).map(|_| CoreMetrics::new(cores)).collect());
+    let cfg = Arc::new(cfg);
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
+    let mut handles = Vec::with_capacity(cores);
+    for (id, ends) in mesh::build(cores, cfg.mesh_channel_batches_max)
+        .into_iter()
+        .enumerate()
+    {
+        let placement = if pin {
+            Placement::Fixed(id)
+        } else {
+            Placement::Unbound
+        };
+        let (cfg, key, metrics, ready) =
+            (cfg.clone(), key.clone(), metrics.clone(), ready_tx.clone());
+        let listener = match first.take() {
+            Some(l) => l,
+            None => bind(addr, cfg.listen_backlog).map_err(|e| format!("listen on {addr}: {e}"))?,
+        };
+        let handle = LocalExecutorBuilder::new(placement)
+            .name(&format!("sb-core-{id}"))
+            .spawn(move || async move {
+                let cfg = Rc::new((*cfg).clone());
+                let mut shards = HashMap::new();
+                for s in (0..shards_total).filter(|s| *s as usize % cores == id) {
+                    match Shard::open(&cfg.data_dir, s, &cfg).await {
+                        Ok(shard) => {
+                            shards.insert(s, Rc::new(shard));
+                        }
+                        Err(e) => {
+                            let _ = ready.send(Err(format!("core {id}: opening shard {s}: {e}")));
+                            return;
+                        }
+                    }
+                }
+                let core = Rc::new(Core::new(
+                    id,
+                    cores,
+                    shards_total,
+                    cfg,
+                    key,
+                    metrics,
+                    shards,
+                ));
+                for shard in core.shards.values() {
+                    glommio::spawn_local(shard.clone().run_committer(core.clone())).detach();
+                }
+                for (dest, tx) in ends.senders.into_iter().enumerate() {
+                    if let Some(tx) = tx {
+                        let c = core.clone();
+                        glommio::spawn_local(async move { c.mesh.run_flusher(dest, tx).await })
+                            .detach();
+                    }
+                }
+                for rx in ends.receivers.into_iter().flatten() {
+                    let c = core.clone();
+                    glommio::spawn_local(mesh::run_receiver(rx, move |m| c.handle(m))).detach();
+                }
+                // SAFETY: `into_raw_fd` hands us sole ownership of a valid listening socket.
+                let listener =
+                    unsafe { glommio::net::TcpListener::from_raw_fd(listener.into_raw_fd()) };
+                let _ = ready.send(Ok(()));
+                loop {
+                    match listener.accept().await {
+                        Ok(stream) => {
+                            glommio::spawn_local(conn::serve(core.clone(), stream)).detach();
+                        }
+                        Err(e) => {
+                            // EMFILE/ENFILE under a connection storm: back off instead of spinning.
+                            eprintln!("core {id}: accept failed: {e}");
+                            glommio::timer::sleep(std::time::Duration::from_millis(10)).await;
+                        }
+                    }
+                }
+            })
+            .map_err(|e| format!("start core {id}: {e}"))?;
+        handles.push(handle);
+    }
+    drop(ready_tx);
+    for _ in 0..cores {
+        match ready_rx.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Err("a core exited during start-up".into()),
+        }
+    }
+    println!("switchboard listening on {addr} (cores={cores}, shards={shards_total}, pinned={pin}, data_dir={})", cfg.data_dir.display());
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    for h in handles {
+        let _ = h.join();
+    }
+    Ok(())
+}

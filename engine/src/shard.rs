@@ -1,0 +1,249 @@
+//! One storage shard on its owning core: the owner's decisions (`owner.rs`), the embedded store,
+//! and the committer task that turns staged work into group commits.
+//!
+//! ```text
+//!  Core::handle ──stage──► Owner.pending ──committer: take_batch──► store.append (write + fdatasync)
+//!                                                      └──► effects: acks, fan-out, receipts (only now)
+//! ```
+
+use crate::core::Core;
+use crate::msg::{CoreMsg, FrameKind, Origin};
+use crate::notify::Notify;
+use crate::owner::{message_frame, Batch, Owner};
+use std::cell::RefCell;
+use std::path::Path;
+use std::rc::Rc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+use switchboard_storage::{EmbeddedStore, Record, ShardState, StorageError, StoreConfig};
+use switchboard_wire::limits::HISTORY_PAGE_BYTES_MAX;
+use switchboard_wire::{ChatId, ErrorCode, ErrorFrame, HistoryPage, MsgId, Seq, ServerFrame};
+
+pub struct Shard {
+    pub id: u32,
+    pub owner: RefCell<Owner>,
+    pub store: EmbeddedStore,
+    wake: Notify,
+}
+
+impl Shard {
+    pub async fn open(
+        data_dir: &Path,
+        id: u32,
+        cfg: &crate::config::Config,
+    ) -> Result<Shard, StorageError> {
+        let dir = data_dir.join(format!("shard-{id}"));
+        let store_cfg = StoreConfig {
+            segment_bytes_max: cfg.segment_bytes_max,
+            dedup_entries_max: cfg.dedup_entries_max,
+            ..StoreConfig::default()
+        };
+        let (store, records) = EmbeddedStore::open(&dir, store_cfg).await?;
+        let highest = records
+            .iter()
+            .filter_map(|r| match r {
+                Record::Message(m) => Some(m.msg_id),
+                _ => None,
+            })
+            .max()
+            .unwrap_or(MsgId(0));
+        let state = ShardState::recover(cfg.dedup_entries_max, records.iter());
+        drop(records);
+        let owner = Owner::new(id, state, highest, cfg.shard_pending_records_max);
+        Ok(Shard {
+            id,
+            owner: RefCell::new(owner),
+            store,
+            wake: Notify::new(),
+        })
+    }
+
+    /// Wakes the committer after staging.
+    pub fn staged(&self) {
+        self.wake.notify();
+    }
+
+    /// The group-commit loop. Runs for the life of the core. A failed write or fsync is fatal:
+    /// after a failed fdatasync the kernel may have dropped the dirty pages, so the only safe
+    /// continuation is to crash and let recovery read what is really on disk. Nothing was
+    /// acknowledged for the failed batch.
+    pub async fn run_committer(self: Rc<Self>, core: Rc<Core>) {
+        let cfg = core.cfg.clone();
+        loop {
+            while !self.owner.borrow().has_pending() {
+                self.wake.notified().await;
+            }
+            if cfg.commit_delay_us > 0 {
+                glommio::timer::sleep(Duration::from_micros(cfg.commit_delay_us)).await;
+            }
+            let batch: Batch = self
+                .owner
+                .borrow_mut()
+                .take_batch(cfg.commit_batch_records_max);
+            if !batch.records.is_empty() {
+                let stats = match self.store.append(&batch.records).await {
+                    Ok(s) => s,
+                    Err(e) => {
+                        eprintln!("FATAL: shard {}: group commit failed: {e}; exiting so recovery can run", self.id);
+                        std::process::abort();
+                    }
+                };
+                let m = core.metrics();
+                m.fsync_us
+                    .observe(&crate::metrics::FSYNC_BUCKETS_US, stats.sync_us);
+                m.commit_batch_records
+                    .observe(&crate::metrics::BATCH_BUCKETS, batch.records.len() as u64);
+                m.records_persisted
+                    .fetch_add(batch.records.len() as u64, Relaxed);
+                let msgs = batch
+                    .records
+                    .iter()
+                    .filter(|r| matches!(r, Record::Message(_)))
+                    .count();
+                m.messages_persisted.fetch_add(msgs as u64, Relaxed);
+                self.owner.borrow_mut().committed(&batch);
+            }
+            core.run_effects(batch.effects).await;
+        }
+    }
+
+    /// Sends `origin` every durable message of this shard's chats of its user that the device
+    /// lacks, in seq order per chat, then a `SyncPart`. Chats the client lists start after the
+    /// client's cursor; others after the device's stored delivered cursor.
+    pub async fn serve_sync(
+        self: Rc<Self>,
+        core: Rc<Core>,
+        origin: Origin,
+        request_id: u32,
+        cursors: Arc<Vec<(ChatId, Seq)>>,
+    ) {
+        let limit = core.cfg.sync_chat_messages_max;
+        let plan: Vec<(ChatId, Seq, Seq)> = {
+            let owner = self.owner.borrow();
+            owner
+                .state
+                .chats_of_user(origin.user)
+                .map(|chat| {
+                    let from = cursors
+                        .iter()
+                        .find(|(c, _)| *c == chat)
+                        .map(|(_, s)| *s)
+                        .unwrap_or_else(|| owner.state.cursors(chat, origin.user, origin.device).0);
+                    (chat, from, self.store.durable_seq(chat))
+                })
+                .filter(|(_, from, to)| from < to)
+                .collect()
+        };
+        let mut more = false;
+        for (chat, from, to) in plan {
+            match self
+                .store
+                .read_messages(chat, Seq(from.0 + 1), to, limit)
+                .await
+            {
+                Ok(msgs) => {
+                    more |= msgs.len() == limit && msgs.last().map(|m| m.seq < to).unwrap_or(false);
+                    for m in msgs {
+                        let frame = core.encode(&ServerFrame::Message(message_frame(&m)));
+                        let kind = FrameKind::SyncMessage { chat, seq: m.seq };
+                        core.to_conn(origin.conn, frame, kind).await;
+                    }
+                }
+                Err(e) => {
+                    eprintln!(
+                        "shard {}: sync read of chat {:?} failed: {e}",
+                        self.id, chat
+                    );
+                    let err = ErrorFrame {
+                        code: ErrorCode::Internal,
+                        text: "storage read failed".into(),
+                        client_msg_id: None,
+                        request_id,
+                    };
+                    let frame = core.encode(&ServerFrame::Error(err));
+                    core.to_conn(
+                        origin.conn,
+                        frame,
+                        FrameKind::Reply {
+                            completes_send: false,
+                        },
+                    )
+                    .await;
+                }
+            }
+        }
+        let part = CoreMsg::SyncPart {
+            conn: origin.conn.conn,
+            request_id,
+            more,
+        };
+        core.route(origin.conn.core, part).await;
+    }
+
+    /// Answers `History` with one page, newest first.
+    pub async fn serve_history(
+        self: Rc<Self>,
+        core: Rc<Core>,
+        origin: Origin,
+        request_id: u32,
+        chat: ChatId,
+        before: Seq,
+        limit: u32,
+    ) {
+        let member = self
+            .owner
+            .borrow()
+            .state
+            .chat(&chat)
+            .map(|m| m.is_member(origin.user));
+        let frame = match member {
+            None | Some(false) => {
+                let (code, text) = if member.is_none() {
+                    (ErrorCode::UnknownChat, "no such chat")
+                } else {
+                    (ErrorCode::NotMember, "not a member of this chat")
+                };
+                ServerFrame::Error(ErrorFrame {
+                    code,
+                    text: text.into(),
+                    client_msg_id: None,
+                    request_id,
+                })
+            }
+            Some(true) => match self
+                .store
+                .read_messages_before(chat, before, limit as usize, HISTORY_PAGE_BYTES_MAX)
+                .await
+            {
+                Ok((msgs, has_more)) => ServerFrame::HistoryPage(HistoryPage {
+                    request_id,
+                    chat,
+                    messages: msgs.iter().map(message_frame).collect(),
+                    has_more,
+                }),
+                Err(e) => {
+                    eprintln!(
+                        "shard {}: history read of chat {:?} failed: {e}",
+                        self.id, chat
+                    );
+                    ServerFrame::Error(ErrorFrame {
+                        code: ErrorCode::Internal,
+                        text: "storage read failed".into(),
+                        client_msg_id: None,
+                        request_id,
+                    })
+                }
+            },
+        };
+        let frame = core.encode(&frame);
+        core.to_conn(
+            origin.conn,
+            frame,
+            FrameKind::Reply {
+                completes_send: false,
+            },
+        )
+        .await;
+    }
+}

@@ -1,0 +1,368 @@
+//! `ShardState`: the in-memory view of one shard that the engine decides with. Pure: no I/O.
+//!
+//! It is rebuilt at start-up by applying every record [`crate::EmbeddedStore::open`] returns, and
+//! kept current by applying each record when the engine *stages* it (before it is durable). The
+//! engine then calls [`ShardState::mark_durable`] once the store's `append` returned.
+//!
+//! ```text
+//!   Record ──apply──► chats (kind, members, next_seq, durable_seq)
+//!                     cursors (chat, user, device) → (delivered, read)   monotonic
+//!                     user → chats                                       for sync
+//!                     dedup (sender, client_msg_id) → DedupEntry         bounded FIFO
+//! ```
+
+use std::collections::hash_map::Entry;
+use std::collections::{HashMap, VecDeque};
+
+use switchboard_wire::ids::{ChatId, ClientMsgId, DeviceId, MsgId, Seq, UserId};
+
+use crate::record::{ChatKind, CursorKind, Record};
+
+/// What the shard knows about one chat.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChatMeta {
+    pub kind: ChatKind,
+    pub members: Vec<UserId>,
+    pub created_ms: u64,
+    /// The seq the next staged message must carry (1 for an empty chat).
+    pub next_seq: Seq,
+    /// Highest seq known to be durable (0 = none). Always `< next_seq`.
+    pub durable_seq: Seq,
+}
+
+impl ChatMeta {
+    /// Whether `user` is a member of this chat.
+    pub fn is_member(&self, user: UserId) -> bool {
+        self.members.contains(&user)
+    }
+}
+
+/// Where an earlier send with the same `(sender, client_msg_id)` landed; a retry is answered with
+/// this instead of storing the message again.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DedupEntry {
+    pub chat: ChatId,
+    pub seq: Seq,
+    pub msg_id: MsgId,
+    pub timestamp_ms: u64,
+}
+
+/// The shard's decision-making state. See the module docs.
+///
+/// Memory: per chat ~100 B plus 8 B per member; per cursor key ~60 B; per dedup entry ~100 B
+/// (key 24 B, value 32 B, hash-table and FIFO overhead), so the default `dedup_entries_max` of
+/// 1,000,000 costs ~100 MB per shard when full.
+#[derive(Debug, PartialEq)]
+pub struct ShardState {
+    chats: HashMap<ChatId, ChatMeta>,
+    cursors: HashMap<(ChatId, UserId, DeviceId), (Seq, Seq)>,
+    user_chats: HashMap<UserId, Vec<ChatId>>,
+    dedup: HashMap<(UserId, ClientMsgId), DedupEntry>,
+    /// Insertion order of `dedup` keys, oldest first; evicted from the front.
+    dedup_fifo: VecDeque<(UserId, ClientMsgId)>,
+    /// See [`crate::StoreConfig::dedup_entries_max`].
+    dedup_entries_max: usize,
+}
+
+impl ShardState {
+    /// An empty shard whose dedup table holds at most `dedup_entries_max` entries.
+    ///
+    /// # Panics
+    /// If `dedup_entries_max` is 0 (rejected earlier by `StoreConfig::validate`).
+    pub fn new(dedup_entries_max: usize) -> Self {
+        assert!(dedup_entries_max > 0, "dedup_entries_max must be positive");
+        ShardState {
+            chats: HashMap::new(),
+            cursors: HashMap::new(),
+            user_chats: HashMap::new(),
+            dedup: HashMap::new(),
+            dedup_fifo: VecDeque::new(),
+            dedup_entries_max,
+        }
+    }
+
+    /// Rebuilds the state from a recovered log: applies every record in order, then marks every
+    /// message durable (they were read back from disk).
+    pub fn recover<'a>(
+        dedup_entries_max: usize,
+        records: impl IntoIterator<Item = &'a Record>,
+    ) -> Self {
+        let mut s = ShardState::new(dedup_entries_max);
+        for r in records {
+            s.apply(r);
+        }
+        for meta in s.chats.values_mut() {
+            meta.durable_seq = Seq(meta.next_seq.0 - 1);
+        }
+        s
+    }
+
+    /// Applies one record: at recovery, and when the engine stages a record for the next group
+    /// commit. A `Message` must carry its chat's `next_seq`, and its chat must exist; a
+    /// `ChatCreated` for an existing chat is ignored (idempotent). Cursors only move forward, and a
+    /// read cursor drags the delivered cursor with it (read implies delivered).
+    ///
+    /// # Panics
+    /// On a message for an unknown chat or with a seq other than `next_seq`: the engine assigns
+    /// seqs and the store refuses gaps, so this is a broken invariant.
+    pub fn apply(&mut self, record: &Record) {
+        match record {
+            Record::ChatCreated { chat, kind, members, created_ms } => {
+                let Entry::Vacant(slot) = self.chats.entry(*chat) else {
+                    return;
+                };
+                slot.insert(ChatMeta {
+                    kind: *kind,
+                    members: members.clone(),
+                    created_ms: *created_ms,
+                    next_seq: Seq(1),
+                    durable_seq: Seq(0),
+                });
+                for user in members {
+                    let list = self.user_chats.entry(*user).or_default();
+                    // Duplicate members in a list must not list the chat twice.
+                    if !list.contains(chat) {
+                        list.push(*chat);
+                    }
+                }
+            }
+            Record::Message(m) => {
+                let meta = self
+                    .chats
+                    .get_mut(&m.chat)
+                    .unwrap_or_else(|| panic!("message for unknown chat {:?}", m.chat));
+                assert_eq!(m.seq, meta.next_seq, "message seq out of order in chat {:?}", m.chat);
+                meta.next_seq = Seq(m.seq.0 + 1);
+                if !m.client_msg_id.is_nil() {
+                    self.insert_dedup(
+                        (m.sender_user, m.client_msg_id),
+                        DedupEntry {
+                            chat: m.chat,
+                            seq: m.seq,
+                            msg_id: m.msg_id,
+                            timestamp_ms: m.timestamp_ms,
+                        },
+                    );
+                }
+            }
+            Record::Cursor { chat, user, device, kind, seq } => {
+                let c = self.cursors.entry((*chat, *user, *device)).or_default();
+                match kind {
+                    CursorKind::Delivered => c.0 = c.0.max(*seq),
+                    CursorKind::Read => {
+                        c.1 = c.1.max(*seq);
+                        c.0 = c.0.max(c.1);
+                    }
+                }
+            }
+        }
+    }
+
+    fn insert_dedup(&mut self, key: (UserId, ClientMsgId), entry: DedupEntry) {
+        // A key already present means the engine stored a retry inside the window, which it
+        // should not do; keep the newest entry and the key's original FIFO position.
+        if self.dedup.insert(key, entry).is_none() {
+            self.dedup_fifo.push_back(key);
+        }
+        while self.dedup.len() > self.dedup_entries_max {
+            let Some(old) = self.dedup_fifo.pop_front() else {
+                break;
+            };
+            self.dedup.remove(&old);
+        }
+        debug_assert_eq!(self.dedup.len(), self.dedup_fifo.len());
+    }
+
+    /// Records that messages of `chat` up to `seq` are durable.
+    ///
+    /// # Panics
+    /// If the chat is unknown or `seq` was never staged. A `seq` at or below the current
+    /// `durable_seq` is a no-op (batches may complete in any order of calls).
+    pub fn mark_durable(&mut self, chat: ChatId, seq: Seq) {
+        let meta = self
+            .chats
+            .get_mut(&chat)
+            .unwrap_or_else(|| panic!("mark_durable for unknown chat {chat:?}"));
+        assert!(seq < meta.next_seq, "mark_durable({seq:?}) beyond staged {:?}", meta.next_seq);
+        meta.durable_seq = meta.durable_seq.max(seq);
+    }
+
+    /// The chat's metadata, if the chat lives in this shard.
+    pub fn chat(&self, chat: &ChatId) -> Option<&ChatMeta> {
+        self.chats.get(chat)
+    }
+
+    /// The earlier send with this idempotency key, if it is still inside the dedup window.
+    pub fn dedup(&self, sender: &UserId, client_msg_id: &ClientMsgId) -> Option<&DedupEntry> {
+        self.dedup.get(&(*sender, *client_msg_id))
+    }
+
+    /// `(delivered, read)` cursors of one device in one chat; `(0, 0)` if never set.
+    pub fn cursors(&self, chat: ChatId, user: UserId, device: DeviceId) -> (Seq, Seq) {
+        self.cursors.get(&(chat, user, device)).copied().unwrap_or_default()
+    }
+
+    /// The chats of this shard that `user` is a member of, in creation order.
+    pub fn chats_of_user(&self, user: UserId) -> impl Iterator<Item = ChatId> + '_ {
+        self.user_chats.get(&user).into_iter().flatten().copied()
+    }
+
+    /// Number of chats in the shard.
+    pub fn chats_len(&self) -> usize {
+        self.chats.len()
+    }
+
+    /// Number of live dedup entries (at most `dedup_entries_max`).
+    pub fn dedup_len(&self) -> usize {
+        self.dedup.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::StoredMessage;
+
+    const CHAT: ChatId = ChatId(10);
+
+    fn created(chat: ChatId, members: &[u64]) -> Record {
+        Record::ChatCreated {
+            chat,
+            kind: ChatKind::Direct,
+            members: members.iter().copied().map(UserId).collect(),
+            created_ms: 1,
+        }
+    }
+
+    fn msg(chat: ChatId, seq: u64, sender: u64, cmid: u64) -> Record {
+        Record::Message(StoredMessage {
+            chat,
+            seq: Seq(seq),
+            msg_id: MsgId(seq * 100),
+            sender_user: UserId(sender),
+            sender_device: DeviceId(1),
+            timestamp_ms: seq,
+            client_msg_id: ClientMsgId::from_halves(0, cmid),
+            reply_to: Seq(0),
+            content_kind: 0,
+            payload: vec![],
+        })
+    }
+
+    fn cursor(kind: CursorKind, seq: u64) -> Record {
+        Record::Cursor { chat: CHAT, user: UserId(2), device: DeviceId(1), kind, seq: Seq(seq) }
+    }
+
+    #[test]
+    fn chat_creation_and_membership_index() {
+        let mut s = ShardState::new(10);
+        s.apply(&created(CHAT, &[1, 2]));
+        s.apply(&created(ChatId(11), &[2, 3]));
+        // Re-creating is a no-op.
+        s.apply(&created(CHAT, &[5, 6]));
+        let meta = s.chat(&CHAT).unwrap();
+        assert_eq!(meta.members, vec![UserId(1), UserId(2)]);
+        assert!(meta.is_member(UserId(1)) && !meta.is_member(UserId(5)));
+        assert_eq!((meta.next_seq, meta.durable_seq), (Seq(1), Seq(0)));
+        assert_eq!(s.chats_of_user(UserId(2)).collect::<Vec<_>>(), vec![CHAT, ChatId(11)]);
+        assert_eq!(s.chats_of_user(UserId(1)).collect::<Vec<_>>(), vec![CHAT]);
+        assert_eq!(s.chats_of_user(UserId(5)).count(), 0);
+        assert_eq!(s.chats_len(), 2);
+    }
+
+    #[test]
+    fn messages_advance_seq_and_durability_is_separate() {
+        let mut s = ShardState::new(10);
+        s.apply(&created(CHAT, &[1, 2]));
+        s.apply(&msg(CHAT, 1, 1, 1));
+        s.apply(&msg(CHAT, 2, 1, 2));
+        assert_eq!(s.chat(&CHAT).unwrap().next_seq, Seq(3));
+        assert_eq!(s.chat(&CHAT).unwrap().durable_seq, Seq(0));
+        s.mark_durable(CHAT, Seq(2));
+        s.mark_durable(CHAT, Seq(1)); // never moves back
+        assert_eq!(s.chat(&CHAT).unwrap().durable_seq, Seq(2));
+    }
+
+    #[test]
+    #[should_panic(expected = "out of order")]
+    fn seq_gap_panics() {
+        let mut s = ShardState::new(10);
+        s.apply(&created(CHAT, &[1, 2]));
+        s.apply(&msg(CHAT, 2, 1, 1));
+    }
+
+    #[test]
+    #[should_panic(expected = "unknown chat")]
+    fn message_for_unknown_chat_panics() {
+        ShardState::new(10).apply(&msg(CHAT, 1, 1, 1));
+    }
+
+    #[test]
+    #[should_panic(expected = "beyond staged")]
+    fn mark_durable_beyond_staged_panics() {
+        let mut s = ShardState::new(10);
+        s.apply(&created(CHAT, &[1, 2]));
+        s.mark_durable(CHAT, Seq(1));
+    }
+
+    #[test]
+    fn cursors_are_monotonic_and_read_implies_delivered() {
+        let mut s = ShardState::new(10);
+        let key = (CHAT, UserId(2), DeviceId(1));
+        assert_eq!(s.cursors(key.0, key.1, key.2), (Seq(0), Seq(0)));
+        s.apply(&cursor(CursorKind::Delivered, 5));
+        s.apply(&cursor(CursorKind::Delivered, 3));
+        assert_eq!(s.cursors(key.0, key.1, key.2), (Seq(5), Seq(0)));
+        s.apply(&cursor(CursorKind::Read, 4));
+        s.apply(&cursor(CursorKind::Read, 2));
+        assert_eq!(s.cursors(key.0, key.1, key.2), (Seq(5), Seq(4)));
+        s.apply(&cursor(CursorKind::Read, 9));
+        assert_eq!(s.cursors(key.0, key.1, key.2), (Seq(9), Seq(9)));
+        // Other devices are independent.
+        assert_eq!(s.cursors(CHAT, UserId(2), DeviceId(2)), (Seq(0), Seq(0)));
+    }
+
+    #[test]
+    fn dedup_is_bounded_fifo() {
+        let mut s = ShardState::new(3);
+        s.apply(&created(CHAT, &[1, 2]));
+        for seq in 1..=5 {
+            s.apply(&msg(CHAT, seq, 1, seq));
+        }
+        assert_eq!(s.dedup_len(), 3);
+        let key = |n| ClientMsgId::from_halves(0, n);
+        assert!(s.dedup(&UserId(1), &key(1)).is_none());
+        assert!(s.dedup(&UserId(1), &key(2)).is_none());
+        let e = s.dedup(&UserId(1), &key(4)).unwrap();
+        assert_eq!(*e, DedupEntry { chat: CHAT, seq: Seq(4), msg_id: MsgId(400), timestamp_ms: 4 });
+        // Keys are per sender.
+        assert!(s.dedup(&UserId(2), &key(4)).is_none());
+    }
+
+    #[test]
+    fn nil_client_msg_id_is_not_deduplicated() {
+        let mut s = ShardState::new(3);
+        s.apply(&created(CHAT, &[1, 2]));
+        let mut r = msg(CHAT, 1, 1, 0);
+        if let Record::Message(m) = &mut r {
+            m.client_msg_id = ClientMsgId::default();
+        }
+        s.apply(&r);
+        assert_eq!(s.dedup_len(), 0);
+    }
+
+    #[test]
+    fn recover_marks_everything_durable() {
+        let log = vec![
+            created(CHAT, &[1, 2]),
+            msg(CHAT, 1, 1, 1),
+            msg(CHAT, 2, 2, 1),
+            cursor(CursorKind::Read, 1),
+        ];
+        let s = ShardState::recover(10, &log);
+        let meta = s.chat(&CHAT).unwrap();
+        assert_eq!((meta.next_seq, meta.durable_seq), (Seq(3), Seq(2)));
+        assert_eq!(s.cursors(CHAT, UserId(2), DeviceId(1)), (Seq(1), Seq(1)));
+        assert_eq!(s.dedup(&UserId(2), &ClientMsgId::from_halves(0, 1)).unwrap().seq, Seq(2));
+    }
+}

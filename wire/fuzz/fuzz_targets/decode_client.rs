@@ -1,0 +1,22 @@
+//! Any bytes from a client: `decode_client` must not panic, and whatever it accepts must survive
+//! encode → decode unchanged (decoding normalises, and normalising twice changes nothing).
+#![no_main]
+
+use std::cell::RefCell;
+
+use libfuzzer_sys::fuzz_target;
+use switchboard_wire::{decode_client, Encoder};
+
+thread_local! {
+    static ENCODER: RefCell<Encoder> = RefCell::new(Encoder::new());
+}
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(frame) = decode_client(data) else {
+        return;
+    };
+    ENCODER.with_borrow_mut(|enc| {
+        let bytes = enc.encode_client(&frame);
+        assert_eq!(decode_client(bytes).as_ref(), Ok(&frame), "round trip of {data:02x?}");
+    });
+});

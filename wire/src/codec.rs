@@ -1,0 +1,755 @@
+//! The verified codec: WebSocket message bytes ⇄ owned frames.
+//!
+//! ```text
+//!  decode:  bytes ─► length ≤ limit ─► identifier "SWB1" ─► bounded FlatBuffers verifier
+//!                 ─► body type (known? right direction?) ─► field rules ─► ClientFrame / ServerFrame
+//!  encode:  ClientFrame / ServerFrame ─► one reused FlatBufferBuilder ─► &[u8] (valid until the next encode)
+//! ```
+//!
+//! Decoding never panics and never reads through an offset the verifier has not checked: every way
+//! a frame can be wrong becomes a [`DecodeError`], and [`DecodeError::code`] gives the
+//! [`ErrorCode`] the server answers with.
+//!
+//! Encoding trusts its input (frames come from our own code) and does not validate it; the peer's
+//! decoder is the check. It does not allocate once the builder has grown to the largest frame seen.
+
+use std::fmt;
+
+use flatbuffers::{FlatBufferBuilder, UnionWIPOffset, VerifierOptions, WIPOffset};
+
+use crate::fb;
+use crate::frames::{
+    ClientFrame, ErrorCode, ErrorFrame, HistoryPage, Message, Receipt, ReceiptKind, SendAck,
+    SendReq, ServerFrame, Target,
+};
+use crate::ids::{ChatId, ClientMsgId, DeviceId, MsgId, Seq, UserId};
+use crate::limits::{
+    ERROR_TEXT_BYTES_MAX, FRAME_BYTES_MAX, HISTORY_PAGE_MESSAGES_DEFAULT,
+    HISTORY_PAGE_MESSAGES_MAX, PAYLOAD_BYTES_MAX, SERVER_FRAME_BYTES_MAX, SYNC_CURSORS_MAX,
+    VERIFIER_DEPTH_MAX, VERIFIER_TABLES_MAX,
+};
+
+// ---------------------------------------------------------------------------------------- errors
+
+/// Why a frame was rejected. All of these are the peer's fault (a client bug, a newer or older
+/// protocol version, or an attacker); none is a bug on this side.
+///
+/// The variants are grouped by how far decoding got. [`DecodeError::code`] maps each to the
+/// [`ErrorCode`] sent back in an `Error` frame.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DecodeError {
+    // ---- The bytes are not a Switchboard envelope. ------------------------------------------
+    /// The message is longer than the limit for its direction ([`FRAME_BYTES_MAX`] for client
+    /// frames, [`SERVER_FRAME_BYTES_MAX`] for server frames). Checked before anything is parsed.
+    /// → [`ErrorCode::FrameTooLarge`].
+    TooLarge { len: usize, max: usize },
+    /// Shorter than the 8-byte FlatBuffers header, or its file identifier is not `"SWB1"`.
+    /// → [`ErrorCode::MalformedFrame`].
+    BadIdentifier,
+    /// The FlatBuffers verifier rejected the buffer: an offset out of bounds, a misaligned value,
+    /// invalid UTF-8, an inconsistent union, or one of the verifier's depth/table/size bounds.
+    /// Holds the verifier's description. → [`ErrorCode::MalformedFrame`].
+    Verify(String),
+
+    // ---- A well-formed envelope, but not a frame this side accepts. --------------------------
+    /// The envelope has no body (union type `NONE`). → [`ErrorCode::MalformedFrame`].
+    MissingBody,
+    /// A union member this version does not know (sent by a newer peer).
+    /// → [`ErrorCode::UnsupportedFrame`].
+    UnknownBody(u8),
+    /// A known frame sent in the wrong direction: a server frame from a client or a client frame
+    /// from the server. Holds the union type. → [`ErrorCode::UnsupportedFrame`].
+    WrongDirection { body: u8 },
+
+    // ---- A known frame with a field that breaks a rule. --------------------------------------
+    /// A `Send` or `Message` payload longer than [`PAYLOAD_BYTES_MAX`].
+    /// → [`ErrorCode::PayloadTooLarge`].
+    PayloadTooLarge { len: usize },
+    /// A `Sync` with more than [`SYNC_CURSORS_MAX`] cursors. → [`ErrorCode::TooManyCursors`].
+    TooManyCursors { n: usize },
+    /// Any other field rule broken (a zero id, a missing field, …); the text names the rule.
+    /// → [`ErrorCode::InvalidArgument`].
+    Invalid(&'static str),
+}
+
+impl DecodeError {
+    /// The wire error code to answer this error with.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            DecodeError::TooLarge { .. } => ErrorCode::FrameTooLarge,
+            DecodeError::BadIdentifier | DecodeError::Verify(_) | DecodeError::MissingBody => {
+                ErrorCode::MalformedFrame
+            }
+            DecodeError::UnknownBody(_) | DecodeError::WrongDirection { .. } => {
+                ErrorCode::UnsupportedFrame
+            }
+            DecodeError::PayloadTooLarge { .. } => ErrorCode::PayloadTooLarge,
+            DecodeError::TooManyCursors { .. } => ErrorCode::TooManyCursors,
+            DecodeError::Invalid(_) => ErrorCode::InvalidArgument,
+        }
+    }
+}
+
+impl fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DecodeError::TooLarge { len, max } => {
+                write!(f, "frame of {len} bytes is over the {max}-byte limit")
+            }
+            DecodeError::BadIdentifier => {
+                f.write_str("not a Switchboard frame (identifier is not \"SWB1\")")
+            }
+            DecodeError::Verify(why) => write!(f, "invalid FlatBuffer: {why}"),
+            DecodeError::MissingBody => f.write_str("envelope has no body"),
+            DecodeError::UnknownBody(t) => write!(f, "unknown frame type {t}"),
+            DecodeError::WrongDirection { body } => {
+                let name = fb::Body(*body).variant_name().unwrap_or("?");
+                write!(f, "frame type {name} is not accepted in this direction")
+            }
+            DecodeError::PayloadTooLarge { len } => {
+                write!(
+                    f,
+                    "payload of {len} bytes is over the {PAYLOAD_BYTES_MAX}-byte limit"
+                )
+            }
+            DecodeError::TooManyCursors { n } => {
+                write!(
+                    f,
+                    "{n} sync cursors is over the limit of {SYNC_CURSORS_MAX}"
+                )
+            }
+            DecodeError::Invalid(rule) => write!(f, "invalid frame: {rule}"),
+        }
+    }
+}
+
+impl std::error::Error for DecodeError {}
+
+// -------------------------------------------------------------------------------------- decoding
+
+/// Bytes before the root table: the root offset and the file identifier.
+const HEADER_BYTES: usize = flatbuffers::SIZE_UOFFSET + flatbuffers::FILE_IDENTIFIER_LENGTH;
+
+/// Verifier bounds. The apparent size (bytes the verifier looks at, counting shared data once
+/// per reference) is capped at the frame limit: a client frame has no nested tables that could
+/// share data, and a server frame's shared vtables add a few KiB at most, far below the gap the
+/// server keeps between a full history page and [`SERVER_FRAME_BYTES_MAX`]. The cap is also what
+/// stops a crafted history page from pointing many entries at one large message to amplify the
+/// copy into owned frames.
+const fn verifier_options(max_apparent_size: usize) -> VerifierOptions {
+    VerifierOptions {
+        max_depth: VERIFIER_DEPTH_MAX,
+        max_tables: VERIFIER_TABLES_MAX,
+        max_apparent_size,
+        ignore_missing_null_terminator: false,
+    }
+}
+const CLIENT_VERIFIER: VerifierOptions = verifier_options(FRAME_BYTES_MAX);
+const SERVER_VERIFIER: VerifierOptions = verifier_options(SERVER_FRAME_BYTES_MAX);
+
+/// Decodes one frame sent by a client (on the server).
+///
+/// Field rules beyond the schema: `Send` needs a non-nil `client_msg_id`, exactly one of
+/// `chat_id`/`peer_user` non-zero, and a payload (possibly empty) of at most
+/// [`PAYLOAD_BYTES_MAX`]; `Delivered`/`Read` need a non-zero chat and seq; `Sync` carries at most
+/// [`SYNC_CURSORS_MAX`] cursors, each with a non-zero chat; `History` needs a non-zero chat, and
+/// its `limit` is normalised (0 → [`HISTORY_PAGE_MESSAGES_DEFAULT`], clamped to
+/// [`HISTORY_PAGE_MESSAGES_MAX`]). Unknown `ContentKind` values pass through: a newer client may
+/// know kinds this server does not, and the server never looks inside payloads.
+pub fn decode_client(bytes: &[u8]) -> Result<ClientFrame, DecodeError> {
+    let env = envelope(bytes, FRAME_BYTES_MAX, &CLIENT_VERIFIER)?;
+    match env.body_type() {
+        fb::Body::Send => send_req(member(env.body_as_send())?).map(ClientFrame::Send),
+        fb::Body::Delivered => {
+            let d = member(env.body_as_delivered())?;
+            let (chat, up_to) = chat_seq(
+                d.chat_id(),
+                d.up_to_seq(),
+                "delivered needs a chat_id and up_to_seq",
+            )?;
+            Ok(ClientFrame::Delivered { chat, up_to })
+        }
+        fb::Body::Read => {
+            let r = member(env.body_as_read())?;
+            let (chat, up_to) = chat_seq(
+                r.chat_id(),
+                r.up_to_seq(),
+                "read needs a chat_id and up_to_seq",
+            )?;
+            Ok(ClientFrame::Read { chat, up_to })
+        }
+        fb::Body::Sync => sync(member(env.body_as_sync())?),
+        fb::Body::History => {
+            let h = member(env.body_as_history())?;
+            let chat = nonzero(h.chat_id(), "history needs a chat_id")?;
+            let limit = match h.limit() {
+                0 => HISTORY_PAGE_MESSAGES_DEFAULT,
+                n => n.min(HISTORY_PAGE_MESSAGES_MAX),
+            };
+            Ok(ClientFrame::History {
+                request_id: h.request_id(),
+                chat: ChatId(chat),
+                before: Seq(h.before_seq()),
+                limit,
+            })
+        }
+        fb::Body::Ping => Ok(ClientFrame::Ping {
+            nonce: member(env.body_as_ping())?.nonce(),
+        }),
+        other => Err(unexpected_body(other)),
+    }
+}
+
+/// Decodes one frame sent by the server (in the client library).
+///
+/// Unknown `ReceiptKind` values (from a newer server) decode as [`ReceiptKind::Delivered`]: any
+/// kind a later version adds (say, "played") implies delivery, so the fallback under-reports but
+/// never claims a read that did not happen. Unknown `ErrorCode` values decode as
+/// [`ErrorCode::Unknown`]. Unknown `ContentKind` values pass through. Error text longer than
+/// [`ERROR_TEXT_BYTES_MAX`] is cut on a char boundary rather than rejected, so that the error
+/// code still reaches the caller.
+///
+/// Field rules: a `Message` (alone or in a page) has a non-zero chat and seq and a payload of at
+/// most [`PAYLOAD_BYTES_MAX`]; a page's messages belong to the page's chat; a `SendAck` has a
+/// non-zero chat and seq; a `Receipt` has a non-zero chat and `1 <= from <= to`.
+pub fn decode_server(bytes: &[u8]) -> Result<ServerFrame, DecodeError> {
+    let env = envelope(bytes, SERVER_FRAME_BYTES_MAX, &SERVER_VERIFIER)?;
+    match env.body_type() {
+        fb::Body::SendAck => {
+            let a = member(env.body_as_send_ack())?;
+            let (chat, seq) = chat_seq(a.chat_id(), a.seq(), "send_ack needs a chat_id and seq")?;
+            Ok(ServerFrame::SendAck(SendAck {
+                client_msg_id: a.client_msg_id().map(client_msg_id).unwrap_or_default(),
+                chat,
+                seq,
+                msg_id: MsgId(a.msg_id()),
+                timestamp_ms: a.timestamp_ms(),
+                duplicate: a.duplicate(),
+            }))
+        }
+        fb::Body::Message => message(member(env.body_as_message())?).map(ServerFrame::Message),
+        fb::Body::Receipt => {
+            let r = member(env.body_as_receipt())?;
+            let chat = nonzero(r.chat_id(), "receipt needs a chat_id")?;
+            if r.from_seq() == 0 || r.from_seq() > r.to_seq() {
+                return Err(DecodeError::Invalid(
+                    "receipt needs 1 <= from_seq <= to_seq",
+                ));
+            }
+            let kind = match r.kind() {
+                k if k.variant_name().is_some() => k,
+                _ => ReceiptKind::Delivered,
+            };
+            Ok(ServerFrame::Receipt(Receipt {
+                chat: ChatId(chat),
+                from: Seq(r.from_seq()),
+                to: Seq(r.to_seq()),
+                user: UserId(r.user()),
+                kind,
+            }))
+        }
+        fb::Body::HistoryPage => history_page(member(env.body_as_history_page())?),
+        fb::Body::SyncDone => {
+            let d = member(env.body_as_sync_done())?;
+            Ok(ServerFrame::SyncDone {
+                request_id: d.request_id(),
+                messages: d.messages(),
+                more: d.more(),
+            })
+        }
+        fb::Body::Error => {
+            let e = member(env.body_as_error())?;
+            let code = match e.code() {
+                c if c.variant_name().is_some() => c,
+                _ => ErrorCode::Unknown,
+            };
+            Ok(ServerFrame::Error(ErrorFrame {
+                code,
+                text: truncate_utf8(e.text().unwrap_or(""), ERROR_TEXT_BYTES_MAX).to_owned(),
+                client_msg_id: e
+                    .client_msg_id()
+                    .map(client_msg_id)
+                    .filter(|id| !id.is_nil()),
+                request_id: e.request_id(),
+            }))
+        }
+        fb::Body::Pong => Ok(ServerFrame::Pong {
+            nonce: member(env.body_as_pong())?.nonce(),
+        }),
+        other => Err(unexpected_body(other)),
+    }
+}
+
+/// Size check, identifier check and verification, in that order: the cheap checks first, and
+/// nothing is parsed in a buffer over the limit.
+fn envelope<'b>(
+    bytes: &'b [u8],
+    max: usize,
+    opts: &VerifierOptions,
+) -> Result<fb::Envelope<'b>, DecodeError> {
+    if bytes.len() > max {
+        return Err(DecodeError::TooLarge {
+            len: bytes.len(),
+            max,
+        });
+    }
+    // `buffer_has_identifier` asserts that the header is there, so the length goes first.
+    if bytes.len() < HEADER_BYTES || !fb::envelope_buffer_has_identifier(bytes) {
+        return Err(DecodeError::BadIdentifier);
+    }
+    fb::root_as_envelope_with_opts(opts, bytes).map_err(|e| {
+        // The verifier's text spans several lines (the error, then a trace); keep one line.
+        let text = e.to_string();
+        let parts: Vec<&str> = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect();
+        DecodeError::Verify(parts.join("; "))
+    })
+}
+
+/// The union member's table. The verifier guarantees it is present for a known body type; a
+/// missing one is still an error rather than a panic.
+fn member<T>(table: Option<T>) -> Result<T, DecodeError> {
+    table.ok_or(DecodeError::MissingBody)
+}
+
+/// The error for a body type the caller's direction has no arm for.
+fn unexpected_body(body: fb::Body) -> DecodeError {
+    match body {
+        fb::Body::NONE => DecodeError::MissingBody,
+        b if b.variant_name().is_none() => DecodeError::UnknownBody(b.0),
+        b => DecodeError::WrongDirection { body: b.0 },
+    }
+}
+
+fn nonzero(v: u64, rule: &'static str) -> Result<u64, DecodeError> {
+    if v == 0 {
+        Err(DecodeError::Invalid(rule))
+    } else {
+        Ok(v)
+    }
+}
+
+fn chat_seq(chat: u64, seq: u64, rule: &'static str) -> Result<(ChatId, Seq), DecodeError> {
+    if chat == 0 || seq == 0 {
+        return Err(DecodeError::Invalid(rule));
+    }
+    Ok((ChatId(chat), Seq(seq)))
+}
+
+fn client_msg_id(u: &fb::Uuid) -> ClientMsgId {
+    ClientMsgId::from_halves(u.hi(), u.lo())
+}
+
+fn payload_ok(len: usize) -> Result<(), DecodeError> {
+    if len > PAYLOAD_BYTES_MAX {
+        return Err(DecodeError::PayloadTooLarge { len });
+    }
+    Ok(())
+}
+
+fn send_req(s: fb::Send<'_>) -> Result<SendReq, DecodeError> {
+    let client_msg_id = s.client_msg_id().map(client_msg_id).unwrap_or_default();
+    if client_msg_id.is_nil() {
+        return Err(DecodeError::Invalid("send needs a non-nil client_msg_id"));
+    }
+    let target = match (s.chat_id(), s.peer_user()) {
+        (chat, 0) if chat != 0 => Target::Chat(ChatId(chat)),
+        (0, peer) if peer != 0 => Target::Peer(UserId(peer)),
+        _ => {
+            return Err(DecodeError::Invalid(
+                "send needs exactly one of chat_id and peer_user",
+            ))
+        }
+    };
+    // An absent payload is a client bug; an empty one is allowed (the content kind may say it all).
+    let payload = s
+        .payload()
+        .ok_or(DecodeError::Invalid("send needs a payload"))?
+        .bytes();
+    payload_ok(payload.len())?;
+    Ok(SendReq {
+        client_msg_id,
+        target,
+        payload: payload.to_vec(),
+        reply_to: Seq(s.reply_to()),
+        content_kind: s.content_kind(),
+    })
+}
+
+fn sync(s: fb::Sync<'_>) -> Result<ClientFrame, DecodeError> {
+    let cursors = match s.cursors() {
+        None => Vec::new(),
+        Some(v) => {
+            // Checked before allocating: the verifier has bounded `len` by the frame size only.
+            if v.len() > SYNC_CURSORS_MAX {
+                return Err(DecodeError::TooManyCursors { n: v.len() });
+            }
+            let mut out = Vec::with_capacity(v.len());
+            for c in v.iter() {
+                let chat = nonzero(c.chat_id(), "sync cursor needs a chat_id")?;
+                out.push((ChatId(chat), Seq(c.seq())));
+            }
+            out
+        }
+    };
+    Ok(ClientFrame::Sync {
+        request_id: s.request_id(),
+        cursors,
+    })
+}
+
+fn message(m: fb::Message<'_>) -> Result<Message, DecodeError> {
+    let (chat, seq) = chat_seq(m.chat_id(), m.seq(), "message needs a chat_id and seq")?;
+    let payload = m.payload().map(|p| p.bytes()).unwrap_or_default();
+    payload_ok(payload.len())?;
+    Ok(Message {
+        chat,
+        seq,
+        msg_id: MsgId(m.msg_id()),
+        sender_user: UserId(m.sender_user()),
+        sender_device: DeviceId(m.sender_device()),
+        timestamp_ms: m.timestamp_ms(),
+        payload: payload.to_vec(),
+        reply_to: Seq(m.reply_to()),
+        content_kind: m.content_kind(),
+        client_msg_id: m.client_msg_id().map(client_msg_id).unwrap_or_default(),
+    })
+}
+
+fn history_page(p: fb::HistoryPage<'_>) -> Result<ServerFrame, DecodeError> {
+    let chat = ChatId(nonzero(p.chat_id(), "history_page needs a chat_id")?);
+    let messages = match p.messages() {
+        None => Vec::new(),
+        Some(v) => {
+            // `len` is bounded by the verifier's table limit.
+            let mut out = Vec::with_capacity(v.len());
+            for m in v.iter() {
+                let m = message(m)?;
+                if m.chat != chat {
+                    return Err(DecodeError::Invalid(
+                        "history_page holds a message of another chat",
+                    ));
+                }
+                out.push(m);
+            }
+            out
+        }
+    };
+    Ok(ServerFrame::HistoryPage(HistoryPage {
+        request_id: p.request_id(),
+        chat,
+        messages,
+        has_more: p.has_more(),
+    }))
+}
+
+/// The longest prefix of `s` of at most `max` bytes that ends on a char boundary.
+fn truncate_utf8(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    // A char is at most 4 bytes, so this loop runs at most 3 times.
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+// -------------------------------------------------------------------------------------- encoding
+
+/// Initial builder capacity: a text message or an ack fits without growing. The builder keeps
+/// the largest size it has grown to (at most [`SERVER_FRAME_BYTES_MAX`] plus slack), so one
+/// encoder per core costs well under 1 MiB.
+const ENCODER_BUFFER_BYTES_INITIAL: usize = 8 * 1024;
+
+/// Encodes frames into one reused buffer.
+///
+/// Each `encode_*` call resets the builder and returns the finished envelope, borrowed until the
+/// next call: copy it into the outgoing WebSocket message (or write it) before encoding again.
+/// After warm-up, encoding allocates nothing. Frames are not validated (see the module docs).
+pub struct Encoder {
+    fbb: FlatBufferBuilder<'static>,
+    /// A history page's message offsets: tables cannot be built while a vector is open, so the
+    /// offsets are collected first. Kept across calls to reuse its allocation.
+    messages: Vec<WIPOffset<fb::Message<'static>>>,
+}
+
+impl Default for Encoder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Debug for Encoder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Encoder").finish_non_exhaustive()
+    }
+}
+
+impl Encoder {
+    pub fn new() -> Self {
+        Encoder {
+            fbb: FlatBufferBuilder::with_capacity(ENCODER_BUFFER_BYTES_INITIAL),
+            messages: Vec::new(),
+        }
+    }
+
+    /// Encodes a frame a client sends.
+    pub fn encode_client(&mut self, f: &ClientFrame) -> &[u8] {
+        let fbb = &mut self.fbb;
+        fbb.reset();
+        let (body_type, body) = match f {
+            ClientFrame::Send(s) => {
+                let payload = fbb.create_vector(&s.payload);
+                let id = uuid(s.client_msg_id);
+                let (chat_id, peer_user) = match s.target {
+                    Target::Chat(c) => (c.0, 0),
+                    Target::Peer(u) => (0, u.0),
+                };
+                let args = fb::SendArgs {
+                    client_msg_id: Some(&id),
+                    chat_id,
+                    peer_user,
+                    payload: Some(payload),
+                    reply_to: s.reply_to.0,
+                    content_kind: s.content_kind,
+                };
+                (
+                    fb::Body::Send,
+                    fb::Send::create(fbb, &args).as_union_value(),
+                )
+            }
+            ClientFrame::Delivered { chat, up_to } => {
+                let args = fb::DeliveredArgs {
+                    chat_id: chat.0,
+                    up_to_seq: up_to.0,
+                };
+                (
+                    fb::Body::Delivered,
+                    fb::Delivered::create(fbb, &args).as_union_value(),
+                )
+            }
+            ClientFrame::Read { chat, up_to } => {
+                let args = fb::ReadArgs {
+                    chat_id: chat.0,
+                    up_to_seq: up_to.0,
+                };
+                (
+                    fb::Body::Read,
+                    fb::Read::create(fbb, &args).as_union_value(),
+                )
+            }
+            ClientFrame::Sync {
+                request_id,
+                cursors,
+            } => {
+                let cursors = fbb.create_vector_from_iter(
+                    cursors
+                        .iter()
+                        .map(|(chat, seq)| fb::Cursor::new(chat.0, seq.0)),
+                );
+                let args = fb::SyncArgs {
+                    request_id: *request_id,
+                    cursors: Some(cursors),
+                };
+                (
+                    fb::Body::Sync,
+                    fb::Sync::create(fbb, &args).as_union_value(),
+                )
+            }
+            ClientFrame::History {
+                request_id,
+                chat,
+                before,
+                limit,
+            } => {
+                let args = fb::HistoryArgs {
+                    request_id: *request_id,
+                    chat_id: chat.0,
+                    before_seq: before.0,
+                    limit: *limit,
+                };
+                (
+                    fb::Body::History,
+                    fb::History::create(fbb, &args).as_union_value(),
+                )
+            }
+            ClientFrame::Ping { nonce } => {
+                let args = fb::PingArgs { nonce: *nonce };
+                (
+                    fb::Body::Ping,
+                    fb::Ping::create(fbb, &args).as_union_value(),
+                )
+            }
+        };
+        finish(fbb, body_type, body)
+    }
+
+    /// Encodes a frame the server sends. `Error` text is cut to [`ERROR_TEXT_BYTES_MAX`] bytes on
+    /// a char boundary.
+    pub fn encode_server(&mut self, f: &ServerFrame) -> &[u8] {
+        let fbb = &mut self.fbb;
+        fbb.reset();
+        let (body_type, body) = match f {
+            ServerFrame::SendAck(a) => {
+                let id = uuid(a.client_msg_id);
+                let args = fb::SendAckArgs {
+                    client_msg_id: Some(&id),
+                    chat_id: a.chat.0,
+                    seq: a.seq.0,
+                    msg_id: a.msg_id.0,
+                    timestamp_ms: a.timestamp_ms,
+                    duplicate: a.duplicate,
+                };
+                (
+                    fb::Body::SendAck,
+                    fb::SendAck::create(fbb, &args).as_union_value(),
+                )
+            }
+            ServerFrame::Message(m) => (fb::Body::Message, message_table(fbb, m).as_union_value()),
+            ServerFrame::Receipt(r) => {
+                let args = fb::ReceiptArgs {
+                    chat_id: r.chat.0,
+                    from_seq: r.from.0,
+                    to_seq: r.to.0,
+                    user: r.user.0,
+                    kind: r.kind,
+                };
+                (
+                    fb::Body::Receipt,
+                    fb::Receipt::create(fbb, &args).as_union_value(),
+                )
+            }
+            ServerFrame::HistoryPage(p) => {
+                self.messages.clear();
+                for m in &p.messages {
+                    self.messages.push(message_table(fbb, m));
+                }
+                let messages = fbb.create_vector(&self.messages);
+                let args = fb::HistoryPageArgs {
+                    request_id: p.request_id,
+                    chat_id: p.chat.0,
+                    messages: Some(messages),
+                    has_more: p.has_more,
+                };
+                (
+                    fb::Body::HistoryPage,
+                    fb::HistoryPage::create(fbb, &args).as_union_value(),
+                )
+            }
+            ServerFrame::SyncDone {
+                request_id,
+                messages,
+                more,
+            } => {
+                let args = fb::SyncDoneArgs {
+                    request_id: *request_id,
+                    messages: *messages,
+                    more: *more,
+                };
+                (
+                    fb::Body::SyncDone,
+                    fb::SyncDone::create(fbb, &args).as_union_value(),
+                )
+            }
+            ServerFrame::Error(e) => {
+                let text = truncate_utf8(&e.text, ERROR_TEXT_BYTES_MAX);
+                // An absent string reads back as "", so an empty one is not written.
+                let text = (!text.is_empty()).then(|| fbb.create_string(text));
+                let id = e.client_msg_id.map(uuid);
+                let args = fb::ErrorArgs {
+                    code: e.code,
+                    text,
+                    client_msg_id: id.as_ref(),
+                    request_id: e.request_id,
+                };
+                (
+                    fb::Body::Error,
+                    fb::Error::create(fbb, &args).as_union_value(),
+                )
+            }
+            ServerFrame::Pong { nonce } => {
+                let args = fb::PongArgs { nonce: *nonce };
+                (
+                    fb::Body::Pong,
+                    fb::Pong::create(fbb, &args).as_union_value(),
+                )
+            }
+        };
+        finish(fbb, body_type, body)
+    }
+}
+
+fn uuid(id: ClientMsgId) -> fb::Uuid {
+    let (hi, lo) = id.halves();
+    fb::Uuid::new(hi, lo)
+}
+
+fn message_table(
+    fbb: &mut FlatBufferBuilder<'static>,
+    m: &Message,
+) -> WIPOffset<fb::Message<'static>> {
+    let payload = fbb.create_vector(&m.payload);
+    // Server-originated messages have no client id; an absent id reads back as nil.
+    let id = (!m.client_msg_id.is_nil()).then(|| uuid(m.client_msg_id));
+    let args = fb::MessageArgs {
+        chat_id: m.chat.0,
+        seq: m.seq.0,
+        msg_id: m.msg_id.0,
+        sender_user: m.sender_user.0,
+        sender_device: m.sender_device.0,
+        timestamp_ms: m.timestamp_ms,
+        payload: Some(payload),
+        reply_to: m.reply_to.0,
+        content_kind: m.content_kind,
+        client_msg_id: id.as_ref(),
+    };
+    fb::Message::create(fbb, &args)
+}
+
+fn finish<'e>(
+    fbb: &'e mut FlatBufferBuilder<'static>,
+    body_type: fb::Body,
+    body: WIPOffset<UnionWIPOffset>,
+) -> &'e [u8] {
+    let env = fb::Envelope::create(
+        fbb,
+        &fb::EnvelopeArgs {
+            body_type,
+            body: Some(body),
+        },
+    );
+    fb::finish_envelope_buffer(fbb, env);
+    fbb.finished_data()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::truncate_utf8;
+
+    #[test]
+    fn truncate_utf8_respects_char_boundaries() {
+        // (input, max, expect)
+        let cases: &[(&str, usize, &str)] = &[
+            ("", 0, ""),
+            ("abc", 3, "abc"),
+            ("abc", 2, "ab"),
+            ("aé", 2, "a"), // é is 2 bytes
+            ("a€", 3, "a"), // € is 3 bytes
+            ("a€", 4, "a€"),
+            ("😀x", 3, ""), // 😀 is 4 bytes
+        ];
+        for &(input, max, expect) in cases {
+            assert_eq!(
+                truncate_utf8(input, max),
+                expect,
+                "truncate_utf8({input:?}, {max})"
+            );
+        }
+    }
+}
