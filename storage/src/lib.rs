@@ -115,7 +115,9 @@ impl StoreConfig {
             )));
         }
         if self.dedup_entries_max == 0 {
-            return Err(StorageError::Config("dedup_entries_max must be positive".into()));
+            return Err(StorageError::Config(
+                "dedup_entries_max must be positive".into(),
+            ));
         }
         Ok(())
     }
@@ -136,7 +138,11 @@ pub enum Corruption {
     /// A segment file is larger than 32-bit offsets can index.
     SegmentTooLarge { len: u64 },
     /// A CRC-valid message whose seq is not its chat's next one.
-    SeqGap { chat: ChatId, expected: Seq, got: Seq },
+    SeqGap {
+        chat: ChatId,
+        expected: Seq,
+        got: Seq,
+    },
     /// A CRC-valid message for a chat with no earlier `ChatCreated`.
     UnknownChat(ChatId),
     /// The index points at a record that is not the expected message.
@@ -154,15 +160,30 @@ impl fmt::Display for Corruption {
                  append"
             ),
             Corruption::SegmentGap { expected_base } => {
-                write!(f, "segment does not start at the expected offset {expected_base}")
+                write!(
+                    f,
+                    "segment does not start at the expected offset {expected_base}"
+                )
             }
             Corruption::SegmentTooLarge { len } => write!(f, "segment of {len} bytes is too large"),
-            Corruption::SeqGap { chat, expected, got } => {
-                write!(f, "chat {} expected seq {} got {}", chat.0, expected.0, got.0)
+            Corruption::SeqGap {
+                chat,
+                expected,
+                got,
+            } => {
+                write!(
+                    f,
+                    "chat {} expected seq {} got {}",
+                    chat.0, expected.0, got.0
+                )
             }
             Corruption::UnknownChat(chat) => write!(f, "message for uncreated chat {}", chat.0),
             Corruption::IndexMismatch { chat, seq } => {
-                write!(f, "index entry for chat {} seq {} points at another record", chat.0, seq.0)
+                write!(
+                    f,
+                    "index entry for chat {} seq {} points at another record",
+                    chat.0, seq.0
+                )
             }
         }
     }
@@ -176,21 +197,37 @@ impl fmt::Display for Corruption {
 pub enum StorageError {
     // ── The environment: disk or OS ─────────────────────────────────────────────────────────
     /// A file-system operation failed. After a failed `append` the store is poisoned.
-    Io { op: &'static str, path: PathBuf, source: io::Error },
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
 
     // ── The data on disk ────────────────────────────────────────────────────────────────────
     /// Acknowledged data is damaged or inconsistent; the store refuses to guess. `offset` is the
     /// byte offset inside `segment`.
-    Corrupt { segment: PathBuf, offset: u64, reason: Corruption },
+    Corrupt {
+        segment: PathBuf,
+        offset: u64,
+        reason: Corruption,
+    },
 
     // ── The caller (API misuse; nothing was written) ────────────────────────────────────────
     /// A batch or record exceeds a limit (`what` names it).
-    TooLarge { what: &'static str, len: usize, max: usize },
+    TooLarge {
+        what: &'static str,
+        len: usize,
+        max: usize,
+    },
     /// A record breaks a format limit (see [`Record::validate`]).
     InvalidRecord(RecordError),
     /// A message does not carry its chat's next seq (durable seq + 1, or the next after earlier
     /// messages of the same batch).
-    SeqGap { chat: ChatId, expected: Seq, got: Seq },
+    SeqGap {
+        chat: ChatId,
+        expected: Seq,
+        got: Seq,
+    },
     /// A message for a chat that has no `ChatCreated` record (durable or earlier in the batch).
     UnknownChat(ChatId),
     /// An invalid [`StoreConfig`].
@@ -209,14 +246,26 @@ impl fmt::Display for StorageError {
             StorageError::Io { op, path, source } => {
                 write!(f, "storage I/O failed: {op} {}: {source}", path.display())
             }
-            StorageError::Corrupt { segment, offset, reason } => {
-                write!(f, "corrupt log {} at offset {offset}: {reason}", segment.display())
+            StorageError::Corrupt {
+                segment,
+                offset,
+                reason,
+            } => {
+                write!(
+                    f,
+                    "corrupt log {} at offset {offset}: {reason}",
+                    segment.display()
+                )
             }
             StorageError::TooLarge { what, len, max } => {
                 write!(f, "{what} of {len} bytes exceeds {max}")
             }
             StorageError::InvalidRecord(e) => write!(f, "invalid record: {e}"),
-            StorageError::SeqGap { chat, expected, got } => write!(
+            StorageError::SeqGap {
+                chat,
+                expected,
+                got,
+            } => write!(
                 f,
                 "append to chat {}: expected seq {} got {}",
                 chat.0, expected.0, got.0
@@ -235,7 +284,10 @@ impl std::error::Error for StorageError {
         match self {
             StorageError::Io { source, .. } => Some(source),
             StorageError::InvalidRecord(e) => Some(e),
-            StorageError::Corrupt { reason: Corruption::Record(e), .. } => Some(e),
+            StorageError::Corrupt {
+                reason: Corruption::Record(e),
+                ..
+            } => Some(e),
             _ => None,
         }
     }

@@ -172,7 +172,11 @@ fn io_err<'a, E: Into<std::io::Error>>(
     op: &'static str,
     path: &'a Path,
 ) -> impl FnOnce(E) -> StorageError + 'a {
-    move |e| StorageError::Io { op, path: path.to_path_buf(), source: e.into() }
+    move |e| StorageError::Io {
+        op,
+        path: path.to_path_buf(),
+        source: e.into(),
+    }
 }
 
 /// The result of reading a range: glommio's buffer when one read returned it all, otherwise the
@@ -207,7 +211,10 @@ async fn read_exact_at(
     joined.extend_from_slice(&first);
     while joined.len() < len {
         let at = pos + joined.len() as u64;
-        let more = file.read_at(at, len - joined.len()).await.map_err(io_err("read", path))?;
+        let more = file
+            .read_at(at, len - joined.len())
+            .await
+            .map_err(io_err("read", path))?;
         if more.is_empty() {
             return Err(StorageError::Io {
                 op: "read",
@@ -260,7 +267,10 @@ async fn scan_segment(
         buf_pos += at as u64;
         if read_pos == file_len {
             let damage = (!buf.is_empty()).then_some(TailDamage::Incomplete);
-            return Ok(ScanEnd { good_len: buf_pos, damage });
+            return Ok(ScanEnd {
+                good_len: buf_pos,
+                damage,
+            });
         }
         let want = SCAN_CHUNK_BYTES.min((file_len - read_pos) as usize);
         let chunk = read_exact_at(file, path, read_pos, want).await?;
@@ -291,12 +301,18 @@ impl EmbeddedStore {
         if !existed {
             // Make the new directory's own entry durable.
             if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
-                let p = Directory::open(parent).await.map_err(io_err("open directory", parent))?;
-                p.sync().await.map_err(io_err("fdatasync directory", parent))?;
+                let p = Directory::open(parent)
+                    .await
+                    .map_err(io_err("open directory", parent))?;
+                p.sync()
+                    .await
+                    .map_err(io_err("fdatasync directory", parent))?;
                 p.close().await.map_err(io_err("close directory", parent))?;
             }
         }
-        let dir_handle = Directory::open(dir).await.map_err(io_err("open directory", dir))?;
+        let dir_handle = Directory::open(dir)
+            .await
+            .map_err(io_err("open directory", dir))?;
 
         let mut bases = Vec::new();
         for entry in std::fs::read_dir(dir).map_err(io_err("list directory", dir))? {
@@ -331,7 +347,10 @@ impl EmbeddedStore {
                 .buffered_open(&path)
                 .await
                 .map_err(io_err("open segment", &path))?;
-            let file_len = file.file_size().await.map_err(io_err("stat segment", &path))?;
+            let file_len = file
+                .file_size()
+                .await
+                .map_err(io_err("stat segment", &path))?;
             if file_len > u32::MAX as u64 {
                 return Err(StorageError::Corrupt {
                     segment: path,
@@ -341,7 +360,11 @@ impl EmbeddedStore {
             }
             let segment = i as u32;
             let end = scan_segment(&file, &path, file_len, |record, offset, len| {
-                let loc = Location { segment, offset: offset as u32, len: len as u32 };
+                let loc = Location {
+                    segment,
+                    offset: offset as u32,
+                    len: len as u32,
+                };
                 index_record(&mut index, &record, loc).map_err(|reason| StorageError::Corrupt {
                     segment: path.clone(),
                     offset,
@@ -360,7 +383,11 @@ impl EmbeddedStore {
                         TailDamage::Incomplete => Corruption::Incomplete,
                         TailDamage::Invalid(e) => Corruption::Record(e),
                     };
-                    return Err(StorageError::Corrupt { segment: path, offset: end.good_len, reason });
+                    return Err(StorageError::Corrupt {
+                        segment: path,
+                        offset: end.good_len,
+                        reason,
+                    });
                 }
                 if bytes_after > cfg.append_bytes_max as u64 {
                     return Err(StorageError::Corrupt {
@@ -369,8 +396,12 @@ impl EmbeddedStore {
                         reason: Corruption::DamageBeforeTail { bytes_after },
                     });
                 }
-                file.truncate(end.good_len).await.map_err(io_err("truncate segment", &path))?;
-                file.fdatasync().await.map_err(io_err("fdatasync segment", &path))?;
+                file.truncate(end.good_len)
+                    .await
+                    .map_err(io_err("truncate segment", &path))?;
+                file.fdatasync()
+                    .await
+                    .map_err(io_err("fdatasync segment", &path))?;
                 len = end.good_len;
                 report.truncation = Some(Truncation {
                     segment: path.clone(),
@@ -379,12 +410,22 @@ impl EmbeddedStore {
                     reason: damage,
                 });
             }
-            segments.push(Segment { path, base, len, file: Rc::new(file) });
+            segments.push(Segment {
+                path,
+                base,
+                len,
+                file: Rc::new(file),
+            });
         }
         if segments.is_empty() {
             let path = dir.join(segment_name(0));
             let file = create_segment(&dir_handle, &path).await?;
-            segments.push(Segment { path, base: 0, len: 0, file: Rc::new(file) });
+            segments.push(Segment {
+                path,
+                base: 0,
+                len: 0,
+                file: Rc::new(file),
+            });
         }
         report.segments = segments.len();
         report.records = records.len();
@@ -418,7 +459,12 @@ impl EmbeddedStore {
 
     /// Highest durable seq of `chat` (0 if none or unknown chat).
     pub fn durable_seq(&self, chat: ChatId) -> Seq {
-        Seq(self.inner.borrow().index.get(&chat).map_or(0, |v| v.len() as u64))
+        Seq(self
+            .inner
+            .borrow()
+            .index
+            .get(&chat)
+            .map_or(0, |v| v.len() as u64))
     }
 
     /// Whether a `ChatCreated` for `chat` is durable.
@@ -435,7 +481,12 @@ impl EmbeddedStore {
 
     /// Segment files, oldest first.
     pub fn segment_paths(&self) -> Vec<PathBuf> {
-        self.inner.borrow().segments.iter().map(|s| s.path.clone()).collect()
+        self.inner
+            .borrow()
+            .segments
+            .iter()
+            .map(|s| s.path.clone())
+            .collect()
     }
 
     /// Global log offset after the last durable byte.
@@ -490,13 +541,24 @@ impl EmbeddedStore {
         }
         assert_eq!(buf.len(), bytes);
 
-        let guard = AppendGuard { store: self, finished: false };
+        let guard = AppendGuard {
+            store: self,
+            finished: false,
+        };
         self.appending.set(true);
 
         let (mut file, mut path, mut pos, mut segment) = {
             let inner = self.inner.borrow();
-            let active = inner.segments.last().expect("a store always has an active segment");
-            (active.file.clone(), active.path.clone(), active.len, inner.segments.len() - 1)
+            let active = inner
+                .segments
+                .last()
+                .expect("a store always has an active segment");
+            (
+                active.file.clone(),
+                active.path.clone(),
+                active.len,
+                inner.segments.len() - 1,
+            )
         };
         let mut segment_rolled = false;
         if pos > 0 && pos + bytes as u64 > self.cfg.segment_bytes_max {
@@ -517,7 +579,10 @@ impl EmbeddedStore {
             segment_rolled = true;
         }
 
-        let mut written = file.write_at(buf, pos).await.map_err(io_err("write segment", &path))?;
+        let mut written = file
+            .write_at(buf, pos)
+            .await
+            .map_err(io_err("write segment", &path))?;
         while written < bytes {
             // A short write (rare: e.g. disk full). The buffer went to the kernel, so encode the
             // batch again (it is deterministic) and write the rest.
@@ -540,7 +605,9 @@ impl EmbeddedStore {
             written += n;
         }
         let sync_start = Instant::now();
-        file.fdatasync().await.map_err(io_err("fdatasync segment", &path))?;
+        file.fdatasync()
+            .await
+            .map_err(io_err("fdatasync segment", &path))?;
         let sync_us = sync_start.elapsed().as_micros() as u64;
 
         {
@@ -556,11 +623,19 @@ impl EmbeddedStore {
                     offset: (pos + at as u64) as u32,
                     len: len as u32,
                 };
-                index.get_mut(&chat).expect("checked by check_batch").push(loc);
+                index
+                    .get_mut(&chat)
+                    .expect("checked by check_batch")
+                    .push(loc);
             }
         }
         guard.finish();
-        Ok(AppendStats { records: records.len(), bytes, sync_us, segment_rolled })
+        Ok(AppendStats {
+            records: records.len(),
+            bytes,
+            sync_us,
+            segment_rolled,
+        })
     }
 
     /// Validates a batch against the limits and the durable state; returns its encoded size.
@@ -643,7 +718,11 @@ impl EmbeddedStore {
                 return Ok((Vec::new(), false));
             };
             let durable = locs.len() as u64;
-            let upper = if before.0 == 0 || before.0 > durable { durable + 1 } else { before.0 };
+            let upper = if before.0 == 0 || before.0 > durable {
+                durable + 1
+            } else {
+                before.0
+            };
             if upper <= 1 {
                 return Ok((Vec::new(), false));
             }
@@ -729,11 +808,16 @@ impl EmbeddedStore {
                     reason,
                 };
                 match decode_one(&bytes[at..at + len]) {
-                    Ok(Some((Record::Message(m), n))) if n == len && m.chat == chat && m.seq.0 == seq => {
+                    Ok(Some((Record::Message(m), n)))
+                        if n == len && m.chat == chat && m.seq.0 == seq =>
+                    {
                         out.push(m)
                     }
                     Ok(Some(_)) => {
-                        return Err(corrupt(Corruption::IndexMismatch { chat, seq: Seq(seq) }))
+                        return Err(corrupt(Corruption::IndexMismatch {
+                            chat,
+                            seq: Seq(seq),
+                        }))
                     }
                     Ok(None) => return Err(corrupt(Corruption::Incomplete)),
                     Err(e) => return Err(corrupt(Corruption::Record(e))),
@@ -748,10 +832,15 @@ impl EmbeddedStore {
         let inner = self.inner.into_inner();
         for seg in inner.segments {
             if let Ok(file) = Rc::try_unwrap(seg.file) {
-                file.close().await.map_err(io_err("close segment", &seg.path))?;
+                file.close()
+                    .await
+                    .map_err(io_err("close segment", &seg.path))?;
             }
         }
-        self.dir_handle.close().await.map_err(io_err("close directory", &self.dir))?;
+        self.dir_handle
+            .close()
+            .await
+            .map_err(io_err("close directory", &self.dir))?;
         Ok(())
     }
 }
@@ -767,10 +856,16 @@ fn index_record(
             index.entry(*chat).or_default();
         }
         Record::Message(m) => {
-            let locs = index.get_mut(&m.chat).ok_or(Corruption::UnknownChat(m.chat))?;
+            let locs = index
+                .get_mut(&m.chat)
+                .ok_or(Corruption::UnknownChat(m.chat))?;
             let expected = Seq(locs.len() as u64 + 1);
             if m.seq != expected {
-                return Err(Corruption::SeqGap { chat: m.chat, expected, got: m.seq });
+                return Err(Corruption::SeqGap {
+                    chat: m.chat,
+                    expected,
+                    got: m.seq,
+                });
             }
             locs.push(loc);
         }
@@ -789,7 +884,9 @@ async fn create_segment(dir: &Directory, path: &Path) -> Result<BufferedFile, St
         .buffered_open(path)
         .await
         .map_err(io_err("create segment", path))?;
-    dir.sync().await.map_err(io_err("fdatasync directory", path))?;
+    dir.sync()
+        .await
+        .map_err(io_err("fdatasync directory", path))?;
     Ok(file)
 }
 

@@ -48,7 +48,8 @@ pub const RECORD_HEADER_BYTES: usize = 8;
 /// Bytes of a framed `Message` record that are not payload: header, tag, version, fixed fields
 /// and the payload length. `frame_len - MESSAGE_FRAME_OVERHEAD_BYTES` is the payload length, which
 /// lets a reader budget payload bytes from the index alone.
-pub const MESSAGE_FRAME_OVERHEAD_BYTES: usize = RECORD_HEADER_BYTES + 2 + 8 * 4 + 4 + 8 + 16 + 8 + 1 + 4;
+pub const MESSAGE_FRAME_OVERHEAD_BYTES: usize =
+    RECORD_HEADER_BYTES + 2 + 8 * 4 + 4 + 8 + 16 + 8 + 1 + 4;
 
 /// The record format version this code writes and the only one it reads.
 pub const FORMAT_VERSION: u8 = 1;
@@ -61,8 +62,9 @@ const CHAT_CREATED_FIXED_BYTES: usize = 2 + 8 + 1 + 8 + 4;
 const CURSOR_BODY_BYTES: usize = 2 + 8 + 8 + 4 + 1 + 8;
 
 const _: () = assert!(MESSAGE_FRAME_OVERHEAD_BYTES == RECORD_HEADER_BYTES + 75);
-const _: () =
-    assert!(MESSAGE_FRAME_OVERHEAD_BYTES - RECORD_HEADER_BYTES + PAYLOAD_BYTES_MAX <= RECORD_BYTES_MAX);
+const _: () = assert!(
+    MESSAGE_FRAME_OVERHEAD_BYTES - RECORD_HEADER_BYTES + PAYLOAD_BYTES_MAX <= RECORD_BYTES_MAX
+);
 const _: () = assert!(CHAT_CREATED_FIXED_BYTES + 8 * CHAT_MEMBERS_MAX <= RECORD_BYTES_MAX);
 // The store must hold anything the protocol lets a client send.
 const _: () = assert!(switchboard_wire::limits::PAYLOAD_BYTES_MAX <= PAYLOAD_BYTES_MAX);
@@ -190,12 +192,17 @@ impl fmt::Display for RecordError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             RecordError::Crc { stored, computed } => {
-                write!(f, "crc mismatch (stored {stored:#010x}, computed {computed:#010x})")
+                write!(
+                    f,
+                    "crc mismatch (stored {stored:#010x}, computed {computed:#010x})"
+                )
             }
             RecordError::BodyTooLarge { len } => {
                 write!(f, "record body of {len} bytes exceeds {RECORD_BYTES_MAX}")
             }
-            RecordError::BodyTooShort { len } => write!(f, "record body of {len} bytes is too short"),
+            RecordError::BodyTooShort { len } => {
+                write!(f, "record body of {len} bytes is too short")
+            }
             RecordError::UnknownTag(t) => write!(f, "unknown record tag {t}"),
             RecordError::UnknownVersion(v) => write!(f, "unknown record format version {v}"),
             RecordError::UnknownChatKind(k) => write!(f, "unknown chat kind {k}"),
@@ -225,7 +232,9 @@ impl Record {
                 Err(RecordError::TooManyMembers { len: members.len() })
             }
             Record::Message(m) if m.payload.len() > PAYLOAD_BYTES_MAX => {
-                Err(RecordError::PayloadTooLarge { len: m.payload.len() })
+                Err(RecordError::PayloadTooLarge {
+                    len: m.payload.len(),
+                })
             }
             _ => Ok(()),
         }
@@ -239,7 +248,9 @@ impl Record {
     fn body_len(&self) -> usize {
         match self {
             Record::ChatCreated { members, .. } => CHAT_CREATED_FIXED_BYTES + 8 * members.len(),
-            Record::Message(m) => MESSAGE_FRAME_OVERHEAD_BYTES - RECORD_HEADER_BYTES + m.payload.len(),
+            Record::Message(m) => {
+                MESSAGE_FRAME_OVERHEAD_BYTES - RECORD_HEADER_BYTES + m.payload.len()
+            }
             Record::Cursor { .. } => CURSOR_BODY_BYTES,
         }
     }
@@ -250,7 +261,11 @@ impl Record {
     /// If the record breaks a limit ([`Record::validate`] returns an error): callers validate
     /// first, so this is an internal invariant.
     pub fn encode_into(&self, out: &mut Vec<u8>) {
-        assert!(self.validate().is_ok(), "encode_into on an invalid record: {:?}", self.validate());
+        assert!(
+            self.validate().is_ok(),
+            "encode_into on an invalid record: {:?}",
+            self.validate()
+        );
         let body_len = self.body_len();
         out.reserve(RECORD_HEADER_BYTES + body_len);
         let start = out.len();
@@ -259,7 +274,12 @@ impl Record {
         out.extend_from_slice(&[0u8; 4]);
         let body_start = out.len();
         match self {
-            Record::ChatCreated { chat, kind, members, created_ms } => {
+            Record::ChatCreated {
+                chat,
+                kind,
+                members,
+                created_ms,
+            } => {
                 out.push(TAG_CHAT_CREATED);
                 out.push(FORMAT_VERSION);
                 out.extend_from_slice(&chat.0.to_le_bytes());
@@ -285,7 +305,13 @@ impl Record {
                 out.extend_from_slice(&(m.payload.len() as u32).to_le_bytes());
                 out.extend_from_slice(&m.payload);
             }
-            Record::Cursor { chat, user, device, kind, seq } => {
+            Record::Cursor {
+                chat,
+                user,
+                device,
+                kind,
+                seq,
+            } => {
                 out.push(TAG_CURSOR);
                 out.push(FORMAT_VERSION);
                 out.extend_from_slice(&chat.0.to_le_bytes());
@@ -295,7 +321,11 @@ impl Record {
                 out.extend_from_slice(&seq.0.to_le_bytes());
             }
         }
-        assert_eq!(out.len() - body_start, body_len, "body_len() disagrees with the encoder");
+        assert_eq!(
+            out.len() - body_start,
+            body_len,
+            "body_len() disagrees with the encoder"
+        );
         let crc = crc32c::crc32c(&out[body_start..]);
         out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
     }
@@ -355,7 +385,8 @@ fn decode_body(body: &[u8]) -> Result<Record, RecordError> {
         TAG_CHAT_CREATED => {
             let chat = ChatId(r.u64()?);
             let kind_tag = r.u8()?;
-            let kind = ChatKind::from_tag(kind_tag).ok_or(RecordError::UnknownChatKind(kind_tag))?;
+            let kind =
+                ChatKind::from_tag(kind_tag).ok_or(RecordError::UnknownChatKind(kind_tag))?;
             let created_ms = r.u64()?;
             let len = r.u32()? as usize;
             if len > CHAT_MEMBERS_MAX {
@@ -369,7 +400,12 @@ fn decode_body(body: &[u8]) -> Result<Record, RecordError> {
             for _ in 0..len {
                 members.push(UserId(r.u64()?));
             }
-            Record::ChatCreated { chat, kind, members, created_ms }
+            Record::ChatCreated {
+                chat,
+                kind,
+                members,
+                created_ms,
+            }
         }
         TAG_MESSAGE => {
             let chat = ChatId(r.u64()?);
@@ -407,11 +443,19 @@ fn decode_body(body: &[u8]) -> Result<Record, RecordError> {
             let kind =
                 CursorKind::from_tag(kind_tag).ok_or(RecordError::UnknownCursorKind(kind_tag))?;
             let seq = Seq(r.u64()?);
-            Record::Cursor { chat, user, device, kind, seq }
+            Record::Cursor {
+                chat,
+                user,
+                device,
+                kind,
+                seq,
+            }
         }
     };
     if r.remaining() != 0 {
-        return Err(RecordError::TrailingBytes { extra: r.remaining() });
+        return Err(RecordError::TrailingBytes {
+            extra: r.remaining(),
+        });
     }
     Ok(record)
 }
@@ -561,7 +605,9 @@ mod tests {
     fn validate_rejects_oversize() {
         assert_eq!(
             msg(1, &vec![0; PAYLOAD_BYTES_MAX + 1]).validate(),
-            Err(RecordError::PayloadTooLarge { len: PAYLOAD_BYTES_MAX + 1 })
+            Err(RecordError::PayloadTooLarge {
+                len: PAYLOAD_BYTES_MAX + 1
+            })
         );
         let r = Record::ChatCreated {
             chat: ChatId(1),
@@ -569,7 +615,12 @@ mod tests {
             members: vec![UserId(1); CHAT_MEMBERS_MAX + 1],
             created_ms: 0,
         };
-        assert_eq!(r.validate(), Err(RecordError::TooManyMembers { len: CHAT_MEMBERS_MAX + 1 }));
+        assert_eq!(
+            r.validate(),
+            Err(RecordError::TooManyMembers {
+                len: CHAT_MEMBERS_MAX + 1
+            })
+        );
     }
 
     #[test]
@@ -649,29 +700,81 @@ mod tests {
 
         let cases: Vec<(&str, Vec<u8>, Result<(), RecordError>)> = vec![
             ("empty", vec![], Ok(())),
-            ("zeros", vec![0; 16], Err(RecordError::BodyTooShort { len: 0 })),
-            ("one byte body", frame(&[TAG_CURSOR]), Err(RecordError::BodyTooShort { len: 1 })),
-            ("too large, header only", header_only_too_large, Err(RecordError::BodyTooLarge {
-                len: RECORD_BYTES_MAX + 1,
-            })),
-            ("bad crc", bad_crc.clone(), Err(RecordError::Crc {
-                stored: u32::from_le_bytes(bad_crc[4..8].try_into().unwrap()),
-                computed: crc32c::crc32c(&bad_crc[8..]),
-            })),
+            (
+                "zeros",
+                vec![0; 16],
+                Err(RecordError::BodyTooShort { len: 0 }),
+            ),
+            (
+                "one byte body",
+                frame(&[TAG_CURSOR]),
+                Err(RecordError::BodyTooShort { len: 1 }),
+            ),
+            (
+                "too large, header only",
+                header_only_too_large,
+                Err(RecordError::BodyTooLarge {
+                    len: RECORD_BYTES_MAX + 1,
+                }),
+            ),
+            (
+                "bad crc",
+                bad_crc.clone(),
+                Err(RecordError::Crc {
+                    stored: u32::from_le_bytes(bad_crc[4..8].try_into().unwrap()),
+                    computed: crc32c::crc32c(&bad_crc[8..]),
+                }),
+            ),
             ("bad tag", frame(&bad_tag), Err(RecordError::UnknownTag(9))),
-            ("bad version", frame(&bad_version), Err(RecordError::UnknownVersion(2))),
-            ("trailing", frame(&trailing), Err(RecordError::TrailingBytes { extra: 1 })),
-            ("short payload", frame(&short_payload), Err(RecordError::Truncated)),
-            ("payload len too large", frame(&huge_payload_len), Err(RecordError::PayloadTooLarge {
-                len: PAYLOAD_BYTES_MAX + 1,
-            })),
-            ("bad chat kind", frame(&bad_kind), Err(RecordError::UnknownChatKind(0))),
-            ("too many members", frame(&many_members), Err(RecordError::TooManyMembers {
-                len: CHAT_MEMBERS_MAX + 1,
-            })),
-            ("members past end", frame(&members_past_end), Err(RecordError::Truncated)),
-            ("bad cursor kind", frame(&bad_cursor_kind), Err(RecordError::UnknownCursorKind(7))),
-            ("tag+version only", frame(&[TAG_MESSAGE, FORMAT_VERSION]), Err(RecordError::Truncated)),
+            (
+                "bad version",
+                frame(&bad_version),
+                Err(RecordError::UnknownVersion(2)),
+            ),
+            (
+                "trailing",
+                frame(&trailing),
+                Err(RecordError::TrailingBytes { extra: 1 }),
+            ),
+            (
+                "short payload",
+                frame(&short_payload),
+                Err(RecordError::Truncated),
+            ),
+            (
+                "payload len too large",
+                frame(&huge_payload_len),
+                Err(RecordError::PayloadTooLarge {
+                    len: PAYLOAD_BYTES_MAX + 1,
+                }),
+            ),
+            (
+                "bad chat kind",
+                frame(&bad_kind),
+                Err(RecordError::UnknownChatKind(0)),
+            ),
+            (
+                "too many members",
+                frame(&many_members),
+                Err(RecordError::TooManyMembers {
+                    len: CHAT_MEMBERS_MAX + 1,
+                }),
+            ),
+            (
+                "members past end",
+                frame(&members_past_end),
+                Err(RecordError::Truncated),
+            ),
+            (
+                "bad cursor kind",
+                frame(&bad_cursor_kind),
+                Err(RecordError::UnknownCursorKind(7)),
+            ),
+            (
+                "tag+version only",
+                frame(&[TAG_MESSAGE, FORMAT_VERSION]),
+                Err(RecordError::Truncated),
+            ),
         ];
         for (name, bytes, expect) in cases {
             let got = decode_one(&bytes).map(|_| ());
@@ -745,6 +848,9 @@ mod tests {
         }
         // Some mutations are harmless (e.g. a byte rewritten with its own value); the test is
         // meaningful only if most are rejected.
-        assert!(decoded_ok < 40_000 / 2, "{decoded_ok} mutated inputs decoded");
+        assert!(
+            decoded_ok < 40_000 / 2,
+            "{decoded_ok} mutated inputs decoded"
+        );
     }
 }

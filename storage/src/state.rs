@@ -107,7 +107,12 @@ impl ShardState {
     /// seqs and the store refuses gaps, so this is a broken invariant.
     pub fn apply(&mut self, record: &Record) {
         match record {
-            Record::ChatCreated { chat, kind, members, created_ms } => {
+            Record::ChatCreated {
+                chat,
+                kind,
+                members,
+                created_ms,
+            } => {
                 let Entry::Vacant(slot) = self.chats.entry(*chat) else {
                     return;
                 };
@@ -131,7 +136,11 @@ impl ShardState {
                     .chats
                     .get_mut(&m.chat)
                     .unwrap_or_else(|| panic!("message for unknown chat {:?}", m.chat));
-                assert_eq!(m.seq, meta.next_seq, "message seq out of order in chat {:?}", m.chat);
+                assert_eq!(
+                    m.seq, meta.next_seq,
+                    "message seq out of order in chat {:?}",
+                    m.chat
+                );
                 meta.next_seq = Seq(m.seq.0 + 1);
                 if !m.client_msg_id.is_nil() {
                     self.insert_dedup(
@@ -145,7 +154,13 @@ impl ShardState {
                     );
                 }
             }
-            Record::Cursor { chat, user, device, kind, seq } => {
+            Record::Cursor {
+                chat,
+                user,
+                device,
+                kind,
+                seq,
+            } => {
                 let c = self.cursors.entry((*chat, *user, *device)).or_default();
                 match kind {
                     CursorKind::Delivered => c.0 = c.0.max(*seq),
@@ -183,7 +198,11 @@ impl ShardState {
             .chats
             .get_mut(&chat)
             .unwrap_or_else(|| panic!("mark_durable for unknown chat {chat:?}"));
-        assert!(seq < meta.next_seq, "mark_durable({seq:?}) beyond staged {:?}", meta.next_seq);
+        assert!(
+            seq < meta.next_seq,
+            "mark_durable({seq:?}) beyond staged {:?}",
+            meta.next_seq
+        );
         meta.durable_seq = meta.durable_seq.max(seq);
     }
 
@@ -199,7 +218,10 @@ impl ShardState {
 
     /// `(delivered, read)` cursors of one device in one chat; `(0, 0)` if never set.
     pub fn cursors(&self, chat: ChatId, user: UserId, device: DeviceId) -> (Seq, Seq) {
-        self.cursors.get(&(chat, user, device)).copied().unwrap_or_default()
+        self.cursors
+            .get(&(chat, user, device))
+            .copied()
+            .unwrap_or_default()
     }
 
     /// The chats of this shard that `user` is a member of, in creation order.
@@ -250,7 +272,13 @@ mod tests {
     }
 
     fn cursor(kind: CursorKind, seq: u64) -> Record {
-        Record::Cursor { chat: CHAT, user: UserId(2), device: DeviceId(1), kind, seq: Seq(seq) }
+        Record::Cursor {
+            chat: CHAT,
+            user: UserId(2),
+            device: DeviceId(1),
+            kind,
+            seq: Seq(seq),
+        }
     }
 
     #[test]
@@ -264,7 +292,10 @@ mod tests {
         assert_eq!(meta.members, vec![UserId(1), UserId(2)]);
         assert!(meta.is_member(UserId(1)) && !meta.is_member(UserId(5)));
         assert_eq!((meta.next_seq, meta.durable_seq), (Seq(1), Seq(0)));
-        assert_eq!(s.chats_of_user(UserId(2)).collect::<Vec<_>>(), vec![CHAT, ChatId(11)]);
+        assert_eq!(
+            s.chats_of_user(UserId(2)).collect::<Vec<_>>(),
+            vec![CHAT, ChatId(11)]
+        );
         assert_eq!(s.chats_of_user(UserId(1)).collect::<Vec<_>>(), vec![CHAT]);
         assert_eq!(s.chats_of_user(UserId(5)).count(), 0);
         assert_eq!(s.chats_len(), 2);
@@ -334,7 +365,15 @@ mod tests {
         assert!(s.dedup(&UserId(1), &key(1)).is_none());
         assert!(s.dedup(&UserId(1), &key(2)).is_none());
         let e = s.dedup(&UserId(1), &key(4)).unwrap();
-        assert_eq!(*e, DedupEntry { chat: CHAT, seq: Seq(4), msg_id: MsgId(400), timestamp_ms: 4 });
+        assert_eq!(
+            *e,
+            DedupEntry {
+                chat: CHAT,
+                seq: Seq(4),
+                msg_id: MsgId(400),
+                timestamp_ms: 4
+            }
+        );
         // Keys are per sender.
         assert!(s.dedup(&UserId(2), &key(4)).is_none());
     }
@@ -363,6 +402,11 @@ mod tests {
         let meta = s.chat(&CHAT).unwrap();
         assert_eq!((meta.next_seq, meta.durable_seq), (Seq(3), Seq(2)));
         assert_eq!(s.cursors(CHAT, UserId(2), DeviceId(1)), (Seq(1), Seq(1)));
-        assert_eq!(s.dedup(&UserId(2), &ClientMsgId::from_halves(0, 1)).unwrap().seq, Seq(2));
+        assert_eq!(
+            s.dedup(&UserId(2), &ClientMsgId::from_halves(0, 1))
+                .unwrap()
+                .seq,
+            Seq(2)
+        );
     }
 }

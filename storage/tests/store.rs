@@ -15,7 +15,10 @@ use switchboard_storage::{
 use switchboard_wire::ids::{ChatId, ClientMsgId, DeviceId, MsgId, Seq, UserId};
 
 fn run<T>(f: impl Future<Output = T>) -> T {
-    glommio::LocalExecutorBuilder::default().make().expect("executor").run(f)
+    glommio::LocalExecutorBuilder::default()
+        .make()
+        .expect("executor")
+        .run(f)
 }
 
 const A: ChatId = ChatId(100);
@@ -80,7 +83,12 @@ fn file_len(p: &Path) -> u64 {
 }
 
 fn cut_file(p: &Path, new_len: u64) {
-    OpenOptions::new().write(true).open(p).unwrap().set_len(new_len).unwrap();
+    OpenOptions::new()
+        .write(true)
+        .open(p)
+        .unwrap()
+        .set_len(new_len)
+        .unwrap();
 }
 
 fn xor_byte(p: &Path, at: u64) {
@@ -119,12 +127,18 @@ fn append_then_read_round_trip() {
         ];
         let stats = store.append(&batch).await.unwrap();
         assert_eq!(stats.records, 7);
-        assert_eq!(stats.bytes, batch.iter().map(Record::encoded_len).sum::<usize>());
+        assert_eq!(
+            stats.bytes,
+            batch.iter().map(Record::encoded_len).sum::<usize>()
+        );
         assert!(!stats.segment_rolled);
         assert_eq!(store.durable_seq(A), Seq(3));
         assert_eq!(store.durable_seq(B), Seq(1));
         let got = store.read_messages(A, Seq(1), Seq(3), 10).await.unwrap();
-        assert_eq!(got, vec![message(A, 1, 10), message(A, 2, 0), message(A, 3, 20)]);
+        assert_eq!(
+            got,
+            vec![message(A, 1, 10), message(A, 2, 0), message(A, 3, 20)]
+        );
         let got = store.read_messages(B, Seq(1), Seq(1), 10).await.unwrap();
         assert_eq!(got, vec![message(B, 1, 300)]);
         // Empty batches are a no-op.
@@ -137,10 +151,15 @@ fn append_then_read_round_trip() {
 fn read_ranges_clamp_and_limit() {
     let tmp = tempfile::tempdir().unwrap();
     run(async {
-        let (store, _) = EmbeddedStore::open(&shard_dir(&tmp), StoreConfig::default()).await.unwrap();
+        let (store, _) = EmbeddedStore::open(&shard_dir(&tmp), StoreConfig::default())
+            .await
+            .unwrap();
         fill(&store, 50, 30, 7).await;
         let r = |from, to, limit| store.read_messages(A, Seq(from), Seq(to), limit);
-        assert_eq!(seqs(&r(1, 50, 100).await.unwrap()), (1..=50).collect::<Vec<_>>());
+        assert_eq!(
+            seqs(&r(1, 50, 100).await.unwrap()),
+            (1..=50).collect::<Vec<_>>()
+        );
         assert_eq!(seqs(&r(0, 3, 100).await.unwrap()), vec![1, 2, 3]);
         assert_eq!(seqs(&r(10, 20, 4).await.unwrap()), vec![10, 11, 12, 13]);
         assert_eq!(seqs(&r(48, 1000, 100).await.unwrap()), vec![48, 49, 50]);
@@ -148,8 +167,15 @@ fn read_ranges_clamp_and_limit() {
         assert!(r(5, 4, 10).await.unwrap().is_empty());
         assert!(r(1, 50, 0).await.unwrap().is_empty());
         assert_eq!(r(7, 7, 1).await.unwrap(), vec![message(A, 7, 30)]);
-        assert!(store.read_messages(B, Seq(1), Seq(9), 9).await.unwrap().is_empty());
-        let (page, more) = store.read_messages_before(B, Seq(0), 10, 1000).await.unwrap();
+        assert!(store
+            .read_messages(B, Seq(1), Seq(9), 9)
+            .await
+            .unwrap()
+            .is_empty());
+        let (page, more) = store
+            .read_messages_before(B, Seq(0), 10, 1000)
+            .await
+            .unwrap();
         assert!(page.is_empty() && !more);
     });
 }
@@ -158,43 +184,69 @@ fn read_ranges_clamp_and_limit() {
 fn history_pages_backwards_with_limit_and_bytes_max() {
     let tmp = tempfile::tempdir().unwrap();
     run(async {
-        let (store, _) = EmbeddedStore::open(&shard_dir(&tmp), StoreConfig::default()).await.unwrap();
+        let (store, _) = EmbeddedStore::open(&shard_dir(&tmp), StoreConfig::default())
+            .await
+            .unwrap();
         fill(&store, 20, 100, 20).await;
 
         // Newest first, by count.
-        let (page, more) = store.read_messages_before(A, Seq(0), 5, usize::MAX).await.unwrap();
+        let (page, more) = store
+            .read_messages_before(A, Seq(0), 5, usize::MAX)
+            .await
+            .unwrap();
         assert_eq!(seqs(&page), vec![20, 19, 18, 17, 16]);
         assert!(more);
-        let (page, more) = store.read_messages_before(A, Seq(16), 5, usize::MAX).await.unwrap();
+        let (page, more) = store
+            .read_messages_before(A, Seq(16), 5, usize::MAX)
+            .await
+            .unwrap();
         assert_eq!(seqs(&page), vec![15, 14, 13, 12, 11]);
         assert!(more);
 
         // By bytes: 100 B payloads, 350 B budget → 3 messages.
-        let (page, more) = store.read_messages_before(A, Seq(11), 50, 350).await.unwrap();
+        let (page, more) = store
+            .read_messages_before(A, Seq(11), 50, 350)
+            .await
+            .unwrap();
         assert_eq!(seqs(&page), vec![10, 9, 8]);
         assert!(more);
         // Exactly at the budget is allowed.
-        let (page, _) = store.read_messages_before(A, Seq(8), 50, 300).await.unwrap();
+        let (page, _) = store
+            .read_messages_before(A, Seq(8), 50, 300)
+            .await
+            .unwrap();
         assert_eq!(seqs(&page), vec![7, 6, 5]);
         // A budget below one message still returns one.
         let (page, more) = store.read_messages_before(A, Seq(5), 50, 1).await.unwrap();
         assert_eq!(seqs(&page), vec![4]);
         assert!(more);
         // The last page says there is nothing older.
-        let (page, more) = store.read_messages_before(A, Seq(4), 50, usize::MAX).await.unwrap();
+        let (page, more) = store
+            .read_messages_before(A, Seq(4), 50, usize::MAX)
+            .await
+            .unwrap();
         assert_eq!(seqs(&page), vec![3, 2, 1]);
         assert!(!more);
-        let (page, more) = store.read_messages_before(A, Seq(1), 50, usize::MAX).await.unwrap();
+        let (page, more) = store
+            .read_messages_before(A, Seq(1), 50, usize::MAX)
+            .await
+            .unwrap();
         assert!(page.is_empty() && !more);
         // `before` beyond the newest means "from the newest".
-        let (page, _) = store.read_messages_before(A, Seq(999), 2, usize::MAX).await.unwrap();
+        let (page, _) = store
+            .read_messages_before(A, Seq(999), 2, usize::MAX)
+            .await
+            .unwrap();
         assert_eq!(seqs(&page), vec![20, 19]);
 
         // Walk the whole chat backwards with a byte budget and check nothing is lost or repeated.
         let mut all = Vec::new();
         let mut before = Seq(0);
         loop {
-            let (page, more) = store.read_messages_before(A, before, 50, 250).await.unwrap();
+            let (page, more) = store
+                .read_messages_before(A, before, 50, 250)
+                .await
+                .unwrap();
             assert!(page.len() <= 2);
             before = page.last().unwrap().seq;
             all.extend(seqs(&page));
@@ -217,8 +269,10 @@ fn segments_roll_and_reads_span_them() {
         for seq in 1..=40u64 {
             // 10 KiB payloads, two per batch.
             if seq % 2 == 1 {
-                let stats =
-                    store.append(&[msg(A, seq, 10_000), msg(A, seq + 1, 10_000)]).await.unwrap();
+                let stats = store
+                    .append(&[msg(A, seq, 10_000), msg(A, seq + 1, 10_000)])
+                    .await
+                    .unwrap();
                 rolled += stats.segment_rolled as usize;
             }
         }
@@ -236,8 +290,14 @@ fn segments_roll_and_reads_span_them() {
         }
         assert_eq!(store.end_offset(), expected_base);
         let got = store.read_messages(A, Seq(1), Seq(40), 100).await.unwrap();
-        assert_eq!(got, (1..=40).map(|s| message(A, s, 10_000)).collect::<Vec<_>>());
-        let (page, more) = store.read_messages_before(A, Seq(0), 40, usize::MAX).await.unwrap();
+        assert_eq!(
+            got,
+            (1..=40).map(|s| message(A, s, 10_000)).collect::<Vec<_>>()
+        );
+        let (page, more) = store
+            .read_messages_before(A, Seq(0), 40, usize::MAX)
+            .await
+            .unwrap();
         assert_eq!(seqs(&page), (1..=40).rev().collect::<Vec<_>>());
         assert!(!more);
         // A batch of one maximum-size record still fits a fresh segment.
@@ -260,7 +320,11 @@ fn reopen_rebuilds_identical_state_and_index() {
                 chat: A,
                 user: UserId(2),
                 device: DeviceId(7),
-                kind: if seq % 2 == 0 { CursorKind::Read } else { CursorKind::Delivered },
+                kind: if seq % 2 == 0 {
+                    CursorKind::Read
+                } else {
+                    CursorKind::Delivered
+                },
                 seq: Seq(seq),
             });
         }
@@ -280,7 +344,9 @@ fn reopen_rebuilds_identical_state_and_index() {
                 }
             }
         }
-        let locations: Vec<_> = (1..=30).map(|s| store.location(A, Seq(s)).unwrap()).collect();
+        let locations: Vec<_> = (1..=30)
+            .map(|s| store.location(A, Seq(s)).unwrap())
+            .collect();
         let paths = store.segment_paths();
         store.close().await.unwrap();
         (state, locations, paths)
@@ -296,13 +362,21 @@ fn reopen_rebuilds_identical_state_and_index() {
         assert_eq!(store.segment_paths(), paths);
         let rebuilt = ShardState::recover(cfg.dedup_entries_max, &records);
         assert_eq!(rebuilt, live_state);
-        let again: Vec<_> = (1..=30).map(|s| store.location(A, Seq(s)).unwrap()).collect();
+        let again: Vec<_> = (1..=30)
+            .map(|s| store.location(A, Seq(s)).unwrap())
+            .collect();
         assert_eq!(again, locations);
         assert_eq!(store.durable_seq(A), Seq(30));
         assert_eq!(store.durable_seq(B), Seq(10));
-        assert_eq!(rebuilt.cursors(A, UserId(2), DeviceId(7)), (Seq(30), Seq(30)));
+        assert_eq!(
+            rebuilt.cursors(A, UserId(2), DeviceId(7)),
+            (Seq(30), Seq(30))
+        );
         let got = store.read_messages(A, Seq(1), Seq(30), 100).await.unwrap();
-        assert_eq!(got, (1..=30).map(|s| message(A, s, 8000)).collect::<Vec<_>>());
+        assert_eq!(
+            got,
+            (1..=30).map(|s| message(A, s, 8000)).collect::<Vec<_>>()
+        );
     });
 }
 
@@ -310,7 +384,9 @@ fn reopen_rebuilds_identical_state_and_index() {
 /// offset where message 5's frame starts.
 fn five_messages(dir: &Path) -> (PathBuf, u64) {
     run(async {
-        let (store, _) = EmbeddedStore::open(dir, StoreConfig::default()).await.unwrap();
+        let (store, _) = EmbeddedStore::open(dir, StoreConfig::default())
+            .await
+            .unwrap();
         fill(&store, 5, 200, 1).await;
         let loc = store.location(A, Seq(5)).unwrap();
         let path = store.segment_paths().pop().unwrap();
@@ -330,16 +406,16 @@ fn torn_tail_is_cut_and_appends_continue() {
         Zeros(u64),
     }
     let damages = [
-        Damage::Cut(1),                               // last byte of the body
-        Damage::Cut(frame / 2),                       // mid-body
-        Damage::Cut(frame - 3),                       // mid-header
+        Damage::Cut(1),                                  // last byte of the body
+        Damage::Cut(frame / 2),                          // mid-body
+        Damage::Cut(frame - 3),                          // mid-header
         Damage::Cut(frame - RECORD_HEADER_BYTES as u64), // just the header left
-        Damage::Cut(frame - 1),                       // one byte left
-        Damage::Flip(1),                              // payload bit flip
-        Damage::Flip(frame - 2),                      // body_len flip
-        Damage::Flip(frame - 6),                      // crc flip
-        Damage::Flip(frame - 8),                      // tag flip
-        Damage::Zeros(4096),                          // a zero-filled extension
+        Damage::Cut(frame - 1),                          // one byte left
+        Damage::Flip(1),                                 // payload bit flip
+        Damage::Flip(frame - 2),                         // body_len flip
+        Damage::Flip(frame - 6),                         // crc flip
+        Damage::Flip(frame - 8),                         // tag flip
+        Damage::Zeros(4096),                             // a zero-filled extension
         Damage::Zeros(3),
     ];
     for damage in damages {
@@ -365,13 +441,23 @@ fn torn_tail_is_cut_and_appends_continue() {
         };
         let damaged_len = file_len(&path);
         run(async {
-            let (store, records) =
-                EmbeddedStore::open(&dir, StoreConfig::default()).await.unwrap();
-            let survivors = if matches!(damage, Damage::Zeros(_)) { 5 } else { 4 };
-            let expected: Vec<Record> =
-                std::iter::once(created(A)).chain((1..=survivors).map(|s| msg(A, s, 200))).collect();
+            let (store, records) = EmbeddedStore::open(&dir, StoreConfig::default())
+                .await
+                .unwrap();
+            let survivors = if matches!(damage, Damage::Zeros(_)) {
+                5
+            } else {
+                4
+            };
+            let expected: Vec<Record> = std::iter::once(created(A))
+                .chain((1..=survivors).map(|s| msg(A, s, 200)))
+                .collect();
             assert_eq!(records, expected, "{damage:?}");
-            let t = store.recovery_report().truncation.clone().expect("a truncation");
+            let t = store
+                .recovery_report()
+                .truncation
+                .clone()
+                .expect("a truncation");
             assert_eq!(t.offset, cut_at, "{damage:?}");
             assert_eq!(t.bytes, damaged_len - cut_at, "{damage:?}");
             assert_eq!(store.recovery_report().bytes_truncated(), t.bytes);
@@ -382,12 +468,16 @@ fn torn_tail_is_cut_and_appends_continue() {
             assert_eq!(store.durable_seq(A), Seq(survivors));
             // The damaged seq can be written again, and more after it.
             let next = survivors + 1;
-            store.append(&[msg(A, next, 200), msg(A, next + 1, 7)]).await.unwrap();
+            store
+                .append(&[msg(A, next, 200), msg(A, next + 1, 7)])
+                .await
+                .unwrap();
             store.close().await.unwrap();
         });
         run(async {
-            let (store, records) =
-                EmbeddedStore::open(&dir, StoreConfig::default()).await.unwrap();
+            let (store, records) = EmbeddedStore::open(&dir, StoreConfig::default())
+                .await
+                .unwrap();
             assert_eq!(store.recovery_report().truncation, None, "{damage:?}");
             let n = store.durable_seq(A).0;
             assert_eq!(records.len() as u64, 1 + n);
@@ -414,7 +504,10 @@ fn damage_far_from_the_tail_is_a_hard_error() {
     xor_byte(&path, loc1.offset as u64 + 20);
     run(async {
         match EmbeddedStore::open(&dir, cfg.clone()).await {
-            Err(StorageError::Corrupt { reason: Corruption::DamageBeforeTail { .. }, .. }) => {}
+            Err(StorageError::Corrupt {
+                reason: Corruption::DamageBeforeTail { .. },
+                ..
+            }) => {}
             Err(e) => panic!("unexpected error {e}"),
             Ok(_) => panic!("opened a log with damaged acknowledged data"),
         }
@@ -444,7 +537,11 @@ fn corruption_in_an_older_segment_is_a_hard_error() {
         }
         run(async {
             match EmbeddedStore::open(&dir, small_cfg()).await {
-                Err(StorageError::Corrupt { segment, offset, reason }) => {
+                Err(StorageError::Corrupt {
+                    segment,
+                    offset,
+                    reason,
+                }) => {
                     assert_eq!(&segment, victim, "{reason}");
                     assert!(offset < len);
                     if !flip {
@@ -469,9 +566,18 @@ fn missing_segment_is_a_hard_error() {
     });
     std::fs::remove_file(&paths[1]).unwrap();
     run(async {
-        let err = EmbeddedStore::open(&dir, small_cfg()).await.err().expect("an error");
+        let err = EmbeddedStore::open(&dir, small_cfg())
+            .await
+            .err()
+            .expect("an error");
         assert!(
-            matches!(err, StorageError::Corrupt { reason: Corruption::SegmentGap { .. }, .. }),
+            matches!(
+                err,
+                StorageError::Corrupt {
+                    reason: Corruption::SegmentGap { .. },
+                    ..
+                }
+            ),
             "{err}"
         );
     });
@@ -481,7 +587,10 @@ fn missing_segment_is_a_hard_error() {
 fn dedup_and_cursors_survive_reopen() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = shard_dir(&tmp);
-    let cfg = StoreConfig { dedup_entries_max: 3, ..StoreConfig::default() };
+    let cfg = StoreConfig {
+        dedup_entries_max: 3,
+        ..StoreConfig::default()
+    };
     let cursor = |kind, seq| Record::Cursor {
         chat: A,
         user: UserId(2),
@@ -512,7 +621,10 @@ fn dedup_and_cursors_survive_reopen() {
             let entry = state.dedup(&sender, &key);
             if seq >= 3 {
                 let e = entry.expect("in the window");
-                assert_eq!((e.chat, e.seq, e.msg_id), (A, Seq(seq), MsgId(A.0 * 1_000_000 + seq)));
+                assert_eq!(
+                    (e.chat, e.seq, e.msg_id),
+                    (A, Seq(seq), MsgId(A.0 * 1_000_000 + seq))
+                );
             } else {
                 assert!(entry.is_none());
             }
@@ -534,10 +646,33 @@ fn invalid_batches_write_nothing() {
         let end = store.end_offset();
 
         let err = store.append(&[msg(A, 3, 1)]).await.unwrap_err();
-        assert!(matches!(err, StorageError::SeqGap { expected: Seq(2), got: Seq(3), .. }), "{err}");
+        assert!(
+            matches!(
+                err,
+                StorageError::SeqGap {
+                    expected: Seq(2),
+                    got: Seq(3),
+                    ..
+                }
+            ),
+            "{err}"
+        );
         // A gap inside one batch is caught too, before anything is written.
-        let err = store.append(&[msg(A, 2, 1), msg(A, 2, 1)]).await.unwrap_err();
-        assert!(matches!(err, StorageError::SeqGap { expected: Seq(3), got: Seq(2), .. }), "{err}");
+        let err = store
+            .append(&[msg(A, 2, 1), msg(A, 2, 1)])
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                StorageError::SeqGap {
+                    expected: Seq(3),
+                    got: Seq(2),
+                    ..
+                }
+            ),
+            "{err}"
+        );
         let err = store.append(&[msg(B, 1, 1)]).await.unwrap_err();
         assert!(matches!(err, StorageError::UnknownChat(B)), "{err}");
         let err = store.append(&[msg(A, 2, 64 * 1024 + 1)]).await.unwrap_err();
@@ -549,8 +684,14 @@ fn invalid_batches_write_nothing() {
         assert_eq!(store.end_offset(), end);
         assert!(!store.is_poisoned());
         // Creating a chat and writing into it in one batch works.
-        store.append(&[created(B), msg(B, 1, 1), msg(A, 2, 1)]).await.unwrap();
-        assert_eq!((store.durable_seq(A), store.durable_seq(B)), (Seq(2), Seq(1)));
+        store
+            .append(&[created(B), msg(B, 1, 1), msg(A, 2, 1)])
+            .await
+            .unwrap();
+        assert_eq!(
+            (store.durable_seq(A), store.durable_seq(B)),
+            (Seq(2), Seq(1))
+        );
     });
 }
 
@@ -558,17 +699,32 @@ fn invalid_batches_write_nothing() {
 fn invalid_config_is_rejected() {
     let tmp = tempfile::tempdir().unwrap();
     let bad = [
-        StoreConfig { dedup_entries_max: 0, ..StoreConfig::default() },
-        StoreConfig { append_bytes_max: 1000, ..StoreConfig::default() },
-        StoreConfig { segment_bytes_max: 1 << 20, ..StoreConfig::default() },
-        StoreConfig { segment_bytes_max: 1 << 33, ..StoreConfig::default() },
+        StoreConfig {
+            dedup_entries_max: 0,
+            ..StoreConfig::default()
+        },
+        StoreConfig {
+            append_bytes_max: 1000,
+            ..StoreConfig::default()
+        },
+        StoreConfig {
+            segment_bytes_max: 1 << 20,
+            ..StoreConfig::default()
+        },
+        StoreConfig {
+            segment_bytes_max: 1 << 33,
+            ..StoreConfig::default()
+        },
     ];
     assert_eq!(StoreConfig::default().validate().ok(), Some(()));
     for cfg in bad {
         assert!(cfg.validate().is_err(), "{cfg:?}");
         let dir = shard_dir(&tmp);
         run(async move {
-            assert!(matches!(EmbeddedStore::open(&dir, cfg).await, Err(StorageError::Config(_))));
+            assert!(matches!(
+                EmbeddedStore::open(&dir, cfg).await,
+                Err(StorageError::Config(_))
+            ));
         });
     }
 }
@@ -591,10 +747,16 @@ fn concurrent_reads_during_appends() {
                 let mut reads = 0u32;
                 while !done.get() {
                     let durable = store.durable_seq(A);
-                    let got = store.read_messages(A, Seq(1), Seq(u64::MAX), 1024).await.unwrap();
+                    let got = store
+                        .read_messages(A, Seq(1), Seq(u64::MAX), 1024)
+                        .await
+                        .unwrap();
                     assert!(got.len() as u64 >= durable.0);
                     assert_eq!(seqs(&got), (1..=got.len() as u64).collect::<Vec<_>>());
-                    let (page, _) = store.read_messages_before(A, Seq(0), 3, 4096).await.unwrap();
+                    let (page, _) = store
+                        .read_messages_before(A, Seq(0), 3, 4096)
+                        .await
+                        .unwrap();
                     assert!(page.windows(2).all(|w| w[0].seq.0 == w[1].seq.0 + 1));
                     reads += 1;
                     glommio::yield_if_needed().await;
@@ -617,10 +779,13 @@ fn concurrent_reads_during_appends() {
             assert!(r.await > 0);
         }
         assert_eq!(store.durable_seq(A), Seq(60));
-        let got = MessageStore::read_messages(&*store, A, Seq(1), Seq(60), 100).await.unwrap();
+        let got = MessageStore::read_messages(&*store, A, Seq(1), Seq(60), 100)
+            .await
+            .unwrap();
         assert_eq!(got.len(), 60);
-        let (page, more) =
-            MessageStore::read_messages_before(&*store, A, Seq(0), 10, usize::MAX).await.unwrap();
+        let (page, more) = MessageStore::read_messages_before(&*store, A, Seq(0), 10, usize::MAX)
+            .await
+            .unwrap();
         assert_eq!((page.len(), more), (10, true));
     });
 }
@@ -632,21 +797,33 @@ fn reads_verify_crc() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = shard_dir(&tmp);
     run(async {
-        let (store, _) = EmbeddedStore::open(&dir, StoreConfig::default()).await.unwrap();
+        let (store, _) = EmbeddedStore::open(&dir, StoreConfig::default())
+            .await
+            .unwrap();
         fill(&store, 3, 100, 3).await;
         let loc = store.location(A, Seq(2)).unwrap();
         let path = store.segment_paths().pop().unwrap();
         // Damage the file behind the store's back (bit rot after the write).
         xor_byte(&path, loc.offset as u64 + loc.len as u64 - 1);
-        let err = store.read_messages(A, Seq(1), Seq(3), 10).await.unwrap_err();
+        let err = store
+            .read_messages(A, Seq(1), Seq(3), 10)
+            .await
+            .unwrap_err();
         match err {
-            StorageError::Corrupt { offset, reason: Corruption::Record(_), .. } => {
+            StorageError::Corrupt {
+                offset,
+                reason: Corruption::Record(_),
+                ..
+            } => {
                 assert_eq!(offset, loc.offset as u64)
             }
             e => panic!("unexpected {e}"),
         }
         // Undamaged records still read.
-        assert_eq!(seqs(&store.read_messages(A, Seq(3), Seq(3), 10).await.unwrap()), vec![3]);
+        assert_eq!(
+            seqs(&store.read_messages(A, Seq(3), Seq(3), 10).await.unwrap()),
+            vec![3]
+        );
     });
 }
 
@@ -658,19 +835,36 @@ fn cancelled_append_poisons_until_reopen() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = shard_dir(&tmp);
     run(async {
-        let (store, _) = EmbeddedStore::open(&dir, StoreConfig::default()).await.unwrap();
+        let (store, _) = EmbeddedStore::open(&dir, StoreConfig::default())
+            .await
+            .unwrap();
         fill(&store, 3, 100, 3).await;
         let batch = [msg(A, 4, 100)];
         let first_poll = futures_lite::future::poll_once(store.append(&batch)).await;
-        assert!(first_poll.is_none(), "append finished without waiting for the disk");
+        assert!(
+            first_poll.is_none(),
+            "append finished without waiting for the disk"
+        );
         assert!(store.is_poisoned());
-        assert!(matches!(store.append(&batch).await, Err(StorageError::Poisoned)));
+        assert!(matches!(
+            store.append(&batch).await,
+            Err(StorageError::Poisoned)
+        ));
         // Durable data still reads.
         assert_eq!(store.durable_seq(A), Seq(3));
-        assert_eq!(store.read_messages(A, Seq(1), Seq(3), 10).await.unwrap().len(), 3);
+        assert_eq!(
+            store
+                .read_messages(A, Seq(1), Seq(3), 10)
+                .await
+                .unwrap()
+                .len(),
+            3
+        );
     });
     run(async {
-        let (store, _) = EmbeddedStore::open(&dir, StoreConfig::default()).await.unwrap();
+        let (store, _) = EmbeddedStore::open(&dir, StoreConfig::default())
+            .await
+            .unwrap();
         let durable = store.durable_seq(A).0;
         assert!(durable == 3 || durable == 4, "{durable}");
         store.append(&[msg(A, durable + 1, 1)]).await.unwrap();

@@ -17,6 +17,10 @@ fuzz_target!(|data: &[u8]| {
     };
     ENCODER.with_borrow_mut(|enc| {
         let bytes = enc.encode_client(&frame);
-        assert_eq!(decode_client(bytes).as_ref(), Ok(&frame), "round trip of {data:02x?}");
+        assert_eq!(
+            decode_client(bytes).as_ref(),
+            Ok(&frame),
+            "round trip of {data:02x?}"
+        );
     });
 });
