@@ -58,18 +58,24 @@ fn codec(c: &mut Criterion) {
             b.iter(|| enc.encode_client(black_box(f)).len())
         });
         let bytes = enc.encode_client(&send).to_vec();
-        g.bench_with_input(BenchmarkId::new("decode_send", label), &bytes, |b, bytes| {
-            b.iter(|| decode_client(black_box(bytes)).expect("valid Send"))
-        });
+        g.bench_with_input(
+            BenchmarkId::new("decode_send", label),
+            &bytes,
+            |b, bytes| b.iter(|| decode_client(black_box(bytes)).expect("valid Send")),
+        );
 
         let message = message(len);
-        g.bench_with_input(BenchmarkId::new("encode_message", label), &message, |b, f| {
-            b.iter(|| enc.encode_server(black_box(f)).len())
-        });
+        g.bench_with_input(
+            BenchmarkId::new("encode_message", label),
+            &message,
+            |b, f| b.iter(|| enc.encode_server(black_box(f)).len()),
+        );
         let bytes = enc.encode_server(&message).to_vec();
-        g.bench_with_input(BenchmarkId::new("decode_message", label), &bytes, |b, bytes| {
-            b.iter(|| decode_server(black_box(bytes)).expect("valid Message"))
-        });
+        g.bench_with_input(
+            BenchmarkId::new("decode_message", label),
+            &bytes,
+            |b, bytes| b.iter(|| decode_server(black_box(bytes)).expect("valid Message")),
+        );
     }
     g.finish();
 }

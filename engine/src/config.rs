@@ -68,6 +68,10 @@ pub struct Config {
     pub shard_pending_records_max: usize,
     /// Messages per chat one `Sync` round returns before answering `more = true`. Default 1000.
     pub sync_chat_messages_max: usize,
+    /// Payload bytes one `Sync` round sends (split evenly over the shards) before answering
+    /// `more = true`. Default 256 KiB. Keeps a sync inside the connection's send queue: the
+    /// client asks for the next round after it has read this one.
+    pub sync_round_bytes_max: usize,
     /// Batches in flight on each core-to-core channel. Default 128 (Seastar's queue length).
     pub mesh_channel_batches_max: usize,
     /// Items in one core-to-core batch. Default 256.
@@ -102,6 +106,7 @@ impl Default for Config {
             commit_delay_us: 0,
             shard_pending_records_max: 16_384,
             sync_chat_messages_max: 1000,
+            sync_round_bytes_max: 256 * 1024,
             mesh_channel_batches_max: 128,
             mesh_batch_items_max: 256,
             mesh_outbox_items_max: 8192,
@@ -139,6 +144,14 @@ impl Config {
         if self.conn_send_queue_bytes_max < switchboard_wire::limits::SERVER_FRAME_BYTES_MAX {
             return err(
                 "conn_send_queue_bytes_max must hold at least one largest server frame (512 KiB)",
+            );
+        }
+        if self.sync_round_bytes_max == 0
+            || self.conn_send_queue_bytes_max
+                < 2 * self.sync_round_bytes_max + switchboard_wire::limits::SERVER_FRAME_BYTES_MAX
+        {
+            return err(
+                "conn_send_queue_bytes_max must hold two sync rounds plus one largest frame",
             );
         }
         if self.idle_timeout <= self.ping_interval {

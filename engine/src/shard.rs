@@ -20,6 +20,9 @@ use switchboard_storage::{EmbeddedStore, Record, ShardState, StorageError, Store
 use switchboard_wire::limits::HISTORY_PAGE_BYTES_MAX;
 use switchboard_wire::{ChatId, ErrorCode, ErrorFrame, HistoryPage, MsgId, Seq, ServerFrame};
 
+/// Messages read from the store per read while serving a sync.
+const SYNC_READ_CHUNK_MESSAGES: usize = 64;
+
 pub struct Shard {
     pub id: u32,
     pub owner: RefCell<Owner>,
@@ -135,39 +138,59 @@ impl Shard {
                 .filter(|(_, from, to)| from < to)
                 .collect()
         };
+        // Each shard gets an even share of the round's byte budget (at least one message).
+        let budget = (core.cfg.sync_round_bytes_max / core.shards_total as usize).max(1);
+        let mut sent_bytes = 0usize;
         let mut more = false;
-        for (chat, from, to) in plan {
-            match self
-                .store
-                .read_messages(chat, Seq(from.0 + 1), to, limit)
-                .await
-            {
-                Ok(msgs) => {
-                    more |= msgs.len() == limit && msgs.last().map(|m| m.seq < to).unwrap_or(false);
-                    for m in msgs {
-                        let frame = core.encode(&ServerFrame::Message(message_frame(&m)));
-                        let kind = FrameKind::SyncMessage { chat, seq: m.seq };
-                        core.to_conn(origin.conn, frame, kind).await;
-                    }
+        'chats: for (chat, from, to) in plan {
+            let mut next = Seq(from.0 + 1);
+            let mut sent_in_chat = 0usize;
+            while next <= to {
+                if sent_bytes >= budget || sent_in_chat >= limit {
+                    more = true;
+                    break 'chats;
                 }
-                Err(e) => {
-                    eprintln!(
-                        "shard {}: sync read of chat {:?} failed: {e}",
-                        self.id, chat
-                    );
-                    let err = ErrorFrame {
-                        code: ErrorCode::Internal,
-                        text: "storage read failed".into(),
-                        client_msg_id: None,
-                        request_id,
-                    };
-                    let frame = core.encode(&ServerFrame::Error(err));
+                let chunk = SYNC_READ_CHUNK_MESSAGES.min(limit - sent_in_chat);
+                let msgs = match self.store.read_messages(chat, next, to, chunk).await {
+                    Ok(m) if !m.is_empty() => m,
+                    Ok(_) => break,
+                    Err(e) => {
+                        eprintln!(
+                            "shard {}: sync read of chat {:?} failed: {e}",
+                            self.id, chat
+                        );
+                        let err = ErrorFrame {
+                            code: ErrorCode::Internal,
+                            text: "storage read failed".into(),
+                            client_msg_id: None,
+                            request_id,
+                        };
+                        let frame = core.encode(&ServerFrame::Error(err));
+                        core.to_conn(
+                            origin.conn,
+                            frame,
+                            FrameKind::Reply {
+                                completes_send: false,
+                            },
+                        )
+                        .await;
+                        more = true;
+                        break;
+                    }
+                };
+                for m in msgs {
+                    if sent_bytes >= budget {
+                        more = true;
+                        break 'chats;
+                    }
+                    next = Seq(m.seq.0 + 1);
+                    sent_bytes += m.payload.len();
+                    sent_in_chat += 1;
+                    let frame = core.encode(&ServerFrame::Message(message_frame(&m)));
                     core.to_conn(
                         origin.conn,
                         frame,
-                        FrameKind::Reply {
-                            completes_send: false,
-                        },
+                        FrameKind::SyncMessage { chat, seq: m.seq },
                     )
                     .await;
                 }

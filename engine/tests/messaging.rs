@@ -331,17 +331,27 @@ fn echo_endpoint_runs_the_same_framing_only_when_enabled() {
     use std::net::TcpStream;
     use tungstenite::Message;
     let off = Server::start(1);
-    assert_eq!(off.http_get("/v1/echo").0, 426, "a plain GET is not an upgrade");
+    assert_eq!(
+        off.http_get("/v1/echo").0,
+        426,
+        "a plain GET is not an upgrade"
+    );
     let url = format!("ws://{}/v1/echo", off.addr);
     let s = TcpStream::connect(&off.addr).unwrap();
     match tungstenite::client(url.as_str(), s) {
-        Err(tungstenite::handshake::HandshakeError::Failure(tungstenite::Error::Http(r))) => assert_eq!(r.status(), 404),
+        Err(tungstenite::handshake::HandshakeError::Failure(tungstenite::Error::Http(r))) => {
+            assert_eq!(r.status(), 404)
+        }
         other => panic!("echo must be off by default: {:?}", other.map(|_| ())),
     }
     let on = Server::start_with(1, &["--echo"]);
     let url = format!("ws://{}/v1/echo", on.addr);
-    let (mut ws, _) = tungstenite::client(url.as_str(), TcpStream::connect(&on.addr).unwrap()).unwrap();
-    for m in [Message::text("héllo"), Message::binary(vec![1u8; 70_000].split_at(60_000).0.to_vec())] {
+    let (mut ws, _) =
+        tungstenite::client(url.as_str(), TcpStream::connect(&on.addr).unwrap()).unwrap();
+    for m in [
+        Message::text("héllo"),
+        Message::binary(vec![1u8; 70_000].split_at(60_000).0.to_vec()),
+    ] {
         ws.send(m.clone()).unwrap();
         assert_eq!(ws.read().unwrap(), m);
     }

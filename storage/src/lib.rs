@@ -46,23 +46,23 @@ pub use state::{ChatMeta, DedupEntry, ShardState};
 pub const SEGMENT_BYTES_MAX_DEFAULT: u64 = 64 * 1024 * 1024;
 /// Default for [`StoreConfig::dedup_entries_max`]: one million per shard.
 pub const DEDUP_ENTRIES_MAX_DEFAULT: usize = 1_000_000;
-/// Default for [`StoreConfig::append_bytes_max`]: 16 MiB.
-pub const APPEND_BYTES_MAX_DEFAULT: usize = 16 * 1024 * 1024;
+/// Default for [`StoreConfig::unsynced_bytes_max`]: 16 MiB.
+pub const UNSYNCED_BYTES_MAX_DEFAULT: usize = 16 * 1024 * 1024;
 
 /// Configuration of one shard's store. Passed explicitly; check it with [`StoreConfig::validate`]
 /// (`EmbeddedStore::open` does).
 ///
-/// | field               | default    | trade-off                                                   |
-/// |---------------------|------------|-------------------------------------------------------------|
-/// | `segment_bytes_max` | 64 MiB     | larger: fewer files and fds; smaller: finer future retention |
-/// | `dedup_entries_max` | 1,000,000  | larger: longer retry window; ~100 B of memory per entry      |
-/// | `append_bytes_max`  | 16 MiB     | larger: bigger group commits; also the torn-tail window      |
+/// | field                | default    | trade-off                                                   |
+/// |----------------------|------------|-------------------------------------------------------------|
+/// | `segment_bytes_max`  | 64 MiB     | larger: fewer files and fds; smaller: finer future retention |
+/// | `dedup_entries_max`  | 1,000,000  | larger: longer retry window; ~100 B of memory per entry      |
+/// | `unsynced_bytes_max` | 16 MiB     | larger: fewer fsyncs for huge batches; wider torn-tail window |
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StoreConfig {
-    /// A segment file is closed and a new one started when the next batch would take it past
+    /// A segment file is closed and a new one started when the next write would take it past
     /// this size. Default [`SEGMENT_BYTES_MAX_DEFAULT`] (64 MiB). Each segment keeps one file
-    /// descriptor open. Must be at least `append_bytes_max` (so a batch always fits in one
-    /// segment) and at most `u32::MAX` (index offsets are 32-bit).
+    /// descriptor open. At least one largest record (`RECORD_BYTES_MAX` + 8 bytes) and at most
+    /// `u32::MAX` (index offsets are 32-bit).
     pub segment_bytes_max: u64,
     /// Most `(sender, client_msg_id)` entries the shard's dedup table keeps; the oldest is
     /// evicted first. Default [`DEDUP_ENTRIES_MAX_DEFAULT`] (1,000,000, ~100 MB per shard when
@@ -70,12 +70,16 @@ pub struct StoreConfig {
     /// visible duplicate), so the window must cover the longest time a client keeps retrying at
     /// the shard's send rate.
     pub dedup_entries_max: usize,
-    /// Most encoded bytes one `append` may write. Default [`APPEND_BYTES_MAX_DEFAULT`] (16 MiB,
-    /// e.g. 256 full 64 KiB messages). It also bounds torn-tail recovery: damage within the last
-    /// `append_bytes_max` bytes of the last segment can only be an interrupted append and is cut
-    /// off; damage further back would be acknowledged data and is a hard error. Lowering it
-    /// between runs is therefore conservative (may refuse to open), raising it is safe.
-    pub append_bytes_max: usize,
+    /// Most bytes the store ever has written but not yet `fdatasync`ed. Default
+    /// [`UNSYNCED_BYTES_MAX_DEFAULT`] (16 MiB, e.g. 256 full 64 KiB messages). An `append` whose
+    /// batch is larger (or larger than `segment_bytes_max`) is split into several rounds of one
+    /// write and one `fdatasync`, still returning `Ok` only when all are durable; typical batches
+    /// of small messages take one round. It also bounds torn-tail recovery: damage within the last
+    /// `min(unsynced_bytes_max, segment_bytes_max)` bytes of the last segment can only be an
+    /// interrupted write and is cut off; damage further back would be acknowledged data and is a
+    /// hard error. Lowering it between runs is therefore conservative (may refuse to open),
+    /// raising it is safe. At least one largest record.
+    pub unsynced_bytes_max: usize,
 }
 
 impl Default for StoreConfig {
@@ -83,28 +87,27 @@ impl Default for StoreConfig {
         StoreConfig {
             segment_bytes_max: SEGMENT_BYTES_MAX_DEFAULT,
             dedup_entries_max: DEDUP_ENTRIES_MAX_DEFAULT,
-            append_bytes_max: APPEND_BYTES_MAX_DEFAULT,
+            unsynced_bytes_max: UNSYNCED_BYTES_MAX_DEFAULT,
         }
     }
 }
 
-const _: () = assert!(APPEND_BYTES_MAX_DEFAULT as u64 <= SEGMENT_BYTES_MAX_DEFAULT);
 const _: () = assert!(SEGMENT_BYTES_MAX_DEFAULT <= u32::MAX as u64);
 
 impl StoreConfig {
-    /// Checks the relationships documented on each field.
+    /// Checks the bounds documented on each field.
     pub fn validate(&self) -> Result<(), StorageError> {
         let one_record = (record::RECORD_HEADER_BYTES + RECORD_BYTES_MAX) as u64;
-        if (self.append_bytes_max as u64) < one_record {
+        if (self.unsynced_bytes_max as u64) < one_record {
             return Err(StorageError::Config(format!(
-                "append_bytes_max {} is below one largest record ({one_record} bytes)",
-                self.append_bytes_max
+                "unsynced_bytes_max {} is below one largest record ({one_record} bytes)",
+                self.unsynced_bytes_max
             )));
         }
-        if self.segment_bytes_max < self.append_bytes_max as u64 {
+        if self.segment_bytes_max < one_record {
             return Err(StorageError::Config(format!(
-                "segment_bytes_max {} is below append_bytes_max {}",
-                self.segment_bytes_max, self.append_bytes_max
+                "segment_bytes_max {} is below one largest record ({one_record} bytes)",
+                self.segment_bytes_max
             )));
         }
         if self.segment_bytes_max > u32::MAX as u64 {
@@ -120,6 +123,13 @@ impl StoreConfig {
             ));
         }
         Ok(())
+    }
+
+    /// Most bytes one write+`fdatasync` round covers: `min(unsynced_bytes_max,
+    /// segment_bytes_max)`, so a round always fits in one segment.
+    pub fn sync_round_bytes_max(&self) -> usize {
+        self.unsynced_bytes_max
+            .min(self.segment_bytes_max.min(u32::MAX as u64) as usize)
     }
 }
 
@@ -213,13 +223,13 @@ pub enum StorageError {
     },
 
     // ── The caller (API misuse; nothing was written) ────────────────────────────────────────
-    /// A batch or record exceeds a limit (`what` names it).
+    /// A record exceeds a limit (`what` names it: message payload bytes, chat members).
     TooLarge {
         what: &'static str,
         len: usize,
         max: usize,
     },
-    /// A record breaks a format limit (see [`Record::validate`]).
+    /// A record breaks another format rule (see [`Record::validate`]).
     InvalidRecord(RecordError),
     /// A message does not carry its chat's next seq (durable seq + 1, or the next after earlier
     /// messages of the same batch).
@@ -258,7 +268,7 @@ impl fmt::Display for StorageError {
                 )
             }
             StorageError::TooLarge { what, len, max } => {
-                write!(f, "{what} of {len} bytes exceeds {max}")
+                write!(f, "{what}: {len} exceeds {max}")
             }
             StorageError::InvalidRecord(e) => write!(f, "invalid record: {e}"),
             StorageError::SeqGap {

@@ -11,15 +11,17 @@
 //! # Durability
 //!
 //! `append` encodes a whole batch into one buffer, writes it with one positional write at the end
-//! of the active segment, and issues one `fdatasync`. A new segment is created (with `O_EXCL`)
+//! of the active segment, and issues one `fdatasync` (a batch larger than
+//! `StoreConfig::sync_round_bytes_max()` takes several such rounds, so the bytes written but not
+//! yet synced stay bounded). A new segment is created (with `O_EXCL`)
 //! and its directory `fdatasync`ed before any record goes into it. Only then does the in-memory
 //! index change, so readers never see a record that is not durable.
 //!
 //! # Recovery
 //!
 //! `open` scans every segment and verifies every CRC. The only damage it repairs is at the end of
-//! the last segment, within the last `append_bytes_max` bytes: that can only be an append that
-//! never returned `Ok` (a torn write), so it is cut off and the truncation `fdatasync`ed. Damage
+//! the last segment, within the last `StoreConfig::sync_round_bytes_max()` bytes: that can only be
+//! a write that was never `fdatasync`ed, of an append that never returned `Ok` (a torn write), so it is cut off and the truncation `fdatasync`ed. Damage
 //! anywhere else would be acknowledged data and is a hard [`StorageError::Corrupt`].
 //!
 //! # Concurrency
@@ -39,7 +41,10 @@ use std::time::Instant;
 use glommio::io::{BufferedFile, Directory, OpenOptions, ReadResult};
 use switchboard_wire::ids::{ChatId, Seq};
 
-use crate::record::{decode_one, Record, RecordError, StoredMessage, MESSAGE_FRAME_OVERHEAD_BYTES};
+use crate::record::{
+    decode_one, Record, RecordError, StoredMessage, CHAT_MEMBERS_MAX, MESSAGE_FRAME_OVERHEAD_BYTES,
+    PAYLOAD_BYTES_MAX,
+};
 use crate::{Corruption, MessageStore, StorageError, StoreConfig};
 
 /// Most messages one `read_messages*` call returns, whatever `limit` says: bounds the memory and
@@ -75,8 +80,10 @@ pub struct AppendStats {
     pub records: usize,
     /// Encoded bytes written.
     pub bytes: usize,
-    /// Time spent in the `fdatasync` of the data (not counting a segment roll), in microseconds.
+    /// Time spent in the `fdatasync`s of the data (not counting a segment roll), in microseconds.
     pub sync_us: u64,
+    /// Write+`fdatasync` rounds: 1 unless the batch exceeded `sync_round_bytes_max`.
+    pub syncs: usize,
     /// Whether this append started a new segment.
     pub segment_rolled: bool,
 }
@@ -296,6 +303,8 @@ impl EmbeddedStore {
         cfg: StoreConfig,
     ) -> Result<(EmbeddedStore, Vec<Record>), StorageError> {
         cfg.validate()?;
+        // Directory creation and listing use blocking std calls: they run once, at start-up,
+        // before the shard serves anything.
         let existed = dir.is_dir();
         std::fs::create_dir_all(dir).map_err(io_err("create directory", dir))?;
         if !existed {
@@ -389,7 +398,7 @@ impl EmbeddedStore {
                         reason,
                     });
                 }
-                if bytes_after > cfg.append_bytes_max as u64 {
+                if bytes_after > cfg.sync_round_bytes_max() as u64 {
                     return Err(StorageError::Corrupt {
                         segment: path,
                         offset: end.good_len,
@@ -501,12 +510,14 @@ impl EmbeddedStore {
     }
 
     /// Makes `records` durable as one group commit: validate all, encode into one buffer, one
-    /// positional write at the end of the active segment (a new segment first if the batch would
+    /// positional write at the end of the active segment (a new segment first if the write would
     /// take it past `segment_bytes_max`), one `fdatasync`, then publish message locations to
-    /// readers. Returns `Ok` only when every record is durable.
+    /// readers. A batch larger than [`StoreConfig::sync_round_bytes_max`] is written in several
+    /// such rounds, in order. Returns `Ok` only when every record is durable.
     ///
-    /// Validation errors (`InvalidRecord`, `TooLarge`, `SeqGap`, `UnknownChat`) write nothing.
-    /// Any I/O failure, or dropping the future after writing started, poisons the store.
+    /// Validation errors (`TooLarge`, `InvalidRecord`, `SeqGap`, `UnknownChat`) write nothing.
+    /// Any I/O failure, or dropping the future after writing started, poisons the store (earlier
+    /// rounds of the batch may be durable; the batch was not acknowledged, so that is allowed).
     ///
     /// # Panics
     /// If another `append` is in flight: the engine has one committer task per shard.
@@ -520,10 +531,50 @@ impl EmbeddedStore {
         }
         let bytes = self.check_batch(records)?;
 
+        let guard = AppendGuard {
+            store: self,
+            finished: false,
+        };
+        self.appending.set(true);
+        let round_bytes_max = self.cfg.sync_round_bytes_max();
+        let mut stats = AppendStats {
+            records: records.len(),
+            bytes,
+            ..AppendStats::default()
+        };
+        let mut start = 0;
+        while start < records.len() {
+            // Whole records up to the round limit; one record always fits (config validation).
+            let mut end = start;
+            let mut round_bytes = 0;
+            while let Some(r) = records.get(end) {
+                if end > start && round_bytes + r.encoded_len() > round_bytes_max {
+                    break;
+                }
+                round_bytes += r.encoded_len();
+                end += 1;
+            }
+            let (sync_us, rolled) = self.write_round(&records[start..end], round_bytes).await?;
+            stats.sync_us += sync_us;
+            stats.syncs += 1;
+            stats.segment_rolled |= rolled;
+            start = end;
+        }
+        guard.finish();
+        Ok(stats)
+    }
+
+    /// One round of `append`: encode, maybe roll, write, `fdatasync`, publish. Returns the
+    /// `fdatasync` time and whether a segment was started.
+    async fn write_round(
+        &self,
+        records: &[Record],
+        bytes: usize,
+    ) -> Result<(u64, bool), StorageError> {
         let mut buf = Vec::with_capacity(bytes);
         // (chat, offset in buf, frame len) of each message, in order.
         let mut messages = Vec::new();
-        // Chats whose index entry this batch creates.
+        // Chats whose index entry this round creates.
         let mut created = Vec::new();
         for r in records {
             let at = buf.len();
@@ -541,12 +592,6 @@ impl EmbeddedStore {
         }
         assert_eq!(buf.len(), bytes);
 
-        let guard = AppendGuard {
-            store: self,
-            finished: false,
-        };
-        self.appending.set(true);
-
         let (mut file, mut path, mut pos, mut segment) = {
             let inner = self.inner.borrow();
             let active = inner
@@ -560,7 +605,7 @@ impl EmbeddedStore {
                 inner.segments.len() - 1,
             )
         };
-        let mut segment_rolled = false;
+        let mut rolled = false;
         if pos > 0 && pos + bytes as u64 > self.cfg.segment_bytes_max {
             let base = {
                 let inner = self.inner.borrow();
@@ -576,7 +621,7 @@ impl EmbeddedStore {
                 file: new_file.clone(),
             });
             (file, path, pos, segment) = (new_file, new_path, 0, segment + 1);
-            segment_rolled = true;
+            rolled = true;
         }
 
         let mut written = file
@@ -585,7 +630,7 @@ impl EmbeddedStore {
             .map_err(io_err("write segment", &path))?;
         while written < bytes {
             // A short write (rare: e.g. disk full). The buffer went to the kernel, so encode the
-            // batch again (it is deterministic) and write the rest.
+            // round again (it is deterministic) and write the rest.
             let mut again = Vec::with_capacity(bytes);
             for r in records {
                 r.encode_into(&mut again);
@@ -610,32 +655,24 @@ impl EmbeddedStore {
             .map_err(io_err("fdatasync segment", &path))?;
         let sync_us = sync_start.elapsed().as_micros() as u64;
 
-        {
-            let mut inner = self.inner.borrow_mut();
-            let Inner { segments, index } = &mut *inner;
-            segments[segment].len = pos + bytes as u64;
-            for chat in created {
-                index.entry(chat).or_default();
-            }
-            for (chat, at, len) in messages {
-                let loc = Location {
-                    segment: segment as u32,
-                    offset: (pos + at as u64) as u32,
-                    len: len as u32,
-                };
-                index
-                    .get_mut(&chat)
-                    .expect("checked by check_batch")
-                    .push(loc);
-            }
+        let mut inner = self.inner.borrow_mut();
+        let Inner { segments, index } = &mut *inner;
+        segments[segment].len = pos + bytes as u64;
+        for chat in created {
+            index.entry(chat).or_default();
         }
-        guard.finish();
-        Ok(AppendStats {
-            records: records.len(),
-            bytes,
-            sync_us,
-            segment_rolled,
-        })
+        for (chat, at, len) in messages {
+            let loc = Location {
+                segment: segment as u32,
+                offset: (pos + at as u64) as u32,
+                len: len as u32,
+            };
+            index
+                .get_mut(&chat)
+                .expect("checked by check_batch, created in this or an earlier round")
+                .push(loc);
+        }
+        Ok((sync_us, rolled))
     }
 
     /// Validates a batch against the limits and the durable state; returns its encoded size.
@@ -645,15 +682,20 @@ impl EmbeddedStore {
         let mut next: HashMap<ChatId, u64> = HashMap::new();
         let mut bytes = 0usize;
         for r in records {
-            r.validate().map_err(StorageError::InvalidRecord)?;
+            r.validate().map_err(|e| match e {
+                RecordError::PayloadTooLarge { len } => StorageError::TooLarge {
+                    what: "message payload bytes",
+                    len,
+                    max: PAYLOAD_BYTES_MAX,
+                },
+                RecordError::TooManyMembers { len } => StorageError::TooLarge {
+                    what: "chat members",
+                    len,
+                    max: CHAT_MEMBERS_MAX,
+                },
+                e => StorageError::InvalidRecord(e),
+            })?;
             bytes += r.encoded_len();
-            if bytes > self.cfg.append_bytes_max {
-                return Err(StorageError::TooLarge {
-                    what: "append batch",
-                    len: records.iter().map(Record::encoded_len).sum(),
-                    max: self.cfg.append_bytes_max,
-                });
-            }
             match r {
                 Record::ChatCreated { chat, .. } => {
                     if !inner.index.contains_key(chat) {

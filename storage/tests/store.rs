@@ -56,7 +56,7 @@ fn msg(chat: ChatId, seq: u64, payload_len: usize) -> Record {
 fn small_cfg() -> StoreConfig {
     StoreConfig {
         segment_bytes_max: 160 * 1024,
-        append_bytes_max: 80 * 1024,
+        unsynced_bytes_max: 80 * 1024,
         ..StoreConfig::default()
     }
 }
@@ -493,7 +493,7 @@ fn damage_far_from_the_tail_is_a_hard_error() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = shard_dir(&tmp);
     let cfg = small_cfg();
-    // 100 messages of 1 KiB in the first segment: > append_bytes_max (80 KiB) after message 1.
+    // 100 messages of 1 KiB in the first segment: > unsynced_bytes_max (80 KiB) after message 1.
     let loc1 = run(async {
         let (store, _) = EmbeddedStore::open(&dir, cfg.clone()).await.unwrap();
         fill(&store, 100, 1024, 10).await;
@@ -676,10 +676,23 @@ fn invalid_batches_write_nothing() {
         let err = store.append(&[msg(B, 1, 1)]).await.unwrap_err();
         assert!(matches!(err, StorageError::UnknownChat(B)), "{err}");
         let err = store.append(&[msg(A, 2, 64 * 1024 + 1)]).await.unwrap_err();
-        assert!(matches!(err, StorageError::InvalidRecord(_)), "{err}");
-        let big: Vec<Record> = (2..=10).map(|s| msg(A, s, 10_000)).collect();
-        let err = store.append(&big).await.unwrap_err();
-        assert!(matches!(err, StorageError::TooLarge { max, .. } if max == cfg.append_bytes_max));
+        assert!(
+            matches!(err, StorageError::TooLarge { max: 65536, .. }),
+            "{err}"
+        );
+        let err = store
+            .append(&[Record::ChatCreated {
+                chat: B,
+                kind: ChatKind::Direct,
+                members: vec![UserId(1); 1025],
+                created_ms: 0,
+            }])
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, StorageError::TooLarge { max: 1024, .. }),
+            "{err}"
+        );
 
         assert_eq!(store.end_offset(), end);
         assert!(!store.is_poisoned());
@@ -704,11 +717,11 @@ fn invalid_config_is_rejected() {
             ..StoreConfig::default()
         },
         StoreConfig {
-            append_bytes_max: 1000,
+            unsynced_bytes_max: 1000,
             ..StoreConfig::default()
         },
         StoreConfig {
-            segment_bytes_max: 1 << 20,
+            segment_bytes_max: 64 * 1024,
             ..StoreConfig::default()
         },
         StoreConfig {
@@ -868,5 +881,41 @@ fn cancelled_append_poisons_until_reopen() {
         let durable = store.durable_seq(A).0;
         assert!(durable == 3 || durable == 4, "{durable}");
         store.append(&[msg(A, durable + 1, 1)]).await.unwrap();
+    });
+}
+
+/// A batch larger than one write+fdatasync round (80 KiB here) is split into rounds, in order,
+/// across segments, and everything is durable when `append` returns.
+#[test]
+fn large_batches_take_several_sync_rounds() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = shard_dir(&tmp);
+    let cfg = small_cfg();
+    run(async {
+        let (store, _) = EmbeddedStore::open(&dir, cfg.clone()).await.unwrap();
+        // A new chat and 40 messages of 10 KB: ~400 KB, several rounds and segments.
+        let mut batch = vec![created(A)];
+        batch.extend((1..=40).map(|s| msg(A, s, 10_000)));
+        let stats = store.append(&batch).await.unwrap();
+        assert!(stats.syncs >= 5, "{stats:?}");
+        assert!(stats.segment_rolled);
+        assert_eq!(
+            stats.bytes,
+            batch.iter().map(Record::encoded_len).sum::<usize>()
+        );
+        assert_eq!(store.durable_seq(A), Seq(40));
+        for p in store.segment_paths() {
+            assert!(file_len(&p) <= cfg.segment_bytes_max);
+        }
+        store.close().await.unwrap();
+    });
+    run(async {
+        let (store, records) = EmbeddedStore::open(&dir, cfg.clone()).await.unwrap();
+        assert_eq!(records.len(), 41);
+        let got = store.read_messages(A, Seq(1), Seq(40), 100).await.unwrap();
+        assert_eq!(
+            got,
+            (1..=40).map(|s| message(A, s, 10_000)).collect::<Vec<_>>()
+        );
     });
 }

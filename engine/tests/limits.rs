@@ -1,0 +1,183 @@
+//! Limits and timeouts over real sockets: slow consumers, idle and handshake timeouts, the
+//! per-core connection limit, and device replacement.
+
+mod util;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+use switchboard_client::ClientError;
+use switchboard_wire::{ServerFrame, Target, UserId};
+use util::{Server, T};
+
+fn server_with_config(cores: usize, toml: &str) -> (Server, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("switchboard.toml");
+    std::fs::write(&path, toml).unwrap();
+    let server = Server::start_with(cores, &["--config", path.to_str().unwrap()]);
+    (server, dir)
+}
+
+/// Opens a WebSocket by hand and never reads again: it never answers pings.
+fn raw_ws(server: &Server, user: u64) -> TcpStream {
+    let mut s = TcpStream::connect(&server.addr).unwrap();
+    write!(
+        s,
+        "GET /v1/ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nAuthorization: Bearer {}\r\n\r\n",
+        server.token(user, 1)
+    )
+    .unwrap();
+    s.set_read_timeout(Some(T)).unwrap();
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(s.read(&mut b).unwrap(), 1);
+        head.push(b[0]);
+    }
+    assert!(
+        head.starts_with(b"HTTP/1.1 101"),
+        "{}",
+        String::from_utf8_lossy(&head)
+    );
+    s
+}
+
+/// Reads until EOF and returns the close code of the server's Close frame, if one came.
+fn read_until_close(s: &mut TcpStream, within: Duration) -> Option<u16> {
+    s.set_read_timeout(Some(within)).unwrap();
+    let mut all = Vec::new();
+    let _ = s.read_to_end(&mut all);
+    // Find an unmasked close frame: 0x88, len, code(2).
+    all.windows(4)
+        .rev()
+        .find(|w| w[0] == 0x88 && w[1] >= 2 && w[1] < 126)
+        .map(|w| u16::from_be_bytes([w[2], w[3]]))
+}
+
+#[test]
+fn slow_consumer_is_closed_and_loses_nothing() {
+    let server = Server::start(2);
+    let mut a = server.connect(70, 1);
+    let mut b = server.connect(71, 1); // connected, but does not read for now
+    let payload = vec![7u8; 60_000];
+    let mut ids = Vec::new();
+    // Enough to fill loopback socket buffers and the 1 MiB send queue.
+    for _ in 0..300 {
+        ids.push(a.send_message(Target::Peer(UserId(71)), &payload).unwrap());
+        if ids.len() % 32 == 0 {
+            for id in ids.drain(..) {
+                a.wait_ack(id, T).unwrap();
+            }
+        }
+    }
+    for id in ids.drain(..) {
+        a.wait_ack(id, T).unwrap();
+    }
+    let deadline = Instant::now() + T;
+    let code = loop {
+        match b.recv(Duration::from_millis(200)) {
+            Ok(_) => {}
+            Err(ClientError::Closed { code, .. }) => break code,
+            Err(e) => panic!("{e}"),
+        }
+        assert!(Instant::now() < deadline, "slow consumer was never closed");
+    };
+    assert_eq!(code, 4002);
+    let (_, metrics) = server.http_get("/metrics");
+    assert!(metrics
+        .lines()
+        .any(|l| l.starts_with("switchboard_slow_consumer_closes_total") && !l.ends_with(" 0")));
+    // Reconnect and sync: all 300 are there.
+    let mut b = server.connect(71, 1);
+    let msgs = b.sync(Duration::from_secs(30)).unwrap();
+    assert_eq!(msgs.len(), 300);
+    assert!(msgs
+        .iter()
+        .enumerate()
+        .all(|(i, m)| m.seq.0 == i as u64 + 1 && m.payload.len() == 60_000));
+}
+
+#[test]
+fn idle_connections_are_closed_and_live_ones_kept() {
+    let (server, _dir) = server_with_config(1, "ping_interval = 0.3\nidle_timeout = 1.0\n");
+    let mut silent = raw_ws(&server, 80);
+    let live_cfg = server.connect_cfg(81, 1);
+    // The library client answers pings while it reads, so it stays connected past the timeout.
+    let live = std::thread::spawn(move || {
+        let mut live = switchboard_client::Client::connect_with(&live_cfg).unwrap();
+        let until = Instant::now() + Duration::from_millis(2500);
+        while Instant::now() < until {
+            let r = live.recv(Duration::from_millis(100));
+            assert!(matches!(r, Ok(None)), "{r:?}");
+        }
+        live.ping_pong(1, T).unwrap();
+    });
+    let start = Instant::now();
+    let code = read_until_close(&mut silent, Duration::from_secs(5));
+    let waited = start.elapsed();
+    assert_eq!(code, Some(4003));
+    assert!(
+        waited >= Duration::from_millis(700) && waited < Duration::from_secs(4),
+        "{waited:?}"
+    );
+    live.join().unwrap();
+}
+
+#[test]
+fn handshake_timeout_closes_silent_sockets() {
+    let (server, _dir) = server_with_config(1, "handshake_timeout = 0.5\n");
+    let mut s = TcpStream::connect(&server.addr).unwrap();
+    s.write_all(b"GET /v1/ws HTTP/1.1\r\nHost: x\r\n").unwrap(); // never finishes the head
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let start = Instant::now();
+    let mut buf = Vec::new();
+    let n = s.read_to_end(&mut buf).unwrap_or(0);
+    assert_eq!(n, 0, "closed without a response");
+    assert!(start.elapsed() < Duration::from_secs(3));
+}
+
+#[test]
+fn connection_limit_answers_503() {
+    let (server, _dir) = server_with_config(1, "conns_per_core_max = 2\n");
+    let _a = server.connect(90, 1);
+    let _b = server.connect(91, 1);
+    match switchboard_client::Client::connect(&server.addr, &server.token(92, 1)) {
+        Err(ClientError::Rejected { status, .. }) => assert_eq!(status, 503),
+        other => panic!("{:?}", other.map(|_| ())),
+    }
+}
+
+#[test]
+fn a_device_reconnecting_replaces_its_old_connection_and_other_devices_get_own_sends() {
+    let server = Server::start(2);
+    let mut old = server.connect(100, 1);
+    let mut new = server.connect(100, 1);
+    match old.recv(T) {
+        Err(ClientError::Closed { code, .. }) => assert_eq!(code, 4001),
+        other => panic!("{other:?}"),
+    }
+    // A second device of the sender sees what the first sent; the sending connection does not
+    // get its own message back.
+    let mut second = server.connect(100, 2);
+    let mut peer = server.connect(101, 1);
+    std::thread::sleep(Duration::from_millis(100)); // let Online reach every core
+    let ack = new
+        .send_and_wait_ack(Target::Peer(UserId(101)), b"to all my devices", T)
+        .unwrap();
+    for c in [&mut second, &mut peer] {
+        loop {
+            match c.recv(T).unwrap() {
+                Some(ServerFrame::Message(m)) => {
+                    assert_eq!(
+                        (m.seq, &m.payload[..]),
+                        (ack.seq, &b"to all my devices"[..])
+                    );
+                    break;
+                }
+                Some(_) => continue,
+                None => panic!("no message"),
+            }
+        }
+    }
+    assert!(matches!(new.recv(Duration::from_millis(300)), Ok(None)));
+}

@@ -1,0 +1,163 @@
+//! What the load generator reads from the operating system: file-descriptor limits, its own RSS,
+//! the kernel's socket accounting (`/proc/net/sockstat`, `/proc/meminfo`) and the clock.
+
+use std::io;
+use std::sync::OnceLock;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+static EPOCH: OnceLock<Instant> = OnceLock::new();
+
+/// Nanoseconds since a process-wide `Instant` anchor, shared by every thread: a sender stamps it
+/// into a payload and the recipient thread subtracts it from its own reading.
+pub fn now_ns() -> u64 {
+    let epoch = *EPOCH.get_or_init(Instant::now);
+    // u64 nanoseconds last 584 years.
+    epoch.elapsed().as_nanos() as u64
+}
+
+pub fn unix_now_s() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+pub fn page_bytes() -> u64 {
+    // SAFETY: sysconf has no preconditions; it only reads a system constant.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    u64::try_from(page).unwrap_or(4096)
+}
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit and returns the new soft limit.
+pub fn raise_fd_limit() -> io::Result<u64> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `lim` is a valid, writable rlimit.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if lim.rlim_cur < lim.rlim_max {
+        lim.rlim_cur = lim.rlim_max;
+        // SAFETY: `lim` is a valid rlimit with cur <= max.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(lim.rlim_cur)
+}
+
+/// Descriptors this process has open now.
+pub fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count())
+}
+
+/// This process's resident set size (0 if unavailable).
+pub fn self_rss_bytes() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse::<u64>().ok())
+        .map_or(0, |pages| pages * page_bytes())
+}
+
+/// The local port range for outgoing connections: one connection to one server address needs
+/// one port from it.
+pub fn ephemeral_ports() -> Option<(u32, u32)> {
+    let s = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").ok()?;
+    let mut it = s.split_whitespace().map(|v| v.parse::<u32>().ok());
+    Some((it.next()??, it.next()??))
+}
+
+/// Machine-wide kernel socket accounting. On loopback both ends of every connection are on this
+/// machine, so one connection shows up as two TCP sockets here.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelView {
+    /// `sockets: used`.
+    pub sockets_used: u64,
+    /// `TCP: inuse`: TCP sockets not in TIME_WAIT (listeners included).
+    pub tcp_inuse: u64,
+    /// `TCP: tw`.
+    pub tcp_time_wait: u64,
+    /// `TCP: mem`: pages charged to TCP socket buffers (queued data, not the socket structs).
+    pub tcp_mem_pages: u64,
+    /// `Slab` from /proc/meminfo: all kernel slab caches, where socket, inode, file and epoll
+    /// structs live. Machine-wide and noisy, but with thousands of sockets the delta is clear.
+    pub slab_bytes: u64,
+}
+
+impl KernelView {
+    pub fn read() -> KernelView {
+        let sockstat = std::fs::read_to_string("/proc/net/sockstat").unwrap_or_default();
+        let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        KernelView::parse(&sockstat, &meminfo)
+    }
+
+    fn parse(sockstat: &str, meminfo: &str) -> KernelView {
+        let mut v = KernelView::default();
+        for line in sockstat.lines() {
+            let mut words = line.split_whitespace();
+            let section = words.next().unwrap_or("");
+            let words: Vec<&str> = words.collect();
+            let field = |name: &str| -> u64 {
+                words
+                    .windows(2)
+                    .find(|w| w[0] == name)
+                    .and_then(|w| w[1].parse().ok())
+                    .unwrap_or(0)
+            };
+            match section {
+                "sockets:" => v.sockets_used = field("used"),
+                "TCP:" => {
+                    v.tcp_inuse = field("inuse");
+                    v.tcp_time_wait = field("tw");
+                    v.tcp_mem_pages = field("mem");
+                }
+                _ => {}
+            }
+        }
+        for line in meminfo.lines() {
+            if let Some(rest) = line.strip_prefix("Slab:") {
+                let kb: u64 = rest
+                    .split_whitespace()
+                    .next()
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(0);
+                v.slab_bytes = kb * 1024;
+            }
+        }
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_sockstat_and_meminfo() {
+        let sockstat =
+            "sockets: used 21\nTCP: inuse 3 orphan 0 tw 7 alloc 4 mem 214\nUDP: inuse 0 mem 0\n";
+        let meminfo =
+            "MemTotal:       24684104 kB\nSlab:             123456 kB\nSReclaimable:      1 kB\n";
+        assert_eq!(
+            KernelView::parse(sockstat, meminfo),
+            KernelView {
+                sockets_used: 21,
+                tcp_inuse: 3,
+                tcp_time_wait: 7,
+                tcp_mem_pages: 214,
+                slab_bytes: 123_456 * 1024,
+            }
+        );
+        assert_eq!(KernelView::parse("", ""), KernelView::default());
+    }
+
+    #[test]
+    fn clock_moves_forward() {
+        let a = now_ns();
+        let b = now_ns();
+        assert!(b >= a);
+    }
+}
