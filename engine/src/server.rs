@@ -14,7 +14,9 @@ use std::net::SocketAddr;
 use std::os::fd::{FromRawFd, IntoRawFd};
 use std::path::Path;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 const META_FILE: &str = "switchboard.meta";
 const SECRET_FILE: &str = "token.secret";
@@ -129,6 +131,12 @@ pub fn run(cfg: Config) -> Result<(), String> {
         Arc::new((0..cores).map(|_| CoreMetrics::new(cores)).collect());
     let cfg = Arc::new(cfg);
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
+    // SIGINT/SIGTERM are blocked in every thread (the executors inherit the mask) and taken
+    // synchronously by this thread with sigwait, which then asks every core to stop.
+    let signals = shutdown_signals();
+    // SAFETY: the set is initialised by shutdown_signals; blocking signals has no other effect.
+    unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &signals, std::ptr::null_mut()) };
+    let stop = Arc::new(AtomicBool::new(false));
     let mut handles = Vec::with_capacity(cores);
     for (id, ends) in mesh::build(cores, cfg.mesh_channel_batches_max)
         .into_iter()
@@ -141,6 +149,7 @@ pub fn run(cfg: Config) -> Result<(), String> {
         };
         let (cfg, key, metrics, ready) =
             (cfg.clone(), key.clone(), metrics.clone(), ready_tx.clone());
+        let stop = stop.clone();
         let listener = match first.take() {
             Some(l) => l,
             None => bind(addr, cfg.listen_backlog).map_err(|e| format!("listen on {addr}: {e}"))?,
@@ -188,17 +197,37 @@ pub fn run(cfg: Config) -> Result<(), String> {
                 let listener =
                     unsafe { glommio::net::TcpListener::from_raw_fd(listener.into_raw_fd()) };
                 let _ = ready.send(Ok(()));
-                loop {
-                    match listener.accept().await {
-                        Ok(stream) => {
-                            glommio::spawn_local(conn::serve(core.clone(), stream)).detach();
-                        }
-                        Err(e) => {
-                            // EMFILE/ENFILE under a connection storm: back off instead of spinning.
-                            eprintln!("core {id}: accept failed: {e}");
-                            glommio::timer::sleep(std::time::Duration::from_millis(10)).await;
+                let accept_loop = async {
+                    loop {
+                        match listener.accept().await {
+                            Ok(stream) => {
+                                glommio::spawn_local(conn::serve(core.clone(), stream)).detach();
+                            }
+                            Err(e) => {
+                                // EMFILE/ENFILE under a connection storm: back off instead of spinning.
+                                eprintln!("core {id}: accept failed: {e}");
+                                glommio::timer::sleep(Duration::from_millis(10)).await;
+                            }
                         }
                     }
+                };
+                let stop_watch = async {
+                    while !stop.load(Ordering::Relaxed) {
+                        glommio::timer::sleep(SHUTDOWN_POLL).await;
+                    }
+                };
+                futures_lite::future::or(accept_loop, stop_watch).await;
+                // Shutting down: stop accepting (the listener drops with this future), tell every
+                // client to go away, and give them a moment to receive the close frame. Staged
+                // but uncommitted sends were never acknowledged, so dropping them loses nothing.
+                drop(listener);
+                let conns: Vec<_> = core.conns.borrow().values().cloned().collect();
+                for c in conns {
+                    c.close(crate::ws::close::GOING_AWAY, "server shutting down");
+                }
+                let deadline = std::time::Instant::now() + SHUTDOWN_DRAIN;
+                while !core.conns.borrow().is_empty() && std::time::Instant::now() < deadline {
+                    glommio::timer::sleep(SHUTDOWN_POLL).await;
                 }
             })
             .map_err(|e| format!("start core {id}: {e}"))?;
@@ -215,8 +244,28 @@ pub fn run(cfg: Config) -> Result<(), String> {
     println!("switchboard listening on {addr} (cores={cores}, shards={shards_total}, pinned={pin}, data_dir={})", cfg.data_dir.display());
     use std::io::Write;
     let _ = std::io::stdout().flush();
+    let mut sig: libc::c_int = 0;
+    // SAFETY: `signals` is a valid, initialised set and `sig` a valid out-pointer.
+    unsafe { libc::sigwait(&signals, &mut sig) };
+    eprintln!("switchboard: signal {sig}: closing connections and stopping");
+    stop.store(true, Ordering::Relaxed);
     for h in handles {
         let _ = h.join();
     }
     Ok(())
+}
+
+/// How often cores check the stop flag, and how long they wait for clients to take their close.
+const SHUTDOWN_POLL: Duration = Duration::from_millis(50);
+const SHUTDOWN_DRAIN: Duration = Duration::from_secs(2);
+
+fn shutdown_signals() -> libc::sigset_t {
+    // SAFETY: sigemptyset/sigaddset initialise and fill the zeroed set we own.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        set
+    }
 }

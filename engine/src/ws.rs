@@ -11,6 +11,8 @@ use tungstenite::protocol::WebSocketConfig;
 pub mod close {
     /// The client closed, or the server is shutting down.
     pub const NORMAL: u16 = 1000;
+    /// The server is shutting down (SIGTERM / SIGINT): reconnect (to another node) and sync.
+    pub const GOING_AWAY: u16 = 1001;
     /// Bad WebSocket framing (RFC 6455 protocol error).
     pub const PROTOCOL: u16 = 1002;
     /// A text frame: only binary frames carry the protocol.

@@ -181,3 +181,42 @@ fn a_device_reconnecting_replaces_its_old_connection_and_other_devices_get_own_s
     }
     assert!(matches!(new.recv(Duration::from_millis(300)), Ok(None)));
 }
+
+#[test]
+fn inflight_limit_applies_back_pressure_without_losing_sends() {
+    // With at most 2 sends in flight the server stops reading this socket between acks; a client
+    // pipelining 200 sends still gets every ack, in order.
+    let (server, _dir) = server_with_config(2, "conn_inflight_sends_max = 2\n");
+    let mut a = server.connect(110, 1);
+    let ids: Vec<_> = (0..200u32)
+        .map(|i| {
+            a.send_message(Target::Peer(UserId(111)), &i.to_be_bytes())
+                .unwrap()
+        })
+        .collect();
+    let seqs: Vec<u64> = ids
+        .into_iter()
+        .map(|id| a.wait_ack(id, T).unwrap().seq.0)
+        .collect();
+    assert_eq!(seqs, (1..=200).collect::<Vec<_>>());
+}
+
+#[test]
+fn sigterm_closes_connections_with_going_away_and_exits_cleanly() {
+    let mut server = Server::start(2);
+    let mut a = server.connect(120, 1);
+    a.send_and_wait_ack(Target::Peer(UserId(121)), b"durable", T)
+        .unwrap();
+    let mut child = server.child.take().unwrap();
+    // SAFETY: sending a signal to our own child process.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    match a.recv(T) {
+        Err(ClientError::Closed { code, .. }) => assert_eq!(code, 1001),
+        other => panic!("{other:?}"),
+    }
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status:?}");
+    server.restart();
+    let mut b = server.connect(121, 1);
+    assert_eq!(b.sync(T).unwrap().len(), 1);
+}

@@ -357,3 +357,41 @@ fn echo_endpoint_runs_the_same_framing_only_when_enabled() {
     }
     ws.close(None).unwrap();
 }
+
+#[test]
+fn token_command_mints_tokens_the_server_accepts() {
+    let server = Server::start(1);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .args([
+            "token",
+            "--user",
+            "77",
+            "--device",
+            "3",
+            "--ttl",
+            "1h",
+            "--data-dir",
+        ])
+        .arg(&server.data_dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let mut c = switchboard_client::Client::connect(&server.addr, &token).unwrap();
+    let ack = c
+        .send_and_wait_ack(Target::Peer(UserId(78)), b"from a minted token", T)
+        .unwrap();
+    assert_eq!(ack.chat, ChatId::direct(UserId(77), UserId(78)));
+    // Bad arguments are refused with a clear message and a non-zero exit.
+    let bad = std::process::Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .args(["token", "--user", "0", "--data-dir"])
+        .arg(&server.data_dir)
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("non-zero"));
+}

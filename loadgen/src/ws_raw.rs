@@ -426,7 +426,7 @@ mod tests {
         let mut long = vec![0x82, 126, 0x01, 0x00];
         long.resize(4 + 256, 0);
         assert_eq!(parse_frame(&long), at(OPCODE_BINARY, 4..260, 260));
-        assert!(parse_frame(&[0x82, 127, 0, 0, 0, 0, 0, 1, 0, 0]).is_err());
+        assert!(parse_frame(&[0x82, 127, 0, 0, 0, 0, 0, 2, 0, 0]).is_err());
         assert!(parse_frame(&[0x89, 0x80]).is_err());
 
         let f = client_control_frame(OPCODE_PONG, b"abc", [1, 2, 3, 4]);
