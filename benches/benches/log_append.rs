@@ -36,6 +36,7 @@ fn template(batch: usize) -> Vec<Record> {
                 client_msg_id: ClientMsgId::from_halves(7, i as u64),
                 reply_to: Seq(0),
                 content_kind: 1,
+                flags: 0,
                 payload: (0..PAYLOAD_BYTES).map(|b| (b * 31 + i) as u8).collect(),
             })
         })

@@ -8,8 +8,9 @@ use std::time::{Duration, Instant};
 
 use switchboard_wire::limits::SERVER_FRAME_BYTES_MAX;
 use switchboard_wire::{
-    decode_server, ChatId, ClientFrame, ClientMsgId, ContentKind, DecodeError, Encoder,
-    HistoryPage, Message, SendAck, SendReq, Seq, ServerFrame, Target,
+    decode_server, ChatId, ClientFrame, ClientMsgId, ContentKind, CreateGroupReq, DecodeError,
+    Encoder, GroupInfo, GroupUpdateReq, HistoryPage, Message, ReceiptList, SendAck, SendReq, Seq,
+    ServerFrame, Target, UserId,
 };
 use tungstenite::client::{ClientRequestBuilder, IntoClientRequest};
 use tungstenite::handshake::HandshakeError;
@@ -26,7 +27,7 @@ use crate::msg_id::new_client_msg_id;
 pub const WS_PATH: &str = "/v1/ws";
 
 /// Most server frames kept aside while a call waits for a specific answer (`send_and_wait_ack`,
-/// `sync`, `history`, `ping_pong`); `recv` returns them first. A frame is at most
+/// `sync`, `history`, `ping_pong`, the group and message-action calls); `recv` returns them first. A frame is at most
 /// `SERVER_FRAME_BYTES_MAX` (512 KiB) but almost all are a few hundred bytes, so the usual cost
 /// is well under 1 MiB. A client that never calls `recv` while being pushed messages hits this
 /// limit and gets `ClientError::Protocol` (the frame that did not fit is dropped) instead of
@@ -156,7 +157,9 @@ fn ws_error(e: tungstenite::Error, what: &'static str) -> ClientError {
 /// Every method returns within its timeout (reads) or `io_timeout` (writes). Server `Ping`
 /// control frames are answered while reading. Frames that arrive while a method waits for a
 /// specific answer are kept, in order, and returned by [`Client::recv`] first. Every `Message`
-/// read from the socket and every `SendAck` go through [`Client::cursors`].
+/// read from the socket and every `SendAck` go through [`Client::cursors`]; that includes chat
+/// events (`ContentKind::Event`, decoded with `switchboard_wire::decode_event`) and tombstones
+/// of deleted messages (`ContentKind::Deleted`), which occupy a seq like any other message.
 pub struct Client {
     ws: WebSocket<TcpStream>,
     encoder: Encoder,
@@ -308,6 +311,7 @@ impl Client {
             payload: payload.to_vec(),
             reply_to: Seq(0),
             content_kind: ContentKind::Text,
+            forwarded: false,
         }))
     }
 
@@ -470,6 +474,182 @@ impl Client {
         }
     }
 
+    // ------------------------------------------------------------------ groups and message actions
+
+    /// Creates a group named `name`, with this user as owner and `members` besides, and waits for
+    /// its [`GroupInfo`]. The description and avatar start empty; see
+    /// [`Client::create_group_with`] for those and for retries.
+    pub fn create_group(
+        &mut self,
+        name: &str,
+        members: &[UserId],
+        admins_only: bool,
+        timeout: Duration,
+    ) -> Result<GroupInfo, ClientError> {
+        let req = CreateGroupReq {
+            request_id: self.new_request_id(),
+            client_msg_id: new_client_msg_id(),
+            name: name.to_owned(),
+            description: String::new(),
+            avatar_media_id: String::new(),
+            members: members.to_vec(),
+            admins_only,
+        };
+        self.create_group_with(req, timeout)
+    }
+
+    /// Sends `req` and waits for the `GroupInfo` with its `request_id`; an `Error` with that
+    /// request id (or `client_msg_id`) becomes [`ClientError::Server`]. Sending a request again
+    /// with the same `client_msg_id` is an idempotent retry: the answer names the same group.
+    ///
+    /// The group's first message, the `GroupCreated` event at seq 1, is recorded in the cursors
+    /// as this device's own, as a `SendAck` would: the server does not push it back to the
+    /// connection that created the group.
+    pub fn create_group_with(
+        &mut self,
+        req: CreateGroupReq,
+        timeout: Duration,
+    ) -> Result<GroupInfo, ClientError> {
+        let (request_id, id) = (req.request_id, req.client_msg_id);
+        self.send(&ClientFrame::CreateGroup(req))?;
+        let frame = self.wait_answer(
+            request_id,
+            Some(id),
+            timeout,
+            "GroupInfo",
+            |f| matches!(f, ServerFrame::GroupInfo(g) if g.request_id == request_id),
+        )?;
+        match frame {
+            ServerFrame::GroupInfo(info) => {
+                self.cursors.record_own(info.chat, Seq(1));
+                Ok(info)
+            }
+            other => unreachable!("wait_answer returned a frame its predicate rejects: {other:?}"),
+        }
+    }
+
+    /// Sends a group change and waits for its `SendAck` (see [`Client::wait_ack`]): the change is
+    /// an event in the chat's sequence, at the acknowledged seq. Build `req` with
+    /// [`GroupUpdateReq::new`] and a fresh id ([`crate::new_client_msg_id`]); resending the same
+    /// id is an idempotent retry.
+    pub fn group_update(
+        &mut self,
+        req: GroupUpdateReq,
+        timeout: Duration,
+    ) -> Result<SendAck, ClientError> {
+        let id = req.client_msg_id;
+        self.send(&ClientFrame::GroupUpdate(req))?;
+        self.wait_ack(id, timeout)
+    }
+
+    /// Fetches a group's name, description, avatar, members and settings.
+    pub fn group_info(
+        &mut self,
+        chat: ChatId,
+        timeout: Duration,
+    ) -> Result<GroupInfo, ClientError> {
+        let request_id = self.new_request_id();
+        self.send(&ClientFrame::GetGroupInfo { request_id, chat })?;
+        let frame = self.wait_answer(
+            request_id,
+            None,
+            timeout,
+            "GroupInfo",
+            |f| matches!(f, ServerFrame::GroupInfo(g) if g.request_id == request_id),
+        )?;
+        match frame {
+            ServerFrame::GroupInfo(info) => Ok(info),
+            other => unreachable!("wait_answer returned a frame its predicate rejects: {other:?}"),
+        }
+    }
+
+    /// Replaces the content of this user's message `target` and waits for the `SendAck` of the
+    /// `Edited` event.
+    pub fn edit(
+        &mut self,
+        chat: ChatId,
+        target: Seq,
+        payload: &[u8],
+        timeout: Duration,
+    ) -> Result<SendAck, ClientError> {
+        let client_msg_id = new_client_msg_id();
+        self.send(&ClientFrame::Edit {
+            client_msg_id,
+            chat,
+            target,
+            payload: payload.to_vec(),
+        })?;
+        self.wait_ack(client_msg_id, timeout)
+    }
+
+    /// Deletes this user's message `target` for everyone and waits for the `SendAck` of the
+    /// `Deleted` event.
+    pub fn delete(
+        &mut self,
+        chat: ChatId,
+        target: Seq,
+        timeout: Duration,
+    ) -> Result<SendAck, ClientError> {
+        let client_msg_id = new_client_msg_id();
+        self.send(&ClientFrame::Delete {
+            client_msg_id,
+            chat,
+            target,
+        })?;
+        self.wait_ack(client_msg_id, timeout)
+    }
+
+    /// Sets this user's reaction to message `target` (an empty `reaction` removes it) and waits
+    /// for the `SendAck` of the `Reacted` event.
+    pub fn react(
+        &mut self,
+        chat: ChatId,
+        target: Seq,
+        reaction: &str,
+        timeout: Duration,
+    ) -> Result<SendAck, ClientError> {
+        let client_msg_id = new_client_msg_id();
+        self.send(&ClientFrame::React {
+            client_msg_id,
+            chat,
+            target,
+            reaction: reaction.to_owned(),
+        })?;
+        self.wait_ack(client_msg_id, timeout)
+    }
+
+    /// Tells the chat's other members that this user started (`true`) or stopped typing.
+    /// Ephemeral and unanswered; they receive a `TypingNotice`.
+    pub fn typing(&mut self, chat: ChatId, on: bool) -> Result<(), ClientError> {
+        self.send(&ClientFrame::Typing { chat, typing: on })
+    }
+
+    /// Fetches who has received and who has read message `seq` of `chat`.
+    pub fn receipts(
+        &mut self,
+        chat: ChatId,
+        seq: Seq,
+        timeout: Duration,
+    ) -> Result<ReceiptList, ClientError> {
+        let request_id = self.new_request_id();
+        self.send(&ClientFrame::GetReceipts {
+            request_id,
+            chat,
+            seq,
+        })?;
+        let frame = self.wait_answer(
+            request_id,
+            None,
+            timeout,
+            "ReceiptList",
+            |f| matches!(f, ServerFrame::ReceiptList(r) if r.request_id == request_id),
+        )?;
+        match frame {
+            ServerFrame::ReceiptList(list) => Ok(list),
+            other => unreachable!("wait_answer returned a frame its predicate rejects: {other:?}"),
+        }
+    }
+
     // ------------------------------------------------------------------ receiving
 
     /// The next server frame: a stashed one first, else one read within `timeout`. `Ok(None)`
@@ -598,6 +778,30 @@ impl Client {
                 Some(frame) if matches(&frame) => return Ok(frame),
                 Some(frame) => self.stash_frame(frame, what)?,
             }
+        }
+    }
+
+    /// Waits for the frame `is_answer` accepts, or for an `Error` naming `request_id` (when
+    /// non-zero: 0 means "none" in an `Error`) or `client_msg_id`, which becomes
+    /// [`ClientError::Server`]. Returns only frames `is_answer` accepts.
+    fn wait_answer(
+        &mut self,
+        request_id: u32,
+        client_msg_id: Option<ClientMsgId>,
+        timeout: Duration,
+        what: &'static str,
+        is_answer: impl Fn(&ServerFrame) -> bool,
+    ) -> Result<ServerFrame, ClientError> {
+        let frame = self.wait_for(timeout, what, |f| match f {
+            ServerFrame::Error(e) => {
+                (request_id != 0 && e.request_id == request_id)
+                    || (client_msg_id.is_some() && e.client_msg_id == client_msg_id)
+            }
+            f => is_answer(f),
+        })?;
+        match frame {
+            ServerFrame::Error(e) => Err(ClientError::Server(e)),
+            frame => Ok(frame),
         }
     }
 

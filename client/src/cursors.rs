@@ -97,6 +97,8 @@ impl Cursors {
     }
 
     /// Records one received message and says whether it was new, a duplicate or beyond a hole.
+    /// Every content kind counts, chat events and deletion tombstones included: each occupies a
+    /// seq of its chat.
     pub fn observe(&mut self, message: &Message) -> Observed {
         let observed = self
             .chats
@@ -221,6 +223,7 @@ mod tests {
             reply_to: Seq(0),
             content_kind: ContentKind::Text,
             client_msg_id: ClientMsgId::default(),
+            forwarded: false,
         }
     }
 

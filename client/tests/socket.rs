@@ -4,10 +4,11 @@ mod util;
 
 use std::time::{Duration, Instant};
 
-use switchboard_client::{Client, ClientConfig, ClientError};
+use switchboard_client::{new_client_msg_id, Client, ClientConfig, ClientError};
 use switchboard_wire::{
-    ChatId, ClientFrame, ClientMsgId, ContentKind, DeviceId, ErrorCode, ErrorFrame, HistoryPage,
-    Message, MsgId, SendAck, Seq, ServerFrame, Target, UserId,
+    decode_event, encode_event, ChatEvent, ChatId, ClientFrame, ClientMsgId, ContentKind, DeviceId,
+    ErrorCode, ErrorFrame, EventKind, GroupInfo, GroupOp, GroupUpdateReq, HistoryPage, MemberRole,
+    Message, MsgId, ReceiptList, SendAck, Seq, ServerFrame, Target, UserId,
 };
 use util::{serve, serve_raw_401, Out};
 
@@ -26,6 +27,7 @@ fn message(chat: u64, seq: u64) -> Message {
         reply_to: Seq(0),
         content_kind: ContentKind::Text,
         client_msg_id: ClientMsgId::from_halves(7, seq),
+        forwarded: false,
     }
 }
 
@@ -98,6 +100,7 @@ fn connect_send_sync_history_close() {
         }
         ClientFrame::Ping { nonce } => vec![Out::Frame(ServerFrame::Pong { nonce: *nonce })],
         ClientFrame::Delivered { .. } | ClientFrame::Read { .. } => Vec::new(),
+        other => panic!("unexpected {other:?}"),
     });
 
     let mut c = Client::connect(&server.addr, TOKEN).expect("connect");
@@ -169,6 +172,7 @@ fn connect_send_sync_history_close() {
             ClientFrame::Delivered { .. } => "delivered",
             ClientFrame::Read { .. } => "read",
             ClientFrame::Ping { .. } => "ping",
+            _ => "other",
         })
         .collect();
     assert_eq!(
@@ -394,4 +398,207 @@ fn silent_server_times_out_the_upgrade() {
         Err(ClientError::Timeout(_))
     ));
     drop(listener);
+}
+
+/// The chat the scripted server creates: group chats have the top bit set.
+const GROUP: ChatId = ChatId((1 << 63) | 77);
+
+fn info(request_id: u32, name: &str, members: &[UserId]) -> GroupInfo {
+    let mut all = vec![(UserId(1), MemberRole::Owner)];
+    all.extend(members.iter().map(|&u| (u, MemberRole::Member)));
+    GroupInfo {
+        request_id,
+        chat: GROUP,
+        name: name.to_owned(),
+        description: String::new(),
+        avatar_media_id: String::new(),
+        members: all,
+        admins_only: false,
+        created_ms: 1_700_000_000_000,
+        last_seq: Seq(1),
+    }
+}
+
+#[test]
+fn create_group_waits_for_its_group_info() {
+    let server = serve(TOKEN, TOKEN, |frame| match frame {
+        ClientFrame::CreateGroup(c) if c.name == "taken" => {
+            vec![Out::Frame(ServerFrame::Error(ErrorFrame {
+                code: ErrorCode::InvalidArgument,
+                text: "no".into(),
+                client_msg_id: None,
+                request_id: c.request_id,
+            }))]
+        }
+        ClientFrame::CreateGroup(c) => vec![
+            // Another request's answer and a push overtake ours: both are stashed.
+            Out::Frame(ServerFrame::GroupInfo(info(
+                c.request_id + 100,
+                "other",
+                &[],
+            ))),
+            Out::Frame(ServerFrame::Message(message(9, 1))),
+            Out::Frame(ServerFrame::GroupInfo(info(
+                c.request_id,
+                &c.name,
+                &c.members,
+            ))),
+        ],
+        ClientFrame::Ping { nonce } => vec![Out::Frame(ServerFrame::Pong { nonce: *nonce })],
+        _ => Vec::new(),
+    });
+    let mut c = Client::connect(&server.addr, TOKEN).expect("connect");
+    let got = c
+        .create_group("climbing", &[UserId(2), UserId(3)], true, T)
+        .expect("group info");
+    assert_eq!(got.chat, GROUP);
+    assert_eq!(got.name, "climbing");
+    assert_eq!(
+        got.members,
+        [
+            (UserId(1), MemberRole::Owner),
+            (UserId(2), MemberRole::Member),
+            (UserId(3), MemberRole::Member)
+        ]
+    );
+    assert_eq!(c.stashed(), 2, "the other answer and the push");
+    // The GroupCreated event at seq 1 is this device's own.
+    assert_eq!(c.cursors().get(GROUP), Seq(1));
+
+    match c.create_group("taken", &[], false, T) {
+        Err(ClientError::Server(e)) => assert_eq!(e.code, ErrorCode::InvalidArgument),
+        other => panic!("expected a server error, got {other:?}"),
+    }
+    assert_eq!(c.cursors().get(GROUP), Seq(1));
+    assert_eq!((c.cursors().duplicates(), c.cursors().gaps()), (0, 0));
+    c.ping_pong(1, T).expect("pong");
+    c.close().expect("close");
+
+    let seen = server.join();
+    match &seen.frames[0] {
+        ClientFrame::CreateGroup(req) => {
+            assert_eq!(req.members, [UserId(2), UserId(3)]);
+            assert!(req.admins_only);
+            assert_ne!(req.request_id, 0);
+            assert!(!req.client_msg_id.is_nil());
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+/// Every other group and message-action call: what it sends, what it waits for, and that an
+/// `Error` naming the request surfaces as `ClientError::Server`.
+#[test]
+fn group_and_message_actions() {
+    let ack_for = |id: ClientMsgId, seq| Out::Frame(ServerFrame::SendAck(ack(id, GROUP.0, seq)));
+    let server = serve(TOKEN, TOKEN, move |frame| match frame {
+        ClientFrame::GroupUpdate(u) => vec![ack_for(u.client_msg_id, 2)],
+        ClientFrame::GetGroupInfo { request_id, .. } => {
+            vec![Out::Frame(ServerFrame::GroupInfo(info(
+                *request_id,
+                "g",
+                &[],
+            )))]
+        }
+        ClientFrame::Edit { client_msg_id, .. } => vec![
+            ack_for(*client_msg_id, 3),
+            // Another member's reaction follows, as an event message; the client stashes it.
+            Out::Frame(ServerFrame::Message(Message {
+                chat: GROUP,
+                seq: Seq(4),
+                sender_user: UserId(2),
+                content_kind: ContentKind::Event,
+                payload: encode_event(&ChatEvent {
+                    target: Seq(2),
+                    reaction: "👍".into(),
+                    ..ChatEvent::new(EventKind::Reacted)
+                }),
+                client_msg_id: ClientMsgId::default(),
+                ..message(GROUP.0, 4)
+            })),
+        ],
+        ClientFrame::Delete { client_msg_id, .. } => vec![ack_for(*client_msg_id, 5)],
+        ClientFrame::React { client_msg_id, .. } => {
+            vec![Out::Frame(ServerFrame::Error(ErrorFrame {
+                code: ErrorCode::NotMember,
+                text: "not a member".into(),
+                client_msg_id: Some(*client_msg_id),
+                request_id: 0,
+            }))]
+        }
+        ClientFrame::Typing { chat, typing } => vec![Out::Frame(ServerFrame::TypingNotice {
+            chat: *chat,
+            user: UserId(1),
+            typing: *typing,
+        })],
+        ClientFrame::GetReceipts {
+            request_id,
+            chat,
+            seq,
+        } if seq.0 == 2 => vec![Out::Frame(ServerFrame::ReceiptList(ReceiptList {
+            request_id: *request_id,
+            chat: *chat,
+            seq: *seq,
+            delivered: vec![UserId(2)],
+            read: vec![UserId(3)],
+            pending: Vec::new(),
+        }))],
+        ClientFrame::GetReceipts { request_id, .. } => {
+            vec![Out::Frame(ServerFrame::Error(ErrorFrame {
+                code: ErrorCode::InvalidArgument,
+                text: "no such seq".into(),
+                client_msg_id: None,
+                request_id: *request_id,
+            }))]
+        }
+        ClientFrame::Ping { nonce } => vec![Out::Frame(ServerFrame::Pong { nonce: *nonce })],
+        _ => Vec::new(),
+    });
+    let mut c = Client::connect(&server.addr, TOKEN).expect("connect");
+    c.cursors_mut().set(GROUP, Seq(1));
+
+    let add = GroupUpdateReq {
+        users: vec![UserId(4)],
+        ..GroupUpdateReq::new(new_client_msg_id(), GROUP, GroupOp::AddMembers)
+    };
+    assert_eq!(c.group_update(add, T).expect("update").seq, Seq(2));
+    assert_eq!(c.group_info(GROUP, T).expect("info").name, "g");
+    assert_eq!(
+        c.edit(GROUP, Seq(2), b"fixed", T).expect("edit").seq,
+        Seq(3)
+    );
+    assert_eq!(c.delete(GROUP, Seq(2), T).expect("delete").seq, Seq(5));
+    match c.react(GROUP, Seq(2), "👍", T) {
+        Err(ClientError::Server(e)) => assert_eq!(e.code, ErrorCode::NotMember),
+        other => panic!("expected a server error, got {other:?}"),
+    }
+    let list = c.receipts(GROUP, Seq(2), T).expect("receipts");
+    assert_eq!(
+        (list.delivered, list.read),
+        (vec![UserId(2)], vec![UserId(3)])
+    );
+    match c.receipts(GROUP, Seq(9), T) {
+        Err(ClientError::Server(e)) => assert_eq!(e.code, ErrorCode::InvalidArgument),
+        other => panic!("expected a server error, got {other:?}"),
+    }
+    c.typing(GROUP, true).expect("typing");
+    c.ping_pong(1, T).expect("pong");
+
+    // The event message went through the cursors like any message: 1..=5 are all there.
+    assert_eq!(c.cursors().get(GROUP), Seq(5));
+    assert_eq!((c.cursors().duplicates(), c.cursors().gaps()), (0, 0));
+    match c.recv(Duration::ZERO).expect("recv") {
+        Some(ServerFrame::Message(m)) => {
+            assert_eq!(m.content_kind, ContentKind::Event);
+            let ev = decode_event(&m.payload).expect("event");
+            assert_eq!((ev.kind, ev.target), (EventKind::Reacted, Seq(2)));
+        }
+        other => panic!("expected the event message, got {other:?}"),
+    }
+    assert!(matches!(
+        c.recv(Duration::ZERO),
+        Ok(Some(ServerFrame::TypingNotice { typing: true, .. }))
+    ));
+    c.close().expect("close");
+    assert_eq!(server.join().frames.len(), 9);
 }

@@ -78,6 +78,14 @@ pub struct Config {
     pub mesh_batch_items_max: usize,
     /// Items waiting in a core's outbox towards one other core before producers wait. Default 8192.
     pub mesh_outbox_items_max: usize,
+    /// Largest group, members (creator included). Default 1024, at most the protocol's
+    /// `GROUP_USERS_MAX` and the store's `CHAT_MEMBERS_MAX`. Fan-out work per message grows with it.
+    pub group_members_max: usize,
+    /// Typing notices are not forwarded in groups with more members than this. Default 20: in
+    /// big groups they are noise and cost O(members) frames per keystroke burst.
+    pub typing_group_members_max: usize,
+    /// At most one forwarded "typing" per user and chat per this interval, ms. Default 2000.
+    pub typing_throttle_ms: u64,
     /// Size of the embedded store's log segments. Default 64 MiB.
     pub segment_bytes_max: u64,
     /// Dedup entries (sender, client_msg_id) kept per shard; a retry older than the newest this
@@ -110,6 +118,9 @@ impl Default for Config {
             mesh_channel_batches_max: 128,
             mesh_batch_items_max: 256,
             mesh_outbox_items_max: 8192,
+            group_members_max: 1024,
+            typing_group_members_max: 20,
+            typing_throttle_ms: 2000,
             segment_bytes_max: 64 * 1024 * 1024,
             dedup_entries_max: 1_000_000,
         }
@@ -173,6 +184,12 @@ impl Config {
             || self.mesh_outbox_items_max == 0
         {
             return err("mesh_* limits must be positive");
+        }
+        if self.group_members_max < 2
+            || self.group_members_max > switchboard_wire::limits::GROUP_USERS_MAX
+            || self.group_members_max > switchboard_storage::CHAT_MEMBERS_MAX
+        {
+            return err("group_members_max must be within 2 ..= 1024");
         }
         if self.segment_bytes_max < 1024 * 1024 {
             return err("segment_bytes_max must be at least 1 MiB");

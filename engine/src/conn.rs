@@ -582,16 +582,6 @@ async fn on_frame(core: &Rc<Core>, conn: &Rc<ConnShared>, bytes: &[u8]) {
                     );
                 }
                 Target::Peer(p) => (ChatId::direct(conn.user, p), Some(p)),
-                Target::Chat(c) if !c.is_direct() => {
-                    return reply_error(
-                        core,
-                        conn,
-                        ErrorCode::UnknownChat,
-                        "group chats are not supported yet",
-                        0,
-                        Some(req.client_msg_id),
-                    );
-                }
                 Target::Chat(c) => (c, None),
             };
             conn.inflight.set(conn.inflight.get() + 1);
@@ -606,12 +596,6 @@ async fn on_frame(core: &Rc<Core>, conn: &Rc<ConnShared>, bytes: &[u8]) {
                 },
             )
             .await;
-        }
-        ClientFrame::Delivered { chat, up_to } | ClientFrame::Read { chat, up_to }
-            if !chat.is_direct() =>
-        {
-            let _ = up_to;
-            reply_error(core, conn, ErrorCode::UnknownChat, "no such chat", 0, None)
         }
         ClientFrame::Delivered { chat, up_to } => {
             core.route(
@@ -673,16 +657,6 @@ async fn on_frame(core: &Rc<Core>, conn: &Rc<ConnShared>, bytes: &[u8]) {
             before,
             limit,
         } => {
-            if !chat.is_direct() {
-                return reply_error(
-                    core,
-                    conn,
-                    ErrorCode::UnknownChat,
-                    "no such chat",
-                    request_id,
-                    None,
-                );
-            }
             core.route(
                 core.core_of_chat(chat),
                 CoreMsg::History {
@@ -695,6 +669,40 @@ async fn on_frame(core: &Rc<Core>, conn: &Rc<ConnShared>, bytes: &[u8]) {
             )
             .await
         }
+        ClientFrame::CreateGroup(req) => {
+            let chat = ChatId::group(conn.user, req.client_msg_id);
+            conn.inflight.set(conn.inflight.get() + 1);
+            core.route(core.core_of_chat(chat), CoreMsg::CreateGroup { origin, chat, req }).await
+        }
+        ClientFrame::GroupUpdate(req) => {
+            if req.chat.is_direct() {
+                let id = Some(req.client_msg_id);
+                return reply_error(core, conn, ErrorCode::UnknownChat, "not a group", 0, id);
+            }
+            conn.inflight.set(conn.inflight.get() + 1);
+            core.route(core.core_of_chat(req.chat), CoreMsg::GroupUpdate { origin, req }).await
+        }
+        ClientFrame::GetGroupInfo { request_id, chat } => {
+            let msg = CoreMsg::GroupInfo { origin, request_id, chat };
+            core.route(core.core_of_chat(chat), msg).await
+        }
+        ClientFrame::Typing { chat, typing } => {
+            core.route(core.core_of_chat(chat), CoreMsg::Typing { origin, chat, typing }).await
+        }
+        ClientFrame::GetReceipts { request_id, chat, seq } => {
+            let msg = CoreMsg::GetReceipts { origin, request_id, chat, seq };
+            core.route(core.core_of_chat(chat), msg).await
+        }
+        ClientFrame::Edit { client_msg_id, .. }
+        | ClientFrame::Delete { client_msg_id, .. }
+        | ClientFrame::React { client_msg_id, .. } => reply_error(
+            core,
+            conn,
+            ErrorCode::UnsupportedFrame,
+            "edit, delete and react are not supported by this server version yet",
+            0,
+            Some(client_msg_id),
+        ),
         ClientFrame::Ping { nonce } => {
             let frame = core.encode(&ServerFrame::Pong { nonce });
             conn.push(

@@ -225,6 +225,31 @@ impl Core {
                 ))
                 .detach();
             }
+            CoreMsg::CreateGroup { origin, chat, req } => {
+                let shard = self.owned_shard(chat);
+                shard.owner.borrow_mut().on_create_group(unix_ms(), origin, chat, req);
+                shard.staged();
+            }
+            CoreMsg::GroupUpdate { origin, req } => {
+                let shard = self.owned_shard(req.chat);
+                shard.owner.borrow_mut().on_group_update(unix_ms(), origin, req);
+                shard.staged();
+            }
+            CoreMsg::GroupInfo { origin, request_id, chat } => {
+                let shard = self.owned_shard(chat);
+                shard.owner.borrow_mut().on_group_info(origin, request_id, chat);
+                shard.staged();
+            }
+            CoreMsg::Typing { origin, chat, typing } => {
+                let shard = self.owned_shard(chat);
+                shard.owner.borrow_mut().on_typing(unix_ms(), origin, chat, typing);
+                shard.staged();
+            }
+            CoreMsg::GetReceipts { origin, request_id, chat, seq } => {
+                let shard = self.owned_shard(chat);
+                shard.owner.borrow_mut().on_get_receipts(origin, request_id, chat, seq);
+                shard.staged();
+            }
             CoreMsg::Online { user, device, conn } => {
                 let replaced = self.directory.borrow_mut().online(user, device, conn);
                 if let Some(old) = replaced.filter(|c| c.core == self.id && *c != conn) {
@@ -249,6 +274,14 @@ impl Core {
                 for id in conns {
                     if let Some(c) = local.get(&id) {
                         c.push(self, frame.clone(), FrameKind::Live { chat, seq });
+                    }
+                }
+            }
+            CoreMsg::Broadcast { frame, conns } => {
+                let local = self.conns.borrow();
+                for id in conns {
+                    if let Some(c) = local.get(&id) {
+                        c.push(self, frame.clone(), FrameKind::Reply { completes_send: false });
                     }
                 }
             }
@@ -318,27 +351,14 @@ impl Core {
                         .await;
                     }
                 }
-                Effect::Receipt { receipt, to_users } => {
-                    let targets = self.targets(&to_users, None);
+                Effect::Broadcast { frame, to_users, skip } => {
+                    let targets = self.targets(&to_users, skip);
                     if targets.is_empty() {
                         continue;
                     }
-                    let frame = self.encode(&ServerFrame::Receipt(receipt));
+                    let frame = self.encode(&frame);
                     for (core, conns) in targets {
-                        for conn in conns {
-                            let kind = FrameKind::Reply {
-                                completes_send: false,
-                            };
-                            self.route(
-                                core,
-                                CoreMsg::ToConn {
-                                    conn,
-                                    frame: frame.clone(),
-                                    kind,
-                                },
-                            )
-                            .await;
-                        }
+                        self.route(core, CoreMsg::Broadcast { frame: frame.clone(), conns }).await;
                     }
                 }
             }

@@ -61,6 +61,31 @@ pub enum CoreMsg {
         before: Seq,
         limit: u32,
     },
+    CreateGroup {
+        origin: Origin,
+        chat: ChatId,
+        req: CreateGroupReq,
+    },
+    GroupUpdate {
+        origin: Origin,
+        req: GroupUpdateReq,
+    },
+    GroupInfo {
+        origin: Origin,
+        request_id: u32,
+        chat: ChatId,
+    },
+    Typing {
+        origin: Origin,
+        chat: ChatId,
+        typing: bool,
+    },
+    GetReceipts {
+        origin: Origin,
+        request_id: u32,
+        chat: ChatId,
+        seq: Seq,
+    },
     // ---- replicated directory of connected devices (sent to every core)
     Online {
         user: UserId,
@@ -85,6 +110,8 @@ pub enum CoreMsg {
         frame: Frame,
         kind: FrameKind,
     },
+    /// One frame (receipt, typing notice) for several local connections.
+    Broadcast { frame: Frame, conns: Vec<u64> },
     /// One shard finished its part of a `Sync`.
     SyncPart {
         conn: u64,

@@ -2,37 +2,49 @@
 //! next seq, stage the records that must become durable and the effects that may only run after
 //! they are durable (acks, deliveries, receipts). The committer (`shard.rs`) does the I/O.
 //!
-//! Call order: `on_send` / `on_cursor` any number of times, then `take_batch`, make the batch's
-//! records durable, `committed(&batch)`, then run the batch's effects in order.
+//! Call order: `on_*` any number of times, then `take_batch`, make the batch's records durable,
+//! `committed(&batch)`, then run the batch's effects in order.
 
 use crate::msg::{ConnRef, Origin};
-use std::collections::VecDeque;
-use switchboard_storage::{ChatKind, CursorKind, Record, ShardState, StoredMessage};
+use std::collections::{HashMap, VecDeque};
+use switchboard_storage::{
+    ChatKind, ChatMeta, CursorKind, Record, ShardState, StoredMessage, CONTENT_KIND_DELETED, CONTENT_KIND_EVENT,
+    MESSAGE_FLAG_FORWARDED,
+};
 use switchboard_wire::{
-    ChatId, ClientMsgId, ContentKind, ErrorCode, ErrorFrame, Message, MsgId, Receipt, ReceiptKind,
-    SendAck, SendReq, Seq, ServerFrame, UserId,
+    encode_event, ChatEvent, ChatId, ClientMsgId, ContentKind, CreateGroupReq, ErrorCode, ErrorFrame, EventKind,
+    GroupInfo, GroupOp, GroupUpdateReq, MemberRole, Message, MsgId, Receipt, ReceiptKind, ReceiptList, SendAck,
+    SendReq, Seq, ServerFrame, UserId,
 };
 
 /// Something to do once the records staged before it are durable.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Effect {
-    /// A frame for one connection (ack or error).
-    Reply {
-        to: ConnRef,
-        frame: ServerFrame,
-        completes_send: bool,
-    },
+    /// A frame for one connection (ack, error, group info, receipt list).
+    Reply { to: ConnRef, frame: ServerFrame, completes_send: bool },
     /// A new message for every online device of `members`, except the connection that sent it.
-    Fanout {
-        msg: Message,
-        members: Vec<UserId>,
-        skip: ConnRef,
-    },
-    /// A receipt for every online device of `to_users`.
-    Receipt {
-        receipt: Receipt,
-        to_users: Vec<UserId>,
-    },
+    Fanout { msg: Message, members: Vec<UserId>, skip: ConnRef },
+    /// A frame (receipt, typing notice) for every online device of `to_users` except `skip`.
+    Broadcast { frame: ServerFrame, to_users: Vec<UserId>, skip: Option<ConnRef> },
+}
+
+/// Owner-side limits (from the server config).
+#[derive(Clone, Copy, Debug)]
+pub struct OwnerLimits {
+    /// Staged records before new work is refused with `Overloaded`.
+    pub pending_records_max: usize,
+    /// Largest group, members.
+    pub group_members_max: usize,
+    /// Typing notices are dropped in groups larger than this.
+    pub typing_group_members_max: usize,
+    /// At most one forwarded "typing" per user and chat per this many ms (stops always pass).
+    pub typing_throttle_ms: u64,
+}
+
+impl Default for OwnerLimits {
+    fn default() -> Self {
+        OwnerLimits { pending_records_max: 16_384, group_members_max: 1024, typing_group_members_max: 20, typing_throttle_ms: 2000 }
+    }
 }
 
 /// Records and the effects that wait for them.
@@ -56,11 +68,7 @@ const EPOCH_2020_MS: u64 = 1_577_836_800_000;
 
 impl MsgIdGen {
     pub fn new(shard: u32, highest_issued: MsgId) -> MsgIdGen {
-        MsgIdGen {
-            shard_bits: (shard as u64 & 0x3ff) << 12,
-            last_ms: highest_issued.0 >> 22,
-            counter: 0xfff,
-        }
+        MsgIdGen { shard_bits: (shard as u64 & 0x3ff) << 12, last_ms: highest_issued.0 >> 22, counter: 0xfff }
     }
     pub fn next(&mut self, now_ms: u64) -> MsgId {
         let ms = now_ms.saturating_sub(EPOCH_2020_MS) & ((1 << 42) - 1);
@@ -84,42 +92,31 @@ pub struct Owner {
     /// Staged work in arrival order: each item's records, then its effects.
     pending: VecDeque<Batch>,
     pending_records: usize,
-    pending_records_max: usize,
+    limits: OwnerLimits,
+    /// Last typing state forwarded per (chat, user), with its time.
+    typing: HashMap<(ChatId, UserId), (u64, bool)>,
 }
 
-fn error(
-    to: ConnRef,
-    code: ErrorCode,
-    text: &str,
-    client_msg_id: Option<ClientMsgId>,
-    completes_send: bool,
-) -> Effect {
-    Effect::Reply {
-        to,
-        frame: ServerFrame::Error(ErrorFrame {
-            code,
-            text: text.to_string(),
-            client_msg_id,
-            request_id: 0,
-        }),
-        completes_send,
-    }
+fn error_frame(code: ErrorCode, text: &str, client_msg_id: Option<ClientMsgId>, request_id: u32) -> ServerFrame {
+    ServerFrame::Error(ErrorFrame { code, text: text.to_string(), client_msg_id, request_id })
+}
+
+fn error(to: ConnRef, code: ErrorCode, text: &str, client_msg_id: Option<ClientMsgId>, completes_send: bool) -> Effect {
+    Effect::Reply { to, frame: error_frame(code, text, client_msg_id, 0), completes_send }
+}
+
+/// A new message (or event) to stage: everything but the seq, msg id and time.
+struct NewMessage {
+    client_msg_id: ClientMsgId,
+    reply_to: Seq,
+    content_kind: u8,
+    flags: u8,
+    payload: Vec<u8>,
 }
 
 impl Owner {
-    pub fn new(
-        shard: u32,
-        state: ShardState,
-        highest_msg_id: MsgId,
-        pending_records_max: usize,
-    ) -> Owner {
-        Owner {
-            state,
-            ids: MsgIdGen::new(shard, highest_msg_id),
-            pending: VecDeque::new(),
-            pending_records: 0,
-            pending_records_max,
-        }
+    pub fn new(shard: u32, state: ShardState, highest_msg_id: MsgId, limits: OwnerLimits) -> Owner {
+        Owner { state, ids: MsgIdGen::new(shard, highest_msg_id), pending: VecDeque::new(), pending_records: 0, limits, typing: HashMap::new() }
     }
 
     pub fn has_pending(&self) -> bool {
@@ -134,96 +131,31 @@ impl Owner {
         self.pending.push_back(Batch { records, effects });
     }
 
-    /// A `Send` for `chat` (derived by the connection's core; `peer` is set for a 1:1 target).
-    pub fn on_send(
-        &mut self,
-        now_ms: u64,
-        origin: Origin,
-        chat: ChatId,
-        peer: Option<UserId>,
-        req: SendReq,
-    ) {
-        let id = Some(req.client_msg_id);
-        let reply = |code, text| error(origin.conn, code, text, id, true);
-        if let Some(d) = self.state.dedup(&origin.user, &req.client_msg_id).copied() {
-            let effect = if d.chat == chat {
-                let ack = SendAck {
-                    client_msg_id: req.client_msg_id,
-                    chat,
-                    seq: d.seq,
-                    msg_id: d.msg_id,
-                    timestamp_ms: d.timestamp_ms,
-                    duplicate: true,
-                };
-                Effect::Reply {
-                    to: origin.conn,
-                    frame: ServerFrame::SendAck(ack),
-                    completes_send: true,
-                }
-            } else {
-                reply(
-                    ErrorCode::ClientMsgIdReused,
-                    "client_msg_id already used for another chat",
-                )
-            };
-            return self.push(Vec::new(), vec![effect]);
-        }
-        if self.pending_records >= self.pending_records_max {
-            return self.push(
-                Vec::new(),
-                vec![reply(
-                    ErrorCode::Overloaded,
-                    "server busy: retry with the same client_msg_id",
-                )],
-            );
-        }
-        let mut records = Vec::with_capacity(2);
-        let members = match (self.state.chat(&chat), peer) {
-            (Some(meta), _) => {
-                if !meta.is_member(origin.user) {
-                    return self.push(
-                        Vec::new(),
-                        vec![reply(ErrorCode::NotMember, "not a member of this chat")],
-                    );
-                }
-                if let Some(p) = peer {
-                    if !meta.is_member(p) {
-                        // Two different pairs hashed to one chat id: refuse rather than misdeliver.
-                        return self.push(
-                            Vec::new(),
-                            vec![reply(ErrorCode::Internal, "chat id collision")],
-                        );
-                    }
-                }
-                meta.members.clone()
-            }
-            (None, Some(p)) => {
-                let members = vec![origin.user, p];
-                records.push(Record::ChatCreated {
-                    chat,
-                    kind: ChatKind::Direct,
-                    members: members.clone(),
-                    created_ms: now_ms,
-                });
-                members
-            }
-            (None, None) => {
-                return self.push(
-                    Vec::new(),
-                    vec![reply(ErrorCode::UnknownChat, "no such chat")],
-                )
-            }
-        };
-        let next_seq = self.state.chat(&chat).map(|m| m.next_seq).unwrap_or(Seq(1));
-        if req.reply_to.0 >= next_seq.0 {
-            return self.push(
-                Vec::new(),
-                vec![reply(
-                    ErrorCode::InvalidArgument,
-                    "reply_to names a message that does not exist",
-                )],
-            );
-        }
+    fn reply_only(&mut self, effect: Effect) {
+        self.push(Vec::new(), vec![effect]);
+    }
+
+    fn overloaded(&self) -> bool {
+        self.pending_records >= self.limits.pending_records_max
+    }
+
+    /// The answer to a retried `client_msg_id`, if it is one: the original ack, or an error when
+    /// the id was used in another chat.
+    fn retry_answer(&self, origin: Origin, chat: ChatId, id: ClientMsgId) -> Option<Effect> {
+        let d = self.state.dedup(&origin.user, &id).copied()?;
+        Some(if d.chat == chat {
+            let ack = SendAck { client_msg_id: id, chat, seq: d.seq, msg_id: d.msg_id, timestamp_ms: d.timestamp_ms, duplicate: true };
+            Effect::Reply { to: origin.conn, frame: ServerFrame::SendAck(ack), completes_send: true }
+        } else {
+            error(origin.conn, ErrorCode::ClientMsgIdReused, "client_msg_id already used for another chat", Some(id), true)
+        })
+    }
+
+    /// Stages one message at the chat's next seq (plus `extra` records before it) with its ack and
+    /// its fan-out to `recipients`. The chat must exist (or be created by `extra`).
+    fn stage_message(&mut self, now_ms: u64, origin: Origin, chat: ChatId, m: NewMessage, extra: Vec<Record>, recipients: Vec<UserId>, ack_frame: Option<ServerFrame>) -> Seq {
+        let next_seq = self.state.chat(&chat).map(|c| c.next_seq).unwrap_or(Seq(1));
+        let before = self.state.chat(&chat).map(|c| c.all_members_cursors());
         let msg_id = self.ids.next(now_ms);
         let stored = StoredMessage {
             chat,
@@ -232,80 +164,257 @@ impl Owner {
             sender_user: origin.user,
             sender_device: origin.device,
             timestamp_ms: now_ms,
-            client_msg_id: req.client_msg_id,
-            reply_to: req.reply_to,
-            content_kind: req.content_kind.0,
-            payload: req.payload,
+            client_msg_id: m.client_msg_id,
+            reply_to: m.reply_to,
+            content_kind: m.content_kind,
+            flags: m.flags,
+            payload: m.payload,
         };
-        let ack = SendAck {
-            client_msg_id: req.client_msg_id,
+        let ack_frame = ack_frame.unwrap_or(ServerFrame::SendAck(SendAck {
+            client_msg_id: m.client_msg_id,
             chat,
             seq: next_seq,
             msg_id,
             timestamp_ms: now_ms,
             duplicate: false,
-        };
+        }));
         let msg = message_frame(&stored);
+        let mut records = extra;
         records.push(Record::Message(stored));
-        let effects = vec![
-            Effect::Reply {
-                to: origin.conn,
-                frame: ServerFrame::SendAck(ack),
-                completes_send: true,
-            },
-            Effect::Fanout {
-                msg,
-                members,
-                skip: origin.conn,
-            },
+        let mut effects = vec![
+            Effect::Reply { to: origin.conn, frame: ack_frame, completes_send: true },
+            Effect::Fanout { msg, members: recipients, skip: origin.conn },
         ];
-        self.push(records, effects);
+        self.push(records, Vec::new());
+        // A send raises the sender's own cursors, which may complete an aggregate receipt.
+        if let Some(before) = before {
+            effects.extend(self.aggregate_receipts(chat, before, None));
+        }
+        self.pending.back_mut().expect("just pushed").effects = effects;
+        next_seq
+    }
+
+    /// A `Send` for `chat` (derived by the connection's core; `peer` is set for a 1:1 target).
+    pub fn on_send(&mut self, now_ms: u64, origin: Origin, chat: ChatId, peer: Option<UserId>, req: SendReq) {
+        let id = Some(req.client_msg_id);
+        let reply = |code, text| error(origin.conn, code, text, id, true);
+        if let Some(answer) = self.retry_answer(origin, chat, req.client_msg_id) {
+            return self.reply_only(answer);
+        }
+        if self.overloaded() {
+            return self.reply_only(reply(ErrorCode::Overloaded, "server busy: retry with the same client_msg_id"));
+        }
+        let mut extra = Vec::new();
+        let members = match (self.state.chat(&chat), peer) {
+            (Some(meta), _) => {
+                if !meta.is_member(origin.user) {
+                    return self.reply_only(reply(ErrorCode::NotMember, "not a member of this chat"));
+                }
+                if let Some(p) = peer {
+                    if !meta.is_member(p) {
+                        // Two different pairs hashed to one chat id: refuse rather than misdeliver.
+                        return self.reply_only(reply(ErrorCode::Internal, "chat id collision"));
+                    }
+                }
+                if let Some(g) = &meta.group {
+                    if g.admins_only && meta.role(origin.user) == Some(MemberRole::Member) {
+                        return self.reply_only(reply(ErrorCode::NotAllowed, "only admins may send in this group"));
+                    }
+                }
+                meta.members.clone()
+            }
+            (None, Some(p)) => {
+                let members = vec![origin.user, p];
+                extra.push(Record::ChatCreated { chat, kind: ChatKind::Direct, members: members.clone(), created_ms: now_ms });
+                members
+            }
+            (None, None) => return self.reply_only(reply(ErrorCode::UnknownChat, "no such chat")),
+        };
+        let next_seq = self.state.chat(&chat).map(|m| m.next_seq).unwrap_or(Seq(1));
+        if req.reply_to.0 >= next_seq.0 {
+            return self.reply_only(reply(ErrorCode::InvalidArgument, "reply_to names a message that does not exist"));
+        }
+        let m = NewMessage {
+            client_msg_id: req.client_msg_id,
+            reply_to: req.reply_to,
+            content_kind: req.content_kind.0,
+            flags: if req.forwarded { MESSAGE_FLAG_FORWARDED } else { 0 },
+            payload: req.payload,
+        };
+        self.stage_message(now_ms, origin, chat, m, extra, members, None);
+    }
+
+    /// A `CreateGroup`; `chat` is `ChatId::group(origin.user, req.client_msg_id)`.
+    pub fn on_create_group(&mut self, now_ms: u64, origin: Origin, chat: ChatId, req: CreateGroupReq) {
+        let request_id = req.request_id;
+        let reply = |code, text| Effect::Reply { to: origin.conn, frame: error_frame(code, text, Some(req.client_msg_id), request_id), completes_send: true };
+        if let Some(meta) = self.state.chat(&chat) {
+            // A retry (or, vanishingly rarely, a hash collision with someone else's group).
+            let effect = if meta.visible_range(origin.user).is_some() && self.state.dedup(&origin.user, &req.client_msg_id).is_none_or(|d| d.chat == chat) {
+                Effect::Reply { to: origin.conn, frame: ServerFrame::GroupInfo(group_info(chat, meta, request_id)), completes_send: true }
+            } else {
+                reply(ErrorCode::Internal, "group id collision: retry with another client_msg_id")
+            };
+            return self.reply_only(effect);
+        }
+        if self.overloaded() {
+            return self.reply_only(reply(ErrorCode::Overloaded, "server busy: retry with the same client_msg_id"));
+        }
+        let mut members = vec![origin.user];
+        for u in &req.members {
+            if !members.contains(u) {
+                members.push(*u);
+            }
+        }
+        if members.len() > self.limits.group_members_max {
+            return self.reply_only(reply(ErrorCode::GroupFull, "too many members for one group"));
+        }
+        let mut ev = ChatEvent::new(EventKind::GroupCreated);
+        ev.users = members[1..].to_vec();
+        ev.name = Some(req.name.clone());
+        ev.description = Some(req.description.clone());
+        ev.avatar_media_id = Some(req.avatar_media_id.clone());
+        ev.admins_only = req.admins_only;
+        let created = Record::ChatCreated { chat, kind: ChatKind::Group, members: members.clone(), created_ms: now_ms };
+        let m = NewMessage { client_msg_id: req.client_msg_id, reply_to: Seq(0), content_kind: CONTENT_KIND_EVENT, flags: 0, payload: encode_event(&ev) };
+        // The answer is the group as it will be once the creation is durable.
+        let info = GroupInfo {
+            request_id,
+            chat,
+            name: req.name,
+            description: req.description,
+            avatar_media_id: req.avatar_media_id,
+            members: members.iter().enumerate().map(|(i, u)| (*u, if i == 0 { MemberRole::Owner } else { MemberRole::Member })).collect(),
+            admins_only: req.admins_only,
+            created_ms: now_ms,
+            last_seq: Seq(1),
+        };
+        self.stage_message(now_ms, origin, chat, m, vec![created], members, Some(ServerFrame::GroupInfo(info)));
+    }
+
+    /// A `GroupUpdate`: permission checks, then the change as an event in the chat's sequence.
+    pub fn on_group_update(&mut self, now_ms: u64, origin: Origin, req: GroupUpdateReq) {
+        let chat = req.chat;
+        let id = Some(req.client_msg_id);
+        let reply = |code, text| error(origin.conn, code, text, id, true);
+        if let Some(answer) = self.retry_answer(origin, chat, req.client_msg_id) {
+            return self.reply_only(answer);
+        }
+        if self.overloaded() {
+            return self.reply_only(reply(ErrorCode::Overloaded, "server busy: retry with the same client_msg_id"));
+        }
+        let Some(meta) = self.state.chat(&chat).filter(|m| m.kind == ChatKind::Group) else {
+            return self.reply_only(reply(ErrorCode::UnknownChat, "no such group"));
+        };
+        let Some(role) = meta.role(origin.user) else {
+            return self.reply_only(reply(ErrorCode::NotMember, "not a member of this group"));
+        };
+        let is_admin = role != MemberRole::Member;
+        if req.op != GroupOp::Leave && !is_admin {
+            return self.reply_only(reply(ErrorCode::NotAllowed, "only admins may change the group"));
+        }
+        let before: Vec<UserId> = meta.members.clone();
+        let mut ev;
+        let mut recipients = before.clone();
+        match req.op {
+            GroupOp::AddMembers => {
+                ev = ChatEvent::new(EventKind::MembersAdded);
+                for u in &req.users {
+                    if !meta.is_member(*u) && !ev.users.contains(u) {
+                        ev.users.push(*u);
+                    }
+                }
+                if ev.users.is_empty() {
+                    return self.reply_only(reply(ErrorCode::InvalidArgument, "every user named is already a member"));
+                }
+                if before.len() + ev.users.len() > self.limits.group_members_max {
+                    return self.reply_only(reply(ErrorCode::GroupFull, "the group would exceed its member limit"));
+                }
+                recipients.extend(ev.users.iter().copied());
+            }
+            GroupOp::RemoveMembers => {
+                ev = ChatEvent::new(EventKind::MembersRemoved);
+                for u in &req.users {
+                    if meta.is_member(*u) && !ev.users.contains(u) {
+                        if meta.role(*u) == Some(MemberRole::Owner) {
+                            return self.reply_only(reply(ErrorCode::NotAllowed, "the owner cannot be removed"));
+                        }
+                        if meta.role(*u) == Some(MemberRole::Admin) && role != MemberRole::Owner {
+                            return self.reply_only(reply(ErrorCode::NotAllowed, "only the owner may remove admins"));
+                        }
+                        ev.users.push(*u);
+                    }
+                }
+                if ev.users.is_empty() {
+                    return self.reply_only(reply(ErrorCode::InvalidArgument, "no user named is a member"));
+                }
+            }
+            GroupOp::Promote | GroupOp::Demote => {
+                let promote = req.op == GroupOp::Promote;
+                if !promote && role != MemberRole::Owner {
+                    return self.reply_only(reply(ErrorCode::NotAllowed, "only the owner may demote admins"));
+                }
+                ev = ChatEvent::new(EventKind::RolesChanged);
+                ev.role = if promote { MemberRole::Admin } else { MemberRole::Member };
+                for u in &req.users {
+                    let r = meta.role(*u);
+                    let changes = matches!((promote, r), (true, Some(MemberRole::Member)) | (false, Some(MemberRole::Admin)));
+                    if changes && !ev.users.contains(u) {
+                        ev.users.push(*u);
+                    }
+                }
+                if ev.users.is_empty() {
+                    return self.reply_only(reply(ErrorCode::InvalidArgument, "no role would change"));
+                }
+            }
+            GroupOp::SetInfo => {
+                ev = ChatEvent::new(EventKind::InfoChanged);
+                ev.name = req.name;
+                ev.description = req.description;
+                ev.avatar_media_id = req.avatar_media_id;
+                if ev.name.is_none() && ev.description.is_none() && ev.avatar_media_id.is_none() {
+                    return self.reply_only(reply(ErrorCode::InvalidArgument, "nothing to change"));
+                }
+            }
+            GroupOp::SetAdminsOnly => {
+                ev = ChatEvent::new(EventKind::AdminsOnlyChanged);
+                ev.admins_only = req.admins_only;
+            }
+            GroupOp::Leave => {
+                ev = ChatEvent::new(EventKind::MemberLeft);
+            }
+            _ => return self.reply_only(reply(ErrorCode::InvalidArgument, "unknown group operation")),
+        }
+        let m = NewMessage { client_msg_id: req.client_msg_id, reply_to: Seq(0), content_kind: CONTENT_KIND_EVENT, flags: 0, payload: encode_event(&ev) };
+        self.stage_message(now_ms, origin, chat, m, Vec::new(), recipients, None);
+    }
+
+    /// `GetGroupInfo`: answered from the staged state (includes changes not yet durable; they
+    /// are acknowledged before any later reply to this connection).
+    pub fn on_group_info(&mut self, origin: Origin, request_id: u32, chat: ChatId) {
+        let frame = match self.state.chat(&chat).filter(|m| m.kind == ChatKind::Group) {
+            None => error_frame(ErrorCode::UnknownChat, "no such group", None, request_id),
+            Some(m) if !m.is_member(origin.user) => error_frame(ErrorCode::NotMember, "not a member of this group", None, request_id),
+            Some(m) => ServerFrame::GroupInfo(group_info(chat, m, request_id)),
+        };
+        self.reply_only(Effect::Reply { to: origin.conn, frame, completes_send: false });
     }
 
     /// A `Delivered` or `Read` from a device.
     pub fn on_cursor(&mut self, origin: Origin, chat: ChatId, kind: CursorKind, up_to: Seq) {
+        let err = |code, text| error(origin.conn, code, text, None, false);
         let Some(meta) = self.state.chat(&chat) else {
-            return self.push(
-                Vec::new(),
-                vec![error(
-                    origin.conn,
-                    ErrorCode::UnknownChat,
-                    "no such chat",
-                    None,
-                    false,
-                )],
-            );
+            return self.reply_only(err(ErrorCode::UnknownChat, "no such chat"));
         };
         if !meta.is_member(origin.user) {
-            return self.push(
-                Vec::new(),
-                vec![error(
-                    origin.conn,
-                    ErrorCode::NotMember,
-                    "not a member of this chat",
-                    None,
-                    false,
-                )],
-            );
+            return self.reply_only(err(ErrorCode::NotMember, "not a member of this chat"));
         }
         if up_to.0 >= meta.next_seq.0 {
-            return self.push(
-                Vec::new(),
-                vec![error(
-                    origin.conn,
-                    ErrorCode::InvalidArgument,
-                    "cursor beyond the last message",
-                    None,
-                    false,
-                )],
-            );
+            return self.reply_only(err(ErrorCode::InvalidArgument, "cursor beyond the last message"));
         }
-        let others: Vec<UserId> = meta
-            .members
-            .iter()
-            .copied()
-            .filter(|u| *u != origin.user)
-            .collect();
+        let group = meta.kind == ChatKind::Group;
+        let members = meta.members.clone();
+        let before_all = meta.all_members_cursors();
         let (delivered, read) = self.state.cursors(chat, origin.user, origin.device);
         let old = match kind {
             CursorKind::Delivered => delivered,
@@ -314,30 +423,105 @@ impl Owner {
         if up_to <= old {
             return; // Already there: cursors never move back, nothing to store or tell.
         }
-        let record = Record::Cursor {
-            chat,
-            user: origin.user,
-            device: origin.device,
-            kind,
-            seq: up_to,
+        let record = Record::Cursor { chat, user: origin.user, device: origin.device, kind, seq: up_to };
+        self.push(vec![record], Vec::new());
+        let mut effects = Vec::new();
+        if group {
+            // Groups: one aggregated receipt ("delivered to / read by every member") when the
+            // slowest member moves, instead of one receipt per member per message.
+            effects.extend(self.aggregate_receipts(chat, before_all, Some(origin.conn)));
+            // The reader's other devices learn the read position.
+            if kind == CursorKind::Read {
+                let receipt = Receipt { chat, from: Seq(old.0 + 1), to: up_to, user: origin.user, kind: ReceiptKind::Read };
+                effects.push(Effect::Broadcast { frame: ServerFrame::Receipt(receipt), to_users: vec![origin.user], skip: Some(origin.conn) });
+            }
+        } else {
+            let receipt = Receipt {
+                chat,
+                from: Seq(old.0 + 1),
+                to: up_to,
+                user: origin.user,
+                kind: match kind {
+                    CursorKind::Delivered => ReceiptKind::Delivered,
+                    CursorKind::Read => ReceiptKind::Read,
+                },
+            };
+            // The other member, and the reader's other devices (a read on one device is a read
+            // on all of them).
+            effects.push(Effect::Broadcast { frame: ServerFrame::Receipt(receipt), to_users: members, skip: Some(origin.conn) });
+        }
+        self.pending.back_mut().expect("just pushed").effects = effects;
+    }
+
+    /// Receipts for `user: 0` ("every member") when the slowest member's cursors moved past
+    /// `before`.
+    fn aggregate_receipts(&self, chat: ChatId, before: (Seq, Seq), skip: Option<ConnRef>) -> Vec<Effect> {
+        let Some(meta) = self.state.chat(&chat).filter(|m| m.kind == ChatKind::Group) else {
+            return Vec::new();
         };
-        let receipt = Receipt {
-            chat,
-            from: Seq(old.0 + 1),
-            to: up_to,
-            user: origin.user,
-            kind: match kind {
-                CursorKind::Delivered => ReceiptKind::Delivered,
-                CursorKind::Read => ReceiptKind::Read,
-            },
+        let after = meta.all_members_cursors();
+        let mut out = Vec::new();
+        for (kind, b, a) in [(ReceiptKind::Delivered, before.0, after.0), (ReceiptKind::Read, before.1, after.1)] {
+            if a > b && a.0 != u64::MAX {
+                let receipt = Receipt { chat, from: Seq(b.0 + 1), to: a, user: UserId(0), kind };
+                out.push(Effect::Broadcast { frame: ServerFrame::Receipt(receipt), to_users: meta.members.clone(), skip });
+            }
+        }
+        out
+    }
+
+    /// `GetReceipts`: every other current member's state for message `seq`.
+    pub fn on_get_receipts(&mut self, origin: Origin, request_id: u32, chat: ChatId, seq: Seq) {
+        let frame = match self.state.chat(&chat) {
+            None => error_frame(ErrorCode::UnknownChat, "no such chat", None, request_id),
+            Some(m) if !m.is_member(origin.user) => error_frame(ErrorCode::NotMember, "not a member of this chat", None, request_id),
+            Some(m) if seq.0 >= m.next_seq.0 => error_frame(ErrorCode::InvalidArgument, "no such message", None, request_id),
+            Some(m) => {
+                let mut list = ReceiptList { request_id, chat, seq, delivered: Vec::new(), read: Vec::new(), pending: Vec::new() };
+                for u in m.members.iter().filter(|u| **u != origin.user) {
+                    if m.visible_range(*u).is_some_and(|(first, _)| first > seq) {
+                        continue; // joined after the message
+                    }
+                    let (d, r) = m.member_cursors.get(u).copied().unwrap_or_default();
+                    if r >= seq {
+                        list.read.push(*u);
+                    } else if d >= seq {
+                        list.delivered.push(*u);
+                    } else {
+                        list.pending.push(*u);
+                    }
+                }
+                ServerFrame::ReceiptList(list)
+            }
         };
-        self.push(
-            vec![record],
-            vec![Effect::Receipt {
-                receipt,
-                to_users: others,
-            }],
-        );
+        self.reply_only(Effect::Reply { to: origin.conn, frame, completes_send: false });
+    }
+
+    /// `Typing`: forwarded to the other members' devices, never stored. Dropped for large groups,
+    /// for non-members, and when the same user repeats "typing" within the throttle interval.
+    pub fn on_typing(&mut self, now_ms: u64, origin: Origin, chat: ChatId, typing: bool) {
+        let Some(meta) = self.state.chat(&chat) else { return };
+        if !meta.is_member(origin.user) || meta.members.len() > self.limits.typing_group_members_max {
+            return;
+        }
+        let key = (chat, origin.user);
+        if let Some((at, last)) = self.typing.get(&key) {
+            if typing && *last && now_ms.saturating_sub(*at) < self.limits.typing_throttle_ms {
+                return;
+            }
+            if !typing && !*last {
+                return;
+            }
+        }
+        // Bounded: one entry per (chat, member) that typed; forgotten on "stop".
+        if typing {
+            self.typing.insert(key, (now_ms, true));
+        } else {
+            self.typing.remove(&key);
+        }
+        let others: Vec<UserId> = meta.members.iter().copied().filter(|u| *u != origin.user).collect();
+        let frame = ServerFrame::TypingNotice { chat, user: origin.user, typing };
+        self.reply_only(Effect::Broadcast { frame, to_users: others, skip: Some(origin.conn) });
     }
 
     /// Takes staged work for one group commit: whole items, up to about `records_max` records.
@@ -365,8 +549,24 @@ impl Owner {
     }
 }
 
-/// The wire form of a stored message.
+fn group_info(chat: ChatId, m: &ChatMeta, request_id: u32) -> GroupInfo {
+    let g = m.group.as_deref().cloned().unwrap_or_default();
+    GroupInfo {
+        request_id,
+        chat,
+        members: m.members.iter().map(|u| (*u, g.roles.get(u).copied().unwrap_or(MemberRole::Member))).collect(),
+        name: g.name,
+        description: g.description,
+        avatar_media_id: g.avatar_media_id,
+        admins_only: g.admins_only,
+        created_ms: m.created_ms,
+        last_seq: Seq(m.next_seq.0 - 1),
+    }
+}
+
+/// The wire form of a stored message (a purged one keeps only its ids).
 pub fn message_frame(m: &StoredMessage) -> Message {
+    let deleted = m.content_kind == CONTENT_KIND_DELETED;
     Message {
         chat: m.chat,
         seq: m.seq,
@@ -374,10 +574,11 @@ pub fn message_frame(m: &StoredMessage) -> Message {
         sender_user: m.sender_user,
         sender_device: m.sender_device,
         timestamp_ms: m.timestamp_ms,
-        payload: m.payload.clone(),
+        payload: if deleted { Vec::new() } else { m.payload.clone() },
         reply_to: m.reply_to,
         content_kind: ContentKind(m.content_kind),
         client_msg_id: m.client_msg_id,
+        forwarded: m.flags & MESSAGE_FLAG_FORWARDED != 0,
     }
 }
 
@@ -408,11 +609,12 @@ mod tests {
             payload: vec![id as u8; 3],
             reply_to: Seq(reply_to),
             content_kind: ContentKind::Text,
+            forwarded: false,
         }
     }
 
     fn owner() -> Owner {
-        Owner::new(0, ShardState::new(100), MsgId(0), 10)
+        Owner::new(0, ShardState::new(100), MsgId(0), OwnerLimits { pending_records_max: 10, ..OwnerLimits::default() })
     }
 
     fn acks(batch: &Batch) -> Vec<(u64, bool)> {
@@ -560,7 +762,7 @@ mod tests {
             .effects
             .iter()
             .map(|e| match e {
-                Effect::Receipt { receipt, to_users } => {
+                Effect::Broadcast { frame: ServerFrame::Receipt(receipt), to_users, .. } => {
                     (receipt.from.0, receipt.to.0, receipt.kind, to_users.clone())
                 }
                 other => panic!("unexpected {other:?}"),

@@ -9,7 +9,7 @@
 use crate::core::Core;
 use crate::msg::{CoreMsg, FrameKind, Origin};
 use crate::notify::Notify;
-use crate::owner::{message_frame, Batch, Owner};
+use crate::owner::{message_frame, Batch, Owner, OwnerLimits};
 use std::cell::RefCell;
 use std::path::Path;
 use std::rc::Rc;
@@ -53,7 +53,13 @@ impl Shard {
             .unwrap_or(MsgId(0));
         let state = ShardState::recover(cfg.dedup_entries_max, records.iter());
         drop(records);
-        let owner = Owner::new(id, state, highest, cfg.shard_pending_records_max);
+        let limits = OwnerLimits {
+            pending_records_max: cfg.shard_pending_records_max,
+            group_members_max: cfg.group_members_max,
+            typing_group_members_max: cfg.typing_group_members_max,
+            typing_throttle_ms: cfg.typing_throttle_ms,
+        };
+        let owner = Owner::new(id, state, highest, limits);
         Ok(Shard {
             id,
             owner: RefCell::new(owner),
@@ -127,13 +133,17 @@ impl Shard {
             owner
                 .state
                 .chats_of_user(origin.user)
-                .map(|chat| {
+                .filter_map(|chat| {
                     let from = cursors
                         .iter()
                         .find(|(c, _)| *c == chat)
                         .map(|(_, s)| *s)
                         .unwrap_or_else(|| owner.state.cursors(chat, origin.user, origin.device).0);
-                    (chat, from, self.store.durable_seq(chat))
+                    // A group member sees the chat from the event that added them up to the one
+                    // that removed them.
+                    let (first, last) = owner.state.chat(&chat)?.visible_range(origin.user)?;
+                    let from = from.max(Seq(first.0 - 1));
+                    Some((chat, from, self.store.durable_seq(chat).min(last)))
                 })
                 .filter(|(_, from, to)| from < to)
                 .collect()
@@ -214,12 +224,12 @@ impl Shard {
         before: Seq,
         limit: u32,
     ) {
-        let member = self
-            .owner
-            .borrow()
-            .state
-            .chat(&chat)
-            .map(|m| m.is_member(origin.user));
+        // Current members only, from the event that added them.
+        let (member, first) = match self.owner.borrow().state.chat(&chat) {
+            None => (None, Seq(1)),
+            Some(m) if !m.is_member(origin.user) => (Some(false), Seq(1)),
+            Some(m) => (Some(true), m.visible_range(origin.user).map_or(Seq(1), |r| r.0)),
+        };
         let frame = match member {
             None | Some(false) => {
                 let (code, text) = if member.is_none() {
@@ -239,12 +249,13 @@ impl Shard {
                 .read_messages_before(chat, before, limit as usize, HISTORY_PAGE_BYTES_MAX)
                 .await
             {
-                Ok((msgs, has_more)) => ServerFrame::HistoryPage(HistoryPage {
-                    request_id,
-                    chat,
-                    messages: msgs.iter().map(message_frame).collect(),
-                    has_more,
-                }),
+                Ok((msgs, has_more)) => {
+                    let total = msgs.len();
+                    let messages: Vec<_> =
+                        msgs.iter().filter(|m| m.seq >= first).map(message_frame).collect();
+                    let has_more = has_more && messages.len() == total;
+                    ServerFrame::HistoryPage(HistoryPage { request_id, chat, messages, has_more })
+                }
                 Err(e) => {
                     eprintln!(
                         "shard {}: history read of chat {:?} failed: {e}",

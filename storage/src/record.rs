@@ -15,7 +15,7 @@
 //! | tag | record        | fields after `tag, version`                                                        |
 //! |-----|---------------|------------------------------------------------------------------------------------|
 //! | 1   | `ChatCreated` | `chat u64, kind u8, created_ms u64, members_len u32, members [u64]`                |
-//! | 2   | `Message`     | `chat u64, seq u64, msg_id u64, sender_user u64, sender_device u32, timestamp_ms u64, client_msg_id [u8;16], reply_to u64, content_kind u8, payload_len u32, payload [u8]` |
+//! | 2   | `Message`     | `chat u64, seq u64, msg_id u64, sender_user u64, sender_device u32, timestamp_ms u64, client_msg_id [u8;16], reply_to u64, content_kind u8, flags u8 (version 2 only), payload_len u32, payload [u8]` |
 //! | 3   | `Cursor`      | `chat u64, user u64, device u32, kind u8, seq u64`                                 |
 //!
 //! Decoding is strict: the CRC must match, the tag and version must be known, every length is
@@ -49,10 +49,24 @@ pub const RECORD_HEADER_BYTES: usize = 8;
 /// and the payload length. `frame_len - MESSAGE_FRAME_OVERHEAD_BYTES` is the payload length, which
 /// lets a reader budget payload bytes from the index alone.
 pub const MESSAGE_FRAME_OVERHEAD_BYTES: usize =
-    RECORD_HEADER_BYTES + 2 + 8 * 4 + 4 + 8 + 16 + 8 + 1 + 4;
+    RECORD_HEADER_BYTES + 2 + 8 * 4 + 4 + 8 + 16 + 8 + 1 + 1 + 4;
 
-/// The record format version this code writes and the only one it reads.
+/// The record format version this code writes for `ChatCreated` and `Cursor`, and the only one
+/// it reads for them.
 pub const FORMAT_VERSION: u8 = 1;
+
+/// The version written for `Message` records: version 2 added the `flags` byte. Version 1
+/// messages (no flags) are still read.
+pub const MESSAGE_FORMAT_VERSION: u8 = 2;
+
+/// `StoredMessage::flags` bit: the sender forwarded this content from another chat.
+pub const MESSAGE_FLAG_FORWARDED: u8 = 1;
+
+/// `StoredMessage::content_kind` of a chat event (the payload is a wire `ChatEvent`); equal to
+/// the wire's `ContentKind::Event`.
+pub const CONTENT_KIND_EVENT: u8 = 5;
+/// `StoredMessage::content_kind` of a deleted message whose payload was purged.
+pub const CONTENT_KIND_DELETED: u8 = 254;
 
 const TAG_CHAT_CREATED: u8 = 1;
 const TAG_MESSAGE: u8 = 2;
@@ -61,7 +75,7 @@ const TAG_CURSOR: u8 = 3;
 const CHAT_CREATED_FIXED_BYTES: usize = 2 + 8 + 1 + 8 + 4;
 const CURSOR_BODY_BYTES: usize = 2 + 8 + 8 + 4 + 1 + 8;
 
-const _: () = assert!(MESSAGE_FRAME_OVERHEAD_BYTES == RECORD_HEADER_BYTES + 75);
+const _: () = assert!(MESSAGE_FRAME_OVERHEAD_BYTES == RECORD_HEADER_BYTES + 76);
 const _: () = assert!(
     MESSAGE_FRAME_OVERHEAD_BYTES - RECORD_HEADER_BYTES + PAYLOAD_BYTES_MAX <= RECORD_BYTES_MAX
 );
@@ -77,17 +91,21 @@ const _: () = assert!(RECORD_BYTES_MAX <= u32::MAX as usize);
 pub enum ChatKind {
     /// A 1:1 chat between two users.
     Direct,
+    /// A group chat: members, roles and info come from `ChatEvent`s in its sequence.
+    Group,
 }
 
 impl ChatKind {
     fn tag(self) -> u8 {
         match self {
             ChatKind::Direct => 1,
+            ChatKind::Group => 2,
         }
     }
     fn from_tag(tag: u8) -> Option<ChatKind> {
         match tag {
             1 => Some(ChatKind::Direct),
+            2 => Some(ChatKind::Group),
             _ => None,
         }
     }
@@ -133,6 +151,8 @@ pub struct StoredMessage {
     /// The seq this message replies to, or 0.
     pub reply_to: Seq,
     pub content_kind: u8,
+    /// `MESSAGE_FLAG_*` bits.
+    pub flags: u8,
     /// Opaque (end-to-end encrypted) content, at most `PAYLOAD_BYTES_MAX` bytes.
     pub payload: Vec<u8>,
 }
@@ -292,7 +312,7 @@ impl Record {
             }
             Record::Message(m) => {
                 out.push(TAG_MESSAGE);
-                out.push(FORMAT_VERSION);
+                out.push(MESSAGE_FORMAT_VERSION);
                 out.extend_from_slice(&m.chat.0.to_le_bytes());
                 out.extend_from_slice(&m.seq.0.to_le_bytes());
                 out.extend_from_slice(&m.msg_id.0.to_le_bytes());
@@ -302,6 +322,7 @@ impl Record {
                 out.extend_from_slice(&m.client_msg_id.0);
                 out.extend_from_slice(&m.reply_to.0.to_le_bytes());
                 out.push(m.content_kind);
+                out.push(m.flags);
                 out.extend_from_slice(&(m.payload.len() as u32).to_le_bytes());
                 out.extend_from_slice(&m.payload);
             }
@@ -378,7 +399,8 @@ fn decode_body(body: &[u8]) -> Result<Record, RecordError> {
     if !matches!(tag, TAG_CHAT_CREATED | TAG_MESSAGE | TAG_CURSOR) {
         return Err(RecordError::UnknownTag(tag));
     }
-    if version != FORMAT_VERSION {
+    let known = version == FORMAT_VERSION || (tag == TAG_MESSAGE && version == MESSAGE_FORMAT_VERSION);
+    if !known {
         return Err(RecordError::UnknownVersion(version));
     }
     let record = match tag {
@@ -417,6 +439,7 @@ fn decode_body(body: &[u8]) -> Result<Record, RecordError> {
             let client_msg_id = ClientMsgId(r.array16()?);
             let reply_to = Seq(r.u64()?);
             let content_kind = r.u8()?;
+            let flags = if version >= 2 { r.u8()? } else { 0 };
             let len = r.u32()? as usize;
             if len > PAYLOAD_BYTES_MAX {
                 return Err(RecordError::PayloadTooLarge { len });
@@ -432,6 +455,7 @@ fn decode_body(body: &[u8]) -> Result<Record, RecordError> {
                 client_msg_id,
                 reply_to,
                 content_kind,
+                flags,
                 payload,
             })
         }
@@ -514,6 +538,7 @@ mod tests {
             client_msg_id: ClientMsgId::from_halves(0xaa, seq),
             reply_to: Seq(0),
             content_kind: 3,
+            flags: 0,
             payload: payload.to_vec(),
         })
     }

@@ -16,24 +16,90 @@ use std::collections::{HashMap, VecDeque};
 
 use switchboard_wire::ids::{ChatId, ClientMsgId, DeviceId, MsgId, Seq, UserId};
 
-use crate::record::{ChatKind, CursorKind, Record};
+use crate::record::{ChatKind, CursorKind, Record, CONTENT_KIND_EVENT};
+use switchboard_wire::{ChatEvent, EventKind, MemberRole};
+
+/// A group's settings and roles, rebuilt from its `ChatEvent`s.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct GroupMeta {
+    pub name: String,
+    pub description: String,
+    pub avatar_media_id: String,
+    /// Only admins (and the owner) may send.
+    pub admins_only: bool,
+    /// Role of every current member.
+    pub roles: HashMap<UserId, MemberRole>,
+}
+
+/// The latest membership period of a user in a group: they see seqs `joined..=left` (`left` is
+/// the event that removed them, which they still receive).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Membership {
+    pub joined: Seq,
+    pub left: Option<Seq>,
+}
 
 /// What the shard knows about one chat.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ChatMeta {
     pub kind: ChatKind,
+    /// Current members, in join order.
     pub members: Vec<UserId>,
     pub created_ms: u64,
     /// The seq the next staged message must carry (1 for an empty chat).
     pub next_seq: Seq,
     /// Highest seq known to be durable (0 = none). Always `< next_seq`.
     pub durable_seq: Seq,
+    /// Groups only.
+    pub group: Option<Box<GroupMeta>>,
+    /// Groups only: every user who ever was a member, with their latest period.
+    pub memberships: HashMap<UserId, Membership>,
+    /// Per member: the highest (delivered, read) over their devices, raised also by their own
+    /// sends (a sender has its own message). Drives the aggregated receipts.
+    pub member_cursors: HashMap<UserId, (Seq, Seq)>,
 }
 
 impl ChatMeta {
     /// Whether `user` is a member of this chat.
     pub fn is_member(&self, user: UserId) -> bool {
-        self.members.contains(&user)
+        match self.kind {
+            ChatKind::Direct => self.members.contains(&user),
+            ChatKind::Group => self.group.as_ref().is_some_and(|g| g.roles.contains_key(&user)),
+        }
+    }
+
+    /// The member's role (direct chats have only members).
+    pub fn role(&self, user: UserId) -> Option<MemberRole> {
+        match &self.group {
+            Some(g) => g.roles.get(&user).copied(),
+            None => self.members.contains(&user).then_some(MemberRole::Member),
+        }
+    }
+
+    /// The seqs `user` may read: `first..=last` (`last` = `Seq(u64::MAX)` while a member).
+    /// `None`: never a member.
+    pub fn visible_range(&self, user: UserId) -> Option<(Seq, Seq)> {
+        match self.kind {
+            ChatKind::Direct => self.members.contains(&user).then_some((Seq(1), Seq(u64::MAX))),
+            ChatKind::Group => self
+                .memberships
+                .get(&user)
+                .map(|m| (m.joined, m.left.unwrap_or(Seq(u64::MAX)))),
+        }
+    }
+
+    /// The lowest (delivered, read) over current members: every member has every message up to
+    /// these seqs.
+    pub fn all_members_cursors(&self) -> (Seq, Seq) {
+        let mut out = (Seq(u64::MAX), Seq(u64::MAX));
+        for m in &self.members {
+            let (d, r) = self.member_cursors.get(m).copied().unwrap_or_default();
+            out = (out.0.min(d), out.1.min(r));
+        }
+        if self.members.is_empty() {
+            return (Seq(0), Seq(0));
+        }
+        out
     }
 }
 
@@ -122,6 +188,9 @@ impl ShardState {
                     created_ms: *created_ms,
                     next_seq: Seq(1),
                     durable_seq: Seq(0),
+                    group: None,
+                    memberships: HashMap::new(),
+                    member_cursors: HashMap::new(),
                 });
                 for user in members {
                     let list = self.user_chats.entry(*user).or_default();
@@ -142,6 +211,25 @@ impl ShardState {
                     m.chat
                 );
                 meta.next_seq = Seq(m.seq.0 + 1);
+                if meta.kind == ChatKind::Group && m.content_kind == CONTENT_KIND_EVENT {
+                    match switchboard_wire::decode_event(&m.payload) {
+                        Ok(ev) => {
+                            let added = apply_group_event(meta, m.sender_user, m.seq, &ev);
+                            for user in added {
+                                let list = self.user_chats.entry(user).or_default();
+                                if !list.contains(&m.chat) {
+                                    list.push(m.chat);
+                                }
+                            }
+                        }
+                        // Only the server writes events, and the record's CRC was valid: this is
+                        // a newer server's event. Keep the message; skip its state change.
+                        Err(e) => eprintln!("chat {:?} seq {:?}: undecodable event: {e}", m.chat, m.seq),
+                    }
+                }
+                let own = meta.member_cursors.entry(m.sender_user).or_default();
+                own.0 = own.0.max(m.seq);
+                own.1 = own.1.max(m.seq);
                 if !m.client_msg_id.is_nil() {
                     self.insert_dedup(
                         (m.sender_user, m.client_msg_id),
@@ -169,8 +257,21 @@ impl ShardState {
                         c.0 = c.0.max(c.1);
                     }
                 }
+                let c = *c;
+                if let Some(meta) = self.chats.get_mut(chat) {
+                    let m = meta.member_cursors.entry(*user).or_default();
+                    *m = (m.0.max(c.0), m.1.max(c.1));
+                }
             }
         }
+    }
+
+    /// `(delivered, read)` of a member over all their devices (and their own sends).
+    pub fn member_cursors(&self, chat: ChatId, user: UserId) -> (Seq, Seq) {
+        self.chats
+            .get(&chat)
+            .and_then(|m| m.member_cursors.get(&user).copied())
+            .unwrap_or_default()
     }
 
     fn insert_dedup(&mut self, key: (UserId, ClientMsgId), entry: DedupEntry) {
@@ -267,6 +368,7 @@ mod tests {
             client_msg_id: ClientMsgId::from_halves(0, cmid),
             reply_to: Seq(0),
             content_kind: 0,
+            flags: 0,
             payload: vec![],
         })
     }
@@ -409,4 +511,100 @@ mod tests {
             Seq(2)
         );
     }
+}
+
+/// Applies a group event to the chat's metadata; returns users who became members (for the
+/// user → chats index). Deterministic: recovery replays it identically.
+fn apply_group_event(meta: &mut ChatMeta, actor: UserId, seq: Seq, ev: &ChatEvent) -> Vec<UserId> {
+    let mut added = Vec::new();
+    let join = |meta: &mut ChatMeta, user: UserId, role: MemberRole, added: &mut Vec<UserId>| {
+        let g = meta.group.get_or_insert_with(Default::default);
+        if g.roles.insert(user, role).is_none() {
+            meta.members.push(user);
+            meta.memberships.insert(user, Membership { joined: seq, left: None });
+            added.push(user);
+        }
+    };
+    let leave = |meta: &mut ChatMeta, user: UserId| {
+        if let Some(g) = meta.group.as_mut() {
+            if g.roles.remove(&user).is_some() {
+                meta.members.retain(|m| *m != user);
+                if let Some(ms) = meta.memberships.get_mut(&user) {
+                    ms.left = Some(seq);
+                }
+            }
+        }
+    };
+    match ev.kind {
+        EventKind::GroupCreated => {
+            let g = meta.group.get_or_insert_with(Default::default);
+            g.name = ev.name.clone().unwrap_or_default();
+            g.description = ev.description.clone().unwrap_or_default();
+            g.avatar_media_id = ev.avatar_media_id.clone().unwrap_or_default();
+            g.admins_only = ev.admins_only;
+            // The ChatCreated record listed the creator first; roles come from here.
+            meta.members.clear();
+            join(meta, actor, MemberRole::Owner, &mut added);
+            for u in &ev.users {
+                join(meta, *u, MemberRole::Member, &mut added);
+            }
+        }
+        EventKind::MembersAdded => {
+            for u in &ev.users {
+                join(meta, *u, MemberRole::Member, &mut added);
+            }
+        }
+        EventKind::MembersRemoved => {
+            for u in &ev.users {
+                leave(meta, *u);
+            }
+        }
+        EventKind::MemberLeft => leave(meta, actor),
+        EventKind::InfoChanged => {
+            let g = meta.group.get_or_insert_with(Default::default);
+            if let Some(n) = &ev.name {
+                g.name = n.clone();
+            }
+            if let Some(d) = &ev.description {
+                g.description = d.clone();
+            }
+            if let Some(a) = &ev.avatar_media_id {
+                g.avatar_media_id = a.clone();
+            }
+        }
+        EventKind::RolesChanged => {
+            if let Some(g) = meta.group.as_mut() {
+                for u in &ev.users {
+                    if let Some(r) = g.roles.get_mut(u) {
+                        // The owner's role only changes by ownership transfer (below).
+                        if *r != MemberRole::Owner {
+                            *r = ev.role;
+                        }
+                    }
+                }
+            }
+        }
+        EventKind::AdminsOnlyChanged => {
+            if let Some(g) = meta.group.as_mut() {
+                g.admins_only = ev.admins_only;
+            }
+        }
+        _ => {}
+    }
+    // A group always has an owner while it has members: if the owner left, the longest-standing
+    // admin (else member) takes over.
+    if let Some(g) = meta.group.as_mut() {
+        if !g.roles.is_empty() && !g.roles.values().any(|r| *r == MemberRole::Owner) {
+            let heir = meta
+                .members
+                .iter()
+                .find(|m| g.roles.get(m) == Some(&MemberRole::Admin))
+                .or_else(|| meta.members.first())
+                .copied();
+            if let Some(h) = heir {
+                g.roles.insert(h, MemberRole::Owner);
+            }
+        }
+    }
+    added
 }

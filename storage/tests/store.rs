@@ -44,6 +44,7 @@ fn message(chat: ChatId, seq: u64, payload_len: usize) -> StoredMessage {
         client_msg_id: ClientMsgId::from_halves(chat.0, seq),
         reply_to: Seq(seq.saturating_sub(1)),
         content_kind: 1,
+        flags: 0,
         payload: (0..payload_len).map(|i| (i as u64 + seq) as u8).collect(),
     }
 }

@@ -4,6 +4,9 @@
 //!  decode:  bytes ─► length ≤ limit ─► identifier "SWB1" ─► bounded FlatBuffers verifier
 //!                 ─► body type (known? right direction?) ─► field rules ─► ClientFrame / ServerFrame
 //!  encode:  ClientFrame / ServerFrame ─► one reused FlatBufferBuilder ─► &[u8] (valid until the next encode)
+//!
+//!  events:  ChatEvent ─► encode_event ─► "SWE1" buffer ─► Message.payload (content_kind Event) / the log
+//!           bytes ─► length ≤ PAYLOAD_BYTES_MAX ─► identifier "SWE1" ─► bounded verifier ─► rules ─► ChatEvent
 //! ```
 //!
 //! Decoding never panics and never reads through an offset the verifier has not checked: every way
@@ -19,15 +22,21 @@ use flatbuffers::{FlatBufferBuilder, UnionWIPOffset, VerifierOptions, WIPOffset}
 
 use crate::fb;
 use crate::frames::{
-    ClientFrame, ErrorCode, ErrorFrame, HistoryPage, Message, Receipt, ReceiptKind, SendAck,
-    SendReq, ServerFrame, Target,
+    ChatEvent, ClientFrame, CreateGroupReq, ErrorCode, ErrorFrame, EventKind, GroupInfo, GroupOp,
+    GroupUpdateReq, HistoryPage, Message, Receipt, ReceiptKind, ReceiptList, SendAck, SendReq,
+    ServerFrame, Target,
 };
 use crate::ids::{ChatId, ClientMsgId, DeviceId, MsgId, Seq, UserId};
 use crate::limits::{
-    ERROR_TEXT_BYTES_MAX, FRAME_BYTES_MAX, HISTORY_PAGE_MESSAGES_DEFAULT,
-    HISTORY_PAGE_MESSAGES_MAX, PAYLOAD_BYTES_MAX, SERVER_FRAME_BYTES_MAX, SYNC_CURSORS_MAX,
-    VERIFIER_DEPTH_MAX, VERIFIER_TABLES_MAX,
+    EDIT_PAYLOAD_BYTES_MAX, ERROR_TEXT_BYTES_MAX, FRAME_BYTES_MAX, GROUP_DESCRIPTION_BYTES_MAX,
+    GROUP_NAME_BYTES_MAX, GROUP_USERS_MAX, HISTORY_PAGE_MESSAGES_DEFAULT,
+    HISTORY_PAGE_MESSAGES_MAX, MEDIA_ID_BYTES_MAX, PAYLOAD_BYTES_MAX, REACTION_BYTES_MAX,
+    SERVER_FRAME_BYTES_MAX, SYNC_CURSORS_MAX, VERIFIER_DEPTH_MAX, VERIFIER_TABLES_MAX,
 };
+
+/// The file identifier of a [`ChatEvent`] buffer (the payload of a `Message` whose content kind
+/// is `Event`). Distinct from the envelope's `"SWB1"` so neither can be mistaken for the other.
+pub const EVENT_IDENTIFIER: &str = "SWE1";
 
 // ---------------------------------------------------------------------------------------- errors
 
@@ -41,11 +50,11 @@ use crate::limits::{
 pub enum DecodeError {
     // ---- The bytes are not a Switchboard envelope. ------------------------------------------
     /// The message is longer than the limit for its direction ([`FRAME_BYTES_MAX`] for client
-    /// frames, [`SERVER_FRAME_BYTES_MAX`] for server frames). Checked before anything is parsed.
-    /// → [`ErrorCode::FrameTooLarge`].
+    /// frames, [`SERVER_FRAME_BYTES_MAX`] for server frames, [`PAYLOAD_BYTES_MAX`] for an event).
+    /// Checked before anything is parsed. → [`ErrorCode::FrameTooLarge`].
     TooLarge { len: usize, max: usize },
-    /// Shorter than the 8-byte FlatBuffers header, or its file identifier is not `"SWB1"`.
-    /// → [`ErrorCode::MalformedFrame`].
+    /// Shorter than the 8-byte FlatBuffers header, or its file identifier is not `"SWB1"` (an
+    /// envelope) or [`EVENT_IDENTIFIER`] (an event). → [`ErrorCode::MalformedFrame`].
     BadIdentifier,
     /// The FlatBuffers verifier rejected the buffer: an offset out of bounds, a misaligned value,
     /// invalid UTF-8, an inconsistent union, or one of the verifier's depth/table/size bounds.
@@ -63,9 +72,10 @@ pub enum DecodeError {
     WrongDirection { body: u8 },
 
     // ---- A known frame with a field that breaks a rule. --------------------------------------
-    /// A `Send` or `Message` payload longer than [`PAYLOAD_BYTES_MAX`].
+    /// A `Send` or `Message` payload longer than [`PAYLOAD_BYTES_MAX`], or an `Edit` (or
+    /// `Edited` event) payload longer than [`EDIT_PAYLOAD_BYTES_MAX`]; `max` is the limit broken.
     /// → [`ErrorCode::PayloadTooLarge`].
-    PayloadTooLarge { len: usize },
+    PayloadTooLarge { len: usize, max: usize },
     /// A `Sync` with more than [`SYNC_CURSORS_MAX`] cursors. → [`ErrorCode::TooManyCursors`].
     TooManyCursors { n: usize },
     /// Any other field rule broken (a zero id, a missing field, …); the text names the rule.
@@ -98,7 +108,7 @@ impl fmt::Display for DecodeError {
                 write!(f, "frame of {len} bytes is over the {max}-byte limit")
             }
             DecodeError::BadIdentifier => {
-                f.write_str("not a Switchboard frame (identifier is not \"SWB1\")")
+                f.write_str("not a Switchboard buffer (missing or wrong file identifier)")
             }
             DecodeError::Verify(why) => write!(f, "invalid FlatBuffer: {why}"),
             DecodeError::MissingBody => f.write_str("envelope has no body"),
@@ -107,11 +117,8 @@ impl fmt::Display for DecodeError {
                 let name = fb::Body(*body).variant_name().unwrap_or("?");
                 write!(f, "frame type {name} is not accepted in this direction")
             }
-            DecodeError::PayloadTooLarge { len } => {
-                write!(
-                    f,
-                    "payload of {len} bytes is over the {PAYLOAD_BYTES_MAX}-byte limit"
-                )
+            DecodeError::PayloadTooLarge { len, max } => {
+                write!(f, "payload of {len} bytes is over the {max}-byte limit")
             }
             DecodeError::TooManyCursors { n } => {
                 write!(
@@ -147,6 +154,16 @@ const fn verifier_options(max_apparent_size: usize) -> VerifierOptions {
 }
 const CLIENT_VERIFIER: VerifierOptions = verifier_options(FRAME_BYTES_MAX);
 const SERVER_VERIFIER: VerifierOptions = verifier_options(SERVER_FRAME_BYTES_MAX);
+/// An event travels as a message payload, so it is bounded like one.
+const EVENT_VERIFIER: VerifierOptions = verifier_options(PAYLOAD_BYTES_MAX);
+
+// Rule texts shared by several frames (and events) that carry the same field.
+const GROUP_NAME_TOO_LONG: &str = "group name is longer than GROUP_NAME_BYTES_MAX bytes";
+const GROUP_NAME_EMPTY: &str = "group name must not be empty";
+const GROUP_DESCRIPTION_TOO_LONG: &str =
+    "group description is longer than GROUP_DESCRIPTION_BYTES_MAX bytes";
+const AVATAR_TOO_LONG: &str = "avatar_media_id is longer than MEDIA_ID_BYTES_MAX bytes";
+const REACTION_TOO_LONG: &str = "reaction is longer than REACTION_BYTES_MAX bytes";
 
 /// Decodes one frame sent by a client (on the server).
 ///
@@ -157,6 +174,17 @@ const SERVER_VERIFIER: VerifierOptions = verifier_options(SERVER_FRAME_BYTES_MAX
 /// its `limit` is normalised (0 → [`HISTORY_PAGE_MESSAGES_DEFAULT`], clamped to
 /// [`HISTORY_PAGE_MESSAGES_MAX`]). Unknown `ContentKind` values pass through: a newer client may
 /// know kinds this server does not, and the server never looks inside payloads.
+///
+/// Groups and message actions: `CreateGroup` needs a non-nil `client_msg_id`, a name of 1 to
+/// [`GROUP_NAME_BYTES_MAX`] bytes, a description of at most [`GROUP_DESCRIPTION_BYTES_MAX`], an
+/// avatar id of at most [`MEDIA_ID_BYTES_MAX`], and at most [`GROUP_USERS_MAX`] members, all
+/// non-zero. `GroupUpdate` needs a non-nil `client_msg_id`, a chat and a known `op`; the member
+/// ops need 1 to [`GROUP_USERS_MAX`] non-zero users, `SetInfo` at least one of the three strings
+/// (a present name is non-empty; each within its limit, an empty description or avatar clears
+/// it). Fields the op does not use are dropped (see [`GroupUpdateReq`]). `Edit`, `Delete` and
+/// `React` need a non-nil `client_msg_id`, a chat and a target seq; an `Edit` payload is present
+/// and at most [`EDIT_PAYLOAD_BYTES_MAX`]; a reaction is at most [`REACTION_BYTES_MAX`] (empty
+/// removes it). `Typing` and `GetGroupInfo` need a chat, `GetReceipts` a chat and a seq.
 pub fn decode_client(bytes: &[u8]) -> Result<ClientFrame, DecodeError> {
     let env = envelope(bytes, FRAME_BYTES_MAX, &CLIENT_VERIFIER)?;
     match env.body_type() {
@@ -197,6 +225,89 @@ pub fn decode_client(bytes: &[u8]) -> Result<ClientFrame, DecodeError> {
         fb::Body::Ping => Ok(ClientFrame::Ping {
             nonce: member(env.body_as_ping())?.nonce(),
         }),
+        fb::Body::CreateGroup => {
+            create_group(member(env.body_as_create_group())?).map(ClientFrame::CreateGroup)
+        }
+        fb::Body::GroupUpdate => {
+            group_update(member(env.body_as_group_update())?).map(ClientFrame::GroupUpdate)
+        }
+        fb::Body::GetGroupInfo => {
+            let g = member(env.body_as_get_group_info())?;
+            let chat = nonzero(g.chat_id(), "get_group_info needs a chat_id")?;
+            Ok(ClientFrame::GetGroupInfo {
+                request_id: g.request_id(),
+                chat: ChatId(chat),
+            })
+        }
+        fb::Body::Edit => {
+            let e = member(env.body_as_edit())?;
+            let (client_msg_id, chat, target) = action(
+                e.client_msg_id(),
+                e.chat_id(),
+                e.target_seq(),
+                "edit needs a non-nil client_msg_id, a chat_id and a target_seq",
+            )?;
+            let payload = e
+                .payload()
+                .ok_or(DecodeError::Invalid("edit needs a payload"))?
+                .bytes();
+            bounded_payload(payload.len(), EDIT_PAYLOAD_BYTES_MAX)?;
+            Ok(ClientFrame::Edit {
+                client_msg_id,
+                chat,
+                target,
+                payload: payload.to_vec(),
+            })
+        }
+        fb::Body::Delete => {
+            let d = member(env.body_as_delete())?;
+            let (client_msg_id, chat, target) = action(
+                d.client_msg_id(),
+                d.chat_id(),
+                d.target_seq(),
+                "delete needs a non-nil client_msg_id, a chat_id and a target_seq",
+            )?;
+            Ok(ClientFrame::Delete {
+                client_msg_id,
+                chat,
+                target,
+            })
+        }
+        fb::Body::React => {
+            let r = member(env.body_as_react())?;
+            let (client_msg_id, chat, target) = action(
+                r.client_msg_id(),
+                r.chat_id(),
+                r.target_seq(),
+                "react needs a non-nil client_msg_id, a chat_id and a target_seq",
+            )?;
+            // Absent or empty: remove this user's reaction.
+            let reaction = bounded(r.reaction(), REACTION_BYTES_MAX, REACTION_TOO_LONG)?;
+            Ok(ClientFrame::React {
+                client_msg_id,
+                chat,
+                target,
+                reaction: reaction.unwrap_or("").to_owned(),
+            })
+        }
+        fb::Body::Typing => {
+            let t = member(env.body_as_typing())?;
+            let chat = nonzero(t.chat_id(), "typing needs a chat_id")?;
+            Ok(ClientFrame::Typing {
+                chat: ChatId(chat),
+                typing: t.typing(),
+            })
+        }
+        fb::Body::GetReceipts => {
+            let g = member(env.body_as_get_receipts())?;
+            let (chat, seq) =
+                chat_seq(g.chat_id(), g.seq(), "get_receipts needs a chat_id and seq")?;
+            Ok(ClientFrame::GetReceipts {
+                request_id: g.request_id(),
+                chat,
+                seq,
+            })
+        }
         other => Err(unexpected_body(other)),
     }
 }
@@ -212,7 +323,11 @@ pub fn decode_client(bytes: &[u8]) -> Result<ClientFrame, DecodeError> {
 ///
 /// Field rules: a `Message` (alone or in a page) has a non-zero chat and seq and a payload of at
 /// most [`PAYLOAD_BYTES_MAX`]; a page's messages belong to the page's chat; a `SendAck` has a
-/// non-zero chat and seq; a `Receipt` has a non-zero chat and `1 <= from <= to`.
+/// non-zero chat and seq; a `Receipt` has a non-zero chat and `1 <= from <= to`. A `GroupInfo`
+/// has a non-zero chat and at most [`GROUP_USERS_MAX`] members, none of them user 0 (unknown
+/// `MemberRole` values pass through); a `TypingNotice` has a non-zero chat and user; a
+/// `ReceiptList` has a non-zero chat and seq and at most [`GROUP_USERS_MAX`] non-zero users in
+/// each list.
 pub fn decode_server(bytes: &[u8]) -> Result<ServerFrame, DecodeError> {
     let env = envelope(bytes, SERVER_FRAME_BYTES_MAX, &SERVER_VERIFIER)?;
     match env.body_type() {
@@ -277,8 +392,94 @@ pub fn decode_server(bytes: &[u8]) -> Result<ServerFrame, DecodeError> {
         fb::Body::Pong => Ok(ServerFrame::Pong {
             nonce: member(env.body_as_pong())?.nonce(),
         }),
+        fb::Body::GroupInfo => group_info(member(env.body_as_group_info())?),
+        fb::Body::TypingNotice => {
+            let t = member(env.body_as_typing_notice())?;
+            if t.chat_id() == 0 || t.user() == 0 {
+                return Err(DecodeError::Invalid(
+                    "typing_notice needs a chat_id and user",
+                ));
+            }
+            Ok(ServerFrame::TypingNotice {
+                chat: ChatId(t.chat_id()),
+                user: UserId(t.user()),
+                typing: t.typing(),
+            })
+        }
+        fb::Body::ReceiptList => receipt_list(member(env.body_as_receipt_list())?),
         other => Err(unexpected_body(other)),
     }
+}
+
+/// Decodes a [`ChatEvent`]: the payload of a `Message` whose content kind is `Event`, and the
+/// form events take in the server's log.
+///
+/// Checks, cheapest first: at most [`PAYLOAD_BYTES_MAX`] bytes, the identifier
+/// [`EVENT_IDENTIFIER`], the bounded verifier, then the rules: a known `EventKind` and
+/// `MemberRole` (the server is the only writer, so an unknown value is an error here; a client
+/// skips events it cannot decode), at most [`GROUP_USERS_MAX`] users, none of them 0, strings
+/// within the group limits, a reaction of at most [`REACTION_BYTES_MAX`], a payload of at most
+/// [`EDIT_PAYLOAD_BYTES_MAX`], and a non-zero target seq for `Edited`, `Deleted` and `Reacted`.
+/// Unlike frames, nothing is normalised: an event decodes to exactly what was encoded.
+pub fn decode_event(bytes: &[u8]) -> Result<ChatEvent, DecodeError> {
+    if bytes.len() > PAYLOAD_BYTES_MAX {
+        return Err(DecodeError::TooLarge {
+            len: bytes.len(),
+            max: PAYLOAD_BYTES_MAX,
+        });
+    }
+    // `buffer_has_identifier` asserts that the header is there, so the length goes first.
+    if bytes.len() < HEADER_BYTES
+        || !flatbuffers::buffer_has_identifier(bytes, EVENT_IDENTIFIER, false)
+    {
+        return Err(DecodeError::BadIdentifier);
+    }
+    let e = flatbuffers::root_with_opts::<fb::ChatEvent>(&EVENT_VERIFIER, bytes)
+        .map_err(verify_error)?;
+    let kind = e.kind();
+    if kind.variant_name().is_none() {
+        return Err(DecodeError::Invalid("chat_event kind is unknown"));
+    }
+    if e.role().variant_name().is_none() {
+        return Err(DecodeError::Invalid("chat_event role is unknown"));
+    }
+    let target = Seq(e.target_seq());
+    let needs_target = matches!(
+        kind,
+        EventKind::Edited | EventKind::Deleted | EventKind::Reacted
+    );
+    if needs_target && target.0 == 0 {
+        return Err(DecodeError::Invalid(
+            "chat_event Edited, Deleted and Reacted need a target_seq",
+        ));
+    }
+    let users = user_ids(
+        e.users(),
+        "chat_event names more than GROUP_USERS_MAX users",
+        "chat_event user ids must be non-zero",
+    )?;
+    let name = bounded(e.name(), GROUP_NAME_BYTES_MAX, GROUP_NAME_TOO_LONG)?;
+    let description = bounded(
+        e.description(),
+        GROUP_DESCRIPTION_BYTES_MAX,
+        GROUP_DESCRIPTION_TOO_LONG,
+    )?;
+    let avatar = bounded(e.avatar_media_id(), MEDIA_ID_BYTES_MAX, AVATAR_TOO_LONG)?;
+    let reaction = bounded(e.reaction(), REACTION_BYTES_MAX, REACTION_TOO_LONG)?;
+    let payload = e.payload().map(|p| p.bytes()).unwrap_or_default();
+    bounded_payload(payload.len(), EDIT_PAYLOAD_BYTES_MAX)?;
+    Ok(ChatEvent {
+        kind,
+        users,
+        role: e.role(),
+        name: name.map(str::to_owned),
+        description: description.map(str::to_owned),
+        avatar_media_id: avatar.map(str::to_owned),
+        admins_only: e.admins_only(),
+        target,
+        payload: payload.to_vec(),
+        reaction: reaction.unwrap_or("").to_owned(),
+    })
 }
 
 /// Size check, identifier check and verification, in that order: the cheap checks first, and
@@ -298,16 +499,18 @@ fn envelope<'b>(
     if bytes.len() < HEADER_BYTES || !fb::envelope_buffer_has_identifier(bytes) {
         return Err(DecodeError::BadIdentifier);
     }
-    fb::root_as_envelope_with_opts(opts, bytes).map_err(|e| {
-        // The verifier's text spans several lines (the error, then a trace); keep one line.
-        let text = e.to_string();
-        let parts: Vec<&str> = text
-            .lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty())
-            .collect();
-        DecodeError::Verify(parts.join("; "))
-    })
+    fb::root_as_envelope_with_opts(opts, bytes).map_err(verify_error)
+}
+
+fn verify_error(e: flatbuffers::InvalidFlatbuffer) -> DecodeError {
+    // The verifier's text spans several lines (the error, then a trace); keep one line.
+    let text = e.to_string();
+    let parts: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    DecodeError::Verify(parts.join("; "))
 }
 
 /// The union member's table. The verifier guarantees it is present for a known body type; a
@@ -345,10 +548,196 @@ fn client_msg_id(u: &fb::Uuid) -> ClientMsgId {
 }
 
 fn payload_ok(len: usize) -> Result<(), DecodeError> {
-    if len > PAYLOAD_BYTES_MAX {
-        return Err(DecodeError::PayloadTooLarge { len });
+    bounded_payload(len, PAYLOAD_BYTES_MAX)
+}
+
+fn bounded_payload(len: usize, max: usize) -> Result<(), DecodeError> {
+    if len > max {
+        return Err(DecodeError::PayloadTooLarge { len, max });
     }
     Ok(())
+}
+
+/// An optional string of at most `max` bytes (the verifier has checked that it is UTF-8).
+fn bounded<'a>(
+    s: Option<&'a str>,
+    max: usize,
+    rule: &'static str,
+) -> Result<Option<&'a str>, DecodeError> {
+    match s {
+        Some(s) if s.len() > max => Err(DecodeError::Invalid(rule)),
+        s => Ok(s),
+    }
+}
+
+fn non_nil(id: Option<&fb::Uuid>, rule: &'static str) -> Result<ClientMsgId, DecodeError> {
+    let id = id.map(client_msg_id).unwrap_or_default();
+    if id.is_nil() {
+        return Err(DecodeError::Invalid(rule));
+    }
+    Ok(id)
+}
+
+/// The ids every message action (`Edit`, `Delete`, `React`) needs: all three non-zero.
+fn action(
+    id: Option<&fb::Uuid>,
+    chat: u64,
+    target: u64,
+    rule: &'static str,
+) -> Result<(ClientMsgId, ChatId, Seq), DecodeError> {
+    let id = non_nil(id, rule)?;
+    let (chat, target) = chat_seq(chat, target, rule)?;
+    Ok((id, chat, target))
+}
+
+/// A list of at most [`GROUP_USERS_MAX`] non-zero user ids; absent reads as empty.
+fn user_ids(
+    v: Option<flatbuffers::Vector<'_, u64>>,
+    too_many: &'static str,
+    zero: &'static str,
+) -> Result<Vec<UserId>, DecodeError> {
+    let Some(v) = v else {
+        return Ok(Vec::new());
+    };
+    // Checked before allocating: the verifier has bounded `len` by the buffer size only.
+    if v.len() > GROUP_USERS_MAX {
+        return Err(DecodeError::Invalid(too_many));
+    }
+    let mut out = Vec::with_capacity(v.len());
+    for u in v.iter() {
+        out.push(UserId(nonzero(u, zero)?));
+    }
+    Ok(out)
+}
+
+fn create_group(c: fb::CreateGroup<'_>) -> Result<CreateGroupReq, DecodeError> {
+    let client_msg_id = non_nil(
+        c.client_msg_id(),
+        "create_group needs a non-nil client_msg_id",
+    )?;
+    let name = match bounded(c.name(), GROUP_NAME_BYTES_MAX, GROUP_NAME_TOO_LONG)? {
+        Some(name) if !name.is_empty() => name,
+        _ => return Err(DecodeError::Invalid("create_group needs a name")),
+    };
+    let description = bounded(
+        c.description(),
+        GROUP_DESCRIPTION_BYTES_MAX,
+        GROUP_DESCRIPTION_TOO_LONG,
+    )?;
+    let avatar = bounded(c.avatar_media_id(), MEDIA_ID_BYTES_MAX, AVATAR_TOO_LONG)?;
+    let members = user_ids(
+        c.members(),
+        "create_group names more than GROUP_USERS_MAX members",
+        "create_group member ids must be non-zero",
+    )?;
+    Ok(CreateGroupReq {
+        request_id: c.request_id(),
+        client_msg_id,
+        name: name.to_owned(),
+        description: description.unwrap_or("").to_owned(),
+        avatar_media_id: avatar.unwrap_or("").to_owned(),
+        members,
+        admins_only: c.admins_only(),
+    })
+}
+
+fn group_update(u: fb::GroupUpdate<'_>) -> Result<GroupUpdateReq, DecodeError> {
+    let client_msg_id = non_nil(
+        u.client_msg_id(),
+        "group_update needs a non-nil client_msg_id",
+    )?;
+    let chat = ChatId(nonzero(u.chat_id(), "group_update needs a chat_id")?);
+    // Only the fields `op` uses are kept, so the engine never sees (or stores) the others.
+    let mut req = GroupUpdateReq::new(client_msg_id, chat, u.op());
+    match u.op() {
+        GroupOp::AddMembers | GroupOp::RemoveMembers | GroupOp::Promote | GroupOp::Demote => {
+            req.users = user_ids(
+                u.users(),
+                "group_update names more than GROUP_USERS_MAX users",
+                "group_update user ids must be non-zero",
+            )?;
+            if req.users.is_empty() {
+                return Err(DecodeError::Invalid(
+                    "group_update member ops need at least one user",
+                ));
+            }
+        }
+        GroupOp::SetInfo => {
+            let name = bounded(u.name(), GROUP_NAME_BYTES_MAX, GROUP_NAME_TOO_LONG)?;
+            let description = bounded(
+                u.description(),
+                GROUP_DESCRIPTION_BYTES_MAX,
+                GROUP_DESCRIPTION_TOO_LONG,
+            )?;
+            let avatar = bounded(u.avatar_media_id(), MEDIA_ID_BYTES_MAX, AVATAR_TOO_LONG)?;
+            if name.is_none() && description.is_none() && avatar.is_none() {
+                return Err(DecodeError::Invalid(
+                    "group_update SetInfo needs a name, description or avatar_media_id",
+                ));
+            }
+            if name == Some("") {
+                return Err(DecodeError::Invalid(GROUP_NAME_EMPTY));
+            }
+            req.name = name.map(str::to_owned);
+            req.description = description.map(str::to_owned);
+            req.avatar_media_id = avatar.map(str::to_owned);
+        }
+        GroupOp::SetAdminsOnly => req.admins_only = u.admins_only(),
+        GroupOp::Leave => {}
+        _ => return Err(DecodeError::Invalid("group_update op is unknown")),
+    }
+    Ok(req)
+}
+
+fn group_info(g: fb::GroupInfo<'_>) -> Result<ServerFrame, DecodeError> {
+    let chat = ChatId(nonzero(g.chat_id(), "group_info needs a chat_id")?);
+    let members = match g.members() {
+        None => Vec::new(),
+        Some(v) => {
+            if v.len() > GROUP_USERS_MAX {
+                return Err(DecodeError::Invalid(
+                    "group_info has more than GROUP_USERS_MAX members",
+                ));
+            }
+            let mut out = Vec::with_capacity(v.len());
+            for m in v.iter() {
+                let user = nonzero(m.user(), "group_info member ids must be non-zero")?;
+                // A role a newer server added passes through, like an unknown content kind.
+                out.push((UserId(user), m.role()));
+            }
+            out
+        }
+    };
+    Ok(ServerFrame::GroupInfo(GroupInfo {
+        request_id: g.request_id(),
+        chat,
+        name: g.name().unwrap_or("").to_owned(),
+        description: g.description().unwrap_or("").to_owned(),
+        avatar_media_id: g.avatar_media_id().unwrap_or("").to_owned(),
+        members,
+        admins_only: g.admins_only(),
+        created_ms: g.created_ms(),
+        last_seq: Seq(g.last_seq()),
+    }))
+}
+
+fn receipt_list(r: fb::ReceiptList<'_>) -> Result<ServerFrame, DecodeError> {
+    let (chat, seq) = chat_seq(r.chat_id(), r.seq(), "receipt_list needs a chat_id and seq")?;
+    let list = |v| {
+        user_ids(
+            v,
+            "receipt_list has more than GROUP_USERS_MAX users in a list",
+            "receipt_list user ids must be non-zero",
+        )
+    };
+    Ok(ServerFrame::ReceiptList(ReceiptList {
+        request_id: r.request_id(),
+        chat,
+        seq,
+        delivered: list(r.delivered())?,
+        read: list(r.read())?,
+        pending: list(r.pending())?,
+    }))
 }
 
 fn send_req(s: fb::Send<'_>) -> Result<SendReq, DecodeError> {
@@ -377,6 +766,7 @@ fn send_req(s: fb::Send<'_>) -> Result<SendReq, DecodeError> {
         payload: payload.to_vec(),
         reply_to: Seq(s.reply_to()),
         content_kind: s.content_kind(),
+        forwarded: s.forwarded(),
     })
 }
 
@@ -417,6 +807,7 @@ fn message(m: fb::Message<'_>) -> Result<Message, DecodeError> {
         reply_to: Seq(m.reply_to()),
         content_kind: m.content_kind(),
         client_msg_id: m.client_msg_id().map(client_msg_id).unwrap_or_default(),
+        forwarded: m.forwarded(),
     })
 }
 
@@ -518,6 +909,7 @@ impl Encoder {
                     payload: Some(payload),
                     reply_to: s.reply_to.0,
                     content_kind: s.content_kind,
+                    forwarded: s.forwarded,
                 };
                 (
                     fb::Body::Send,
@@ -584,6 +976,137 @@ impl Encoder {
                 (
                     fb::Body::Ping,
                     fb::Ping::create(fbb, &args).as_union_value(),
+                )
+            }
+            ClientFrame::CreateGroup(c) => {
+                let name = fbb.create_string(&c.name);
+                let description = nonempty_string(fbb, &c.description);
+                let avatar_media_id = nonempty_string(fbb, &c.avatar_media_id);
+                let members = user_vector(fbb, &c.members);
+                let id = uuid(c.client_msg_id);
+                let args = fb::CreateGroupArgs {
+                    request_id: c.request_id,
+                    client_msg_id: Some(&id),
+                    name: Some(name),
+                    description,
+                    avatar_media_id,
+                    members,
+                    admins_only: c.admins_only,
+                };
+                (
+                    fb::Body::CreateGroup,
+                    fb::CreateGroup::create(fbb, &args).as_union_value(),
+                )
+            }
+            ClientFrame::GroupUpdate(u) => {
+                let users = user_vector(fbb, &u.users);
+                // `Some("")` is written: in `SetInfo` it clears the description or avatar.
+                let name = u.name.as_deref().map(|s| fbb.create_string(s));
+                let description = u.description.as_deref().map(|s| fbb.create_string(s));
+                let avatar_media_id = u.avatar_media_id.as_deref().map(|s| fbb.create_string(s));
+                let id = uuid(u.client_msg_id);
+                let args = fb::GroupUpdateArgs {
+                    client_msg_id: Some(&id),
+                    chat_id: u.chat.0,
+                    op: u.op,
+                    users,
+                    name,
+                    description,
+                    avatar_media_id,
+                    admins_only: u.admins_only,
+                };
+                (
+                    fb::Body::GroupUpdate,
+                    fb::GroupUpdate::create(fbb, &args).as_union_value(),
+                )
+            }
+            ClientFrame::GetGroupInfo { request_id, chat } => {
+                let args = fb::GetGroupInfoArgs {
+                    request_id: *request_id,
+                    chat_id: chat.0,
+                };
+                (
+                    fb::Body::GetGroupInfo,
+                    fb::GetGroupInfo::create(fbb, &args).as_union_value(),
+                )
+            }
+            ClientFrame::Edit {
+                client_msg_id,
+                chat,
+                target,
+                payload,
+            } => {
+                let payload = fbb.create_vector(payload);
+                let id = uuid(*client_msg_id);
+                let args = fb::EditArgs {
+                    client_msg_id: Some(&id),
+                    chat_id: chat.0,
+                    target_seq: target.0,
+                    payload: Some(payload),
+                };
+                (
+                    fb::Body::Edit,
+                    fb::Edit::create(fbb, &args).as_union_value(),
+                )
+            }
+            ClientFrame::Delete {
+                client_msg_id,
+                chat,
+                target,
+            } => {
+                let id = uuid(*client_msg_id);
+                let args = fb::DeleteArgs {
+                    client_msg_id: Some(&id),
+                    chat_id: chat.0,
+                    target_seq: target.0,
+                };
+                (
+                    fb::Body::Delete,
+                    fb::Delete::create(fbb, &args).as_union_value(),
+                )
+            }
+            ClientFrame::React {
+                client_msg_id,
+                chat,
+                target,
+                reaction,
+            } => {
+                let reaction = nonempty_string(fbb, reaction);
+                let id = uuid(*client_msg_id);
+                let args = fb::ReactArgs {
+                    client_msg_id: Some(&id),
+                    chat_id: chat.0,
+                    target_seq: target.0,
+                    reaction,
+                };
+                (
+                    fb::Body::React,
+                    fb::React::create(fbb, &args).as_union_value(),
+                )
+            }
+            ClientFrame::Typing { chat, typing } => {
+                let args = fb::TypingArgs {
+                    chat_id: chat.0,
+                    typing: *typing,
+                };
+                (
+                    fb::Body::Typing,
+                    fb::Typing::create(fbb, &args).as_union_value(),
+                )
+            }
+            ClientFrame::GetReceipts {
+                request_id,
+                chat,
+                seq,
+            } => {
+                let args = fb::GetReceiptsArgs {
+                    request_id: *request_id,
+                    chat_id: chat.0,
+                    seq: seq.0,
+                };
+                (
+                    fb::Body::GetReceipts,
+                    fb::GetReceipts::create(fbb, &args).as_union_value(),
                 )
             }
         };
@@ -680,9 +1203,137 @@ impl Encoder {
                     fb::Pong::create(fbb, &args).as_union_value(),
                 )
             }
+            ServerFrame::GroupInfo(g) => {
+                let name = nonempty_string(fbb, &g.name);
+                let description = nonempty_string(fbb, &g.description);
+                let avatar_media_id = nonempty_string(fbb, &g.avatar_media_id);
+                let members = (!g.members.is_empty()).then(|| {
+                    fbb.create_vector_from_iter(
+                        g.members
+                            .iter()
+                            .map(|&(user, role)| fb::Member::new(user.0, role)),
+                    )
+                });
+                let args = fb::GroupInfoArgs {
+                    request_id: g.request_id,
+                    chat_id: g.chat.0,
+                    name,
+                    description,
+                    avatar_media_id,
+                    members,
+                    admins_only: g.admins_only,
+                    created_ms: g.created_ms,
+                    last_seq: g.last_seq.0,
+                };
+                (
+                    fb::Body::GroupInfo,
+                    fb::GroupInfo::create(fbb, &args).as_union_value(),
+                )
+            }
+            ServerFrame::TypingNotice { chat, user, typing } => {
+                let args = fb::TypingNoticeArgs {
+                    chat_id: chat.0,
+                    user: user.0,
+                    typing: *typing,
+                };
+                (
+                    fb::Body::TypingNotice,
+                    fb::TypingNotice::create(fbb, &args).as_union_value(),
+                )
+            }
+            ServerFrame::ReceiptList(r) => {
+                let delivered = user_vector(fbb, &r.delivered);
+                let read = user_vector(fbb, &r.read);
+                let pending = user_vector(fbb, &r.pending);
+                let args = fb::ReceiptListArgs {
+                    request_id: r.request_id,
+                    chat_id: r.chat.0,
+                    seq: r.seq.0,
+                    delivered,
+                    read,
+                    pending,
+                };
+                (
+                    fb::Body::ReceiptList,
+                    fb::ReceiptList::create(fbb, &args).as_union_value(),
+                )
+            }
         };
         finish(fbb, body_type, body)
     }
+
+    /// Encodes a [`ChatEvent`] as a `"SWE1"` buffer (see [`encode_event`]), borrowed until the
+    /// next call. Allocates nothing after warm-up, like the frame encoders.
+    pub fn encode_event(&mut self, ev: &ChatEvent) -> &[u8] {
+        let fbb = &mut self.fbb;
+        fbb.reset();
+        let root = event_table(fbb, ev);
+        fbb.finish(root, Some(EVENT_IDENTIFIER));
+        fbb.finished_data()
+    }
+}
+
+/// Encodes a [`ChatEvent`] as a FlatBuffer with the identifier [`EVENT_IDENTIFIER`]: the
+/// payload of a `Message` whose content kind is `Event`. Not validated, like every encoder here;
+/// [`decode_event`] is the check. Uses a fresh builder sized for the event, so the result is
+/// one allocation; on a hot path prefer [`Encoder::encode_event`].
+pub fn encode_event(ev: &ChatEvent) -> Vec<u8> {
+    let strings = [&ev.name, &ev.description, &ev.avatar_media_id]
+        .iter()
+        .map(|s| s.as_ref().map_or(0, |s| s.len() + 8))
+        .sum::<usize>();
+    // Header, vtable, scalars and offsets take < 128 bytes; vectors and strings add a length
+    // word, a NUL and padding.
+    let bytes = 128 + 8 * ev.users.len() + strings + ev.payload.len() + ev.reaction.len() + 16;
+    let mut fbb = FlatBufferBuilder::with_capacity(bytes);
+    let root = event_table(&mut fbb, ev);
+    fbb.finish(root, Some(EVENT_IDENTIFIER));
+    // The finished buffer sits at the end of the builder's vector.
+    let (mut buf, head) = fbb.collapse();
+    buf.drain(..head);
+    buf
+}
+
+/// An absent string reads back as "", so an empty one is not written.
+fn nonempty_string(
+    fbb: &mut FlatBufferBuilder<'static>,
+    s: &str,
+) -> Option<WIPOffset<&'static str>> {
+    (!s.is_empty()).then(|| fbb.create_string(s))
+}
+
+/// An absent vector reads back as empty, so an empty one is not written.
+fn user_vector(
+    fbb: &mut FlatBufferBuilder<'static>,
+    users: &[UserId],
+) -> Option<WIPOffset<flatbuffers::Vector<'static, u64>>> {
+    (!users.is_empty()).then(|| fbb.create_vector_from_iter(users.iter().map(|u| u.0)))
+}
+
+fn event_table(
+    fbb: &mut FlatBufferBuilder<'static>,
+    ev: &ChatEvent,
+) -> WIPOffset<fb::ChatEvent<'static>> {
+    let users = user_vector(fbb, &ev.users);
+    // `Some("")` is written: in `InfoChanged` it says the description or avatar was cleared.
+    let name = ev.name.as_deref().map(|s| fbb.create_string(s));
+    let description = ev.description.as_deref().map(|s| fbb.create_string(s));
+    let avatar_media_id = ev.avatar_media_id.as_deref().map(|s| fbb.create_string(s));
+    let payload = (!ev.payload.is_empty()).then(|| fbb.create_vector(&ev.payload));
+    let reaction = nonempty_string(fbb, &ev.reaction);
+    let args = fb::ChatEventArgs {
+        kind: ev.kind,
+        users,
+        role: ev.role,
+        name,
+        description,
+        avatar_media_id,
+        admins_only: ev.admins_only,
+        target_seq: ev.target.0,
+        payload,
+        reaction,
+    };
+    fb::ChatEvent::create(fbb, &args)
 }
 
 fn uuid(id: ClientMsgId) -> fb::Uuid {
@@ -708,6 +1359,7 @@ fn message_table(
         reply_to: m.reply_to.0,
         content_kind: m.content_kind,
         client_msg_id: id.as_ref(),
+        forwarded: m.forwarded,
     };
     fb::Message::create(fbb, &args)
 }

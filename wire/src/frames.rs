@@ -31,6 +31,48 @@ pub enum ClientFrame {
     Ping {
         nonce: u64,
     },
+    /// Create a group; answered with [`ServerFrame::GroupInfo`] of the same `request_id`.
+    CreateGroup(CreateGroupReq),
+    /// Change a group; answered like a `Send`, with a `SendAck` for its `client_msg_id`.
+    GroupUpdate(GroupUpdateReq),
+    /// Ask for a group's info; answered with [`ServerFrame::GroupInfo`] of the same `request_id`.
+    GetGroupInfo {
+        request_id: u32,
+        chat: ChatId,
+    },
+    /// Replace the content of one's own message `target`; answered with a `SendAck`.
+    Edit {
+        client_msg_id: ClientMsgId,
+        chat: ChatId,
+        target: Seq,
+        payload: Vec<u8>,
+    },
+    /// Delete one's own message `target` for everyone; answered with a `SendAck`.
+    Delete {
+        client_msg_id: ClientMsgId,
+        chat: ChatId,
+        target: Seq,
+    },
+    /// Set (non-empty) or remove (empty) one's reaction to message `target`; answered with a
+    /// `SendAck`.
+    React {
+        client_msg_id: ClientMsgId,
+        chat: ChatId,
+        target: Seq,
+        reaction: String,
+    },
+    /// Typing started (`true`) or stopped. Ephemeral: not stored, not answered.
+    Typing {
+        chat: ChatId,
+        typing: bool,
+    },
+    /// Who has received and read message `seq` of `chat`; answered with
+    /// [`ServerFrame::ReceiptList`] of the same `request_id`.
+    GetReceipts {
+        request_id: u32,
+        chat: ChatId,
+        seq: Seq,
+    },
 }
 
 /// Where a `Send` goes.
@@ -49,6 +91,7 @@ pub struct SendReq {
     /// `Seq(0)`: not a reply.
     pub reply_to: Seq,
     pub content_kind: ContentKind,
+    pub forwarded: bool,
 }
 
 /// Frames the server sends.
@@ -67,6 +110,16 @@ pub enum ServerFrame {
     Pong {
         nonce: u64,
     },
+    /// The answer to `CreateGroup` or `GetGroupInfo`.
+    GroupInfo(GroupInfo),
+    /// `user` started or stopped typing in `chat`.
+    TypingNotice {
+        chat: ChatId,
+        user: UserId,
+        typing: bool,
+    },
+    /// The answer to `GetReceipts`.
+    ReceiptList(ReceiptList),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -91,6 +144,7 @@ pub struct Message {
     pub reply_to: Seq,
     pub content_kind: ContentKind,
     pub client_msg_id: ClientMsgId,
+    pub forwarded: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -119,4 +173,108 @@ pub struct ErrorFrame {
     pub client_msg_id: Option<ClientMsgId>,
     /// Non-zero when the error answers a `Sync` or `History`.
     pub request_id: u32,
+}
+
+// ------------------------------------------------------------------ groups and message actions
+
+pub use crate::fb::{EventKind, GroupOp, MemberRole};
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CreateGroupReq {
+    pub request_id: u32,
+    pub client_msg_id: ClientMsgId,
+    pub name: String,
+    pub description: String,
+    pub avatar_media_id: String,
+    /// Initial members besides the creator (deduplicated by the server).
+    pub members: Vec<UserId>,
+    pub admins_only: bool,
+}
+
+/// A change to a group. The decoder keeps only the fields `op` uses: `users` is empty unless
+/// `op` is `AddMembers`, `RemoveMembers`, `Promote` or `Demote`; the three strings are `None`
+/// unless `op` is `SetInfo`; `admins_only` is false unless `op` is `SetAdminsOnly`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupUpdateReq {
+    pub client_msg_id: ClientMsgId,
+    pub chat: ChatId,
+    pub op: GroupOp,
+    pub users: Vec<UserId>,
+    /// `SetInfo`: `None` leaves the field as it is.
+    pub name: Option<String>,
+    pub description: Option<String>,
+    pub avatar_media_id: Option<String>,
+    pub admins_only: bool,
+}
+
+impl GroupUpdateReq {
+    /// An update of `chat` with `op` and every other field empty: fill in what `op` needs.
+    pub fn new(client_msg_id: ClientMsgId, chat: ChatId, op: GroupOp) -> GroupUpdateReq {
+        GroupUpdateReq {
+            client_msg_id,
+            chat,
+            op,
+            users: Vec::new(),
+            name: None,
+            description: None,
+            avatar_media_id: None,
+            admins_only: false,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupInfo {
+    pub request_id: u32,
+    pub chat: ChatId,
+    pub name: String,
+    pub description: String,
+    pub avatar_media_id: String,
+    pub members: Vec<(UserId, MemberRole)>,
+    pub admins_only: bool,
+    pub created_ms: u64,
+    pub last_seq: Seq,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReceiptList {
+    pub request_id: u32,
+    pub chat: ChatId,
+    pub seq: Seq,
+    pub delivered: Vec<UserId>,
+    pub read: Vec<UserId>,
+    pub pending: Vec<UserId>,
+}
+
+/// The payload of a `Message` with `ContentKind::Event`: a change to the chat, in its sequence.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChatEvent {
+    pub kind: EventKind,
+    pub users: Vec<UserId>,
+    pub role: MemberRole,
+    pub name: Option<String>,
+    pub description: Option<String>,
+    pub avatar_media_id: Option<String>,
+    pub admins_only: bool,
+    pub target: Seq,
+    pub payload: Vec<u8>,
+    pub reaction: String,
+}
+
+impl ChatEvent {
+    /// An event of `kind` with every other field empty.
+    pub fn new(kind: EventKind) -> ChatEvent {
+        ChatEvent {
+            kind,
+            users: Vec::new(),
+            role: MemberRole::Member,
+            name: None,
+            description: None,
+            avatar_media_id: None,
+            admins_only: false,
+            target: Seq(0),
+            payload: Vec::new(),
+            reaction: String::new(),
+        }
+    }
 }

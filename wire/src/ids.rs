@@ -73,6 +73,15 @@ impl ChatId {
         // 0 means "no chat" on the wire.
         ChatId(if id == 0 { 1 } else { id })
     }
+    /// The group created by `creator` with idempotency key `client_msg_id`: deterministic, so a
+    /// retried `CreateGroup` lands on the same chat (and the same owner shard), where the retry is
+    /// recognised.
+    pub fn group(creator: UserId, client_msg_id: ClientMsgId) -> ChatId {
+        let (hi, lo) = client_msg_id.halves();
+        let h = splitmix64(splitmix64(creator.0 ^ 0x6772_6f75_7073_0000) ^ hi) ^ lo;
+        ChatId(splitmix64(h) | GROUP_BIT)
+    }
+
     pub fn is_direct(&self) -> bool {
         self.0 & GROUP_BIT == 0
     }

@@ -3,6 +3,8 @@
 //! ```text
 //!  WebSocket binary message ──► codec::decode_client ──► verify (bounded) ──► ClientFrame
 //!  ServerFrame ──► codec::Encoder ──► one FlatBuffers Envelope ──► WebSocket binary message
+//!  ChatEvent ──► codec::encode_event ──► "SWE1" buffer ──► Message.payload (ContentKind::Event)
+//!  Message.payload / log record ──► codec::decode_event ──► verify (bounded) ──► ChatEvent
 //! ```
 //!
 //! `schema/switchboard.fbs` is the source of truth; `src/switchboard_generated.rs` is generated
@@ -21,6 +23,9 @@ mod switchboard_generated;
 /// The generated FlatBuffers types (`switchboard.wire.fb`).
 pub use switchboard_generated::switchboard::wire::fb;
 
-pub use codec::{decode_client, decode_server, DecodeError, Encoder};
+pub use codec::{
+    decode_client, decode_event, decode_server, encode_event, DecodeError, Encoder,
+    EVENT_IDENTIFIER,
+};
 pub use frames::*;
 pub use ids::*;

@@ -43,3 +43,28 @@ pub const HISTORY_PAGE_BYTES_MAX: usize = 256 * 1024;
 
 const _: () =
     assert!(HISTORY_PAGE_BYTES_MAX + PAYLOAD_BYTES_MAX + 64 * 1024 <= SERVER_FRAME_BYTES_MAX);
+
+/// Longest group name, bytes of UTF-8.
+pub const GROUP_NAME_BYTES_MAX: usize = 128;
+/// Longest group description, bytes of UTF-8.
+pub const GROUP_DESCRIPTION_BYTES_MAX: usize = 1024;
+/// Longest media id (avatar), bytes.
+pub const MEDIA_ID_BYTES_MAX: usize = 128;
+/// Most users one `CreateGroup` or `GroupUpdate` may name (the group size limit itself is the
+/// server's `group_members_max`, at most this).
+pub const GROUP_USERS_MAX: usize = 1024;
+/// Longest reaction (one emoji sequence), bytes of UTF-8.
+pub const REACTION_BYTES_MAX: usize = 32;
+/// Largest payload of an `Edit`: the new content travels inside a `ChatEvent`, which must itself
+/// fit in `PAYLOAD_BYTES_MAX`.
+pub const EDIT_PAYLOAD_BYTES_MAX: usize = PAYLOAD_BYTES_MAX - 1024;
+
+// A GroupCreated event names every member plus the info strings, and must fit in a payload.
+const _: () = assert!(
+    GROUP_USERS_MAX * 8
+        + GROUP_NAME_BYTES_MAX
+        + GROUP_DESCRIPTION_BYTES_MAX
+        + MEDIA_ID_BYTES_MAX
+        + 1024
+        <= PAYLOAD_BYTES_MAX
+);

@@ -19,12 +19,14 @@ pub const ENUM_MIN_CONTENT_KIND: u8 = 0;
 pub const ENUM_MAX_CONTENT_KIND: u8 = 255;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_CONTENT_KIND: [ContentKind; 6] = [
+pub const ENUM_VALUES_CONTENT_KIND: [ContentKind; 8] = [
   ContentKind::Text,
   ContentKind::Media,
   ContentKind::Location,
   ContentKind::Contact,
   ContentKind::System,
+  ContentKind::Event,
+  ContentKind::Deleted,
   ContentKind::Other,
 ];
 
@@ -39,6 +41,11 @@ impl ContentKind {
   pub const Location: Self = Self(2);
   pub const Contact: Self = Self(3);
   pub const System: Self = Self(4);
+  /// A chat event (group change, edit, delete, reaction): the payload is a `ChatEvent`
+  /// FlatBuffer (file identifier "SWE1"), written by the server.
+  pub const Event: Self = Self(5);
+  /// A deleted message: the server purged the payload; only the seq and ids remain.
+  pub const Deleted: Self = Self(254);
   pub const Other: Self = Self(255);
 
   pub const ENUM_MIN: u8 = 0;
@@ -49,6 +56,8 @@ impl ContentKind {
     Self::Location,
     Self::Contact,
     Self::System,
+    Self::Event,
+    Self::Deleted,
     Self::Other,
   ];
   /// Returns the variant's name or "" if unknown.
@@ -59,6 +68,8 @@ impl ContentKind {
       Self::Location => Some("Location"),
       Self::Contact => Some("Contact"),
       Self::System => Some("System"),
+      Self::Event => Some("Event"),
+      Self::Deleted => Some("Deleted"),
       Self::Other => Some("Other"),
       _ => None,
     }
@@ -204,7 +215,7 @@ pub const ENUM_MIN_ERROR_CODE: u16 = 0;
 pub const ENUM_MAX_ERROR_CODE: u16 = 503;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_ERROR_CODE: [ErrorCode; 14] = [
+pub const ENUM_VALUES_ERROR_CODE: [ErrorCode; 16] = [
   ErrorCode::Unknown,
   ErrorCode::MalformedFrame,
   ErrorCode::UnsupportedFrame,
@@ -216,6 +227,8 @@ pub const ENUM_VALUES_ERROR_CODE: [ErrorCode; 14] = [
   ErrorCode::NotMember,
   ErrorCode::ClientMsgIdReused,
   ErrorCode::SelfChat,
+  ErrorCode::NotAllowed,
+  ErrorCode::GroupFull,
   ErrorCode::RateLimited,
   ErrorCode::Internal,
   ErrorCode::Overloaded,
@@ -239,6 +252,11 @@ impl ErrorCode {
   pub const NotMember: Self = Self(201);
   pub const ClientMsgIdReused: Self = Self(202);
   pub const SelfChat: Self = Self(203);
+  /// The sender's role does not allow this (admin-only action, admins-only group, not the
+  /// author, edit/delete window passed).
+  pub const NotAllowed: Self = Self(204);
+  /// The group would exceed the server's member limit.
+  pub const GroupFull: Self = Self(205);
   pub const RateLimited: Self = Self(429);
   pub const Internal: Self = Self(500);
   pub const Overloaded: Self = Self(503);
@@ -257,6 +275,8 @@ impl ErrorCode {
     Self::NotMember,
     Self::ClientMsgIdReused,
     Self::SelfChat,
+    Self::NotAllowed,
+    Self::GroupFull,
     Self::RateLimited,
     Self::Internal,
     Self::Overloaded,
@@ -275,6 +295,8 @@ impl ErrorCode {
       Self::NotMember => Some("NotMember"),
       Self::ClientMsgIdReused => Some("ClientMsgIdReused"),
       Self::SelfChat => Some("SelfChat"),
+      Self::NotAllowed => Some("NotAllowed"),
+      Self::GroupFull => Some("GroupFull"),
       Self::RateLimited => Some("RateLimited"),
       Self::Internal => Some("Internal"),
       Self::Overloaded => Some("Overloaded"),
@@ -335,10 +357,10 @@ impl ::flatbuffers::SimpleToVerifyInSlice for ErrorCode {}
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 pub const ENUM_MIN_BODY: u8 = 0;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MAX_BODY: u8 = 13;
+pub const ENUM_MAX_BODY: u8 = 24;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_BODY: [Body; 14] = [
+pub const ENUM_VALUES_BODY: [Body; 25] = [
   Body::NONE,
   Body::Send,
   Body::Delivered,
@@ -353,6 +375,17 @@ pub const ENUM_VALUES_BODY: [Body; 14] = [
   Body::SyncDone,
   Body::Error,
   Body::Pong,
+  Body::CreateGroup,
+  Body::GroupUpdate,
+  Body::GetGroupInfo,
+  Body::GroupInfo,
+  Body::Edit,
+  Body::Delete,
+  Body::React,
+  Body::Typing,
+  Body::TypingNotice,
+  Body::GetReceipts,
+  Body::ReceiptList,
 ];
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -374,9 +407,20 @@ impl Body {
   pub const SyncDone: Self = Self(11);
   pub const Error: Self = Self(12);
   pub const Pong: Self = Self(13);
+  pub const CreateGroup: Self = Self(14);
+  pub const GroupUpdate: Self = Self(15);
+  pub const GetGroupInfo: Self = Self(16);
+  pub const GroupInfo: Self = Self(17);
+  pub const Edit: Self = Self(18);
+  pub const Delete: Self = Self(19);
+  pub const React: Self = Self(20);
+  pub const Typing: Self = Self(21);
+  pub const TypingNotice: Self = Self(22);
+  pub const GetReceipts: Self = Self(23);
+  pub const ReceiptList: Self = Self(24);
 
   pub const ENUM_MIN: u8 = 0;
-  pub const ENUM_MAX: u8 = 13;
+  pub const ENUM_MAX: u8 = 24;
   pub const ENUM_VALUES: &'static [Self] = &[
     Self::NONE,
     Self::Send,
@@ -392,6 +436,17 @@ impl Body {
     Self::SyncDone,
     Self::Error,
     Self::Pong,
+    Self::CreateGroup,
+    Self::GroupUpdate,
+    Self::GetGroupInfo,
+    Self::GroupInfo,
+    Self::Edit,
+    Self::Delete,
+    Self::React,
+    Self::Typing,
+    Self::TypingNotice,
+    Self::GetReceipts,
+    Self::ReceiptList,
   ];
   /// Returns the variant's name or "" if unknown.
   pub fn variant_name(self) -> Option<&'static str> {
@@ -410,6 +465,17 @@ impl Body {
       Self::SyncDone => Some("SyncDone"),
       Self::Error => Some("Error"),
       Self::Pong => Some("Pong"),
+      Self::CreateGroup => Some("CreateGroup"),
+      Self::GroupUpdate => Some("GroupUpdate"),
+      Self::GetGroupInfo => Some("GetGroupInfo"),
+      Self::GroupInfo => Some("GroupInfo"),
+      Self::Edit => Some("Edit"),
+      Self::Delete => Some("Delete"),
+      Self::React => Some("React"),
+      Self::Typing => Some("Typing"),
+      Self::TypingNotice => Some("TypingNotice"),
+      Self::GetReceipts => Some("GetReceipts"),
+      Self::ReceiptList => Some("ReceiptList"),
       _ => None,
     }
   }
@@ -466,6 +532,314 @@ impl<'a> ::flatbuffers::Verifiable for Body {
 impl ::flatbuffers::SimpleToVerifyInSlice for Body {}
 pub struct BodyUnionTableOffset {}
 
+#[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
+pub const ENUM_MIN_MEMBER_ROLE: u8 = 0;
+#[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
+pub const ENUM_MAX_MEMBER_ROLE: u8 = 2;
+#[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
+#[allow(non_camel_case_types)]
+pub const ENUM_VALUES_MEMBER_ROLE: [MemberRole; 3] = [
+  MemberRole::Member,
+  MemberRole::Admin,
+  MemberRole::Owner,
+];
+
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+#[repr(transparent)]
+pub struct MemberRole(pub u8);
+#[allow(non_upper_case_globals)]
+impl MemberRole {
+  pub const Member: Self = Self(0);
+  pub const Admin: Self = Self(1);
+  pub const Owner: Self = Self(2);
+
+  pub const ENUM_MIN: u8 = 0;
+  pub const ENUM_MAX: u8 = 2;
+  pub const ENUM_VALUES: &'static [Self] = &[
+    Self::Member,
+    Self::Admin,
+    Self::Owner,
+  ];
+  /// Returns the variant's name or "" if unknown.
+  pub fn variant_name(self) -> Option<&'static str> {
+    match self {
+      Self::Member => Some("Member"),
+      Self::Admin => Some("Admin"),
+      Self::Owner => Some("Owner"),
+      _ => None,
+    }
+  }
+}
+impl ::core::fmt::Debug for MemberRole {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter) -> ::core::fmt::Result {
+    if let Some(name) = self.variant_name() {
+      f.write_str(name)
+    } else {
+      f.write_fmt(format_args!("<UNKNOWN {:?}>", self.0))
+    }
+  }
+}
+impl<'a> ::flatbuffers::Follow<'a> for MemberRole {
+  type Inner = Self;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    let b = unsafe { ::flatbuffers::read_scalar_at::<u8>(buf, loc) };
+    Self(b)
+  }
+}
+
+impl ::flatbuffers::Push for MemberRole {
+    type Output = MemberRole;
+    #[inline]
+    unsafe fn push(&self, dst: &mut [u8], _written_len: usize) {
+        unsafe { ::flatbuffers::emplace_scalar::<u8>(dst, self.0) };
+    }
+}
+
+impl ::flatbuffers::EndianScalar for MemberRole {
+  type Scalar = u8;
+  #[inline]
+  fn to_little_endian(self) -> u8 {
+    self.0.to_le()
+  }
+  #[inline]
+  #[allow(clippy::wrong_self_convention)]
+  fn from_little_endian(v: u8) -> Self {
+    let b = u8::from_le(v);
+    Self(b)
+  }
+}
+
+impl<'a> ::flatbuffers::Verifiable for MemberRole {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    u8::run_verifier(v, pos)
+  }
+}
+
+impl ::flatbuffers::SimpleToVerifyInSlice for MemberRole {}
+#[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
+pub const ENUM_MIN_GROUP_OP: u8 = 0;
+#[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
+pub const ENUM_MAX_GROUP_OP: u8 = 6;
+#[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
+#[allow(non_camel_case_types)]
+pub const ENUM_VALUES_GROUP_OP: [GroupOp; 7] = [
+  GroupOp::AddMembers,
+  GroupOp::RemoveMembers,
+  GroupOp::Promote,
+  GroupOp::Demote,
+  GroupOp::SetInfo,
+  GroupOp::SetAdminsOnly,
+  GroupOp::Leave,
+];
+
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+#[repr(transparent)]
+pub struct GroupOp(pub u8);
+#[allow(non_upper_case_globals)]
+impl GroupOp {
+  pub const AddMembers: Self = Self(0);
+  pub const RemoveMembers: Self = Self(1);
+  pub const Promote: Self = Self(2);
+  pub const Demote: Self = Self(3);
+  pub const SetInfo: Self = Self(4);
+  pub const SetAdminsOnly: Self = Self(5);
+  pub const Leave: Self = Self(6);
+
+  pub const ENUM_MIN: u8 = 0;
+  pub const ENUM_MAX: u8 = 6;
+  pub const ENUM_VALUES: &'static [Self] = &[
+    Self::AddMembers,
+    Self::RemoveMembers,
+    Self::Promote,
+    Self::Demote,
+    Self::SetInfo,
+    Self::SetAdminsOnly,
+    Self::Leave,
+  ];
+  /// Returns the variant's name or "" if unknown.
+  pub fn variant_name(self) -> Option<&'static str> {
+    match self {
+      Self::AddMembers => Some("AddMembers"),
+      Self::RemoveMembers => Some("RemoveMembers"),
+      Self::Promote => Some("Promote"),
+      Self::Demote => Some("Demote"),
+      Self::SetInfo => Some("SetInfo"),
+      Self::SetAdminsOnly => Some("SetAdminsOnly"),
+      Self::Leave => Some("Leave"),
+      _ => None,
+    }
+  }
+}
+impl ::core::fmt::Debug for GroupOp {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter) -> ::core::fmt::Result {
+    if let Some(name) = self.variant_name() {
+      f.write_str(name)
+    } else {
+      f.write_fmt(format_args!("<UNKNOWN {:?}>", self.0))
+    }
+  }
+}
+impl<'a> ::flatbuffers::Follow<'a> for GroupOp {
+  type Inner = Self;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    let b = unsafe { ::flatbuffers::read_scalar_at::<u8>(buf, loc) };
+    Self(b)
+  }
+}
+
+impl ::flatbuffers::Push for GroupOp {
+    type Output = GroupOp;
+    #[inline]
+    unsafe fn push(&self, dst: &mut [u8], _written_len: usize) {
+        unsafe { ::flatbuffers::emplace_scalar::<u8>(dst, self.0) };
+    }
+}
+
+impl ::flatbuffers::EndianScalar for GroupOp {
+  type Scalar = u8;
+  #[inline]
+  fn to_little_endian(self) -> u8 {
+    self.0.to_le()
+  }
+  #[inline]
+  #[allow(clippy::wrong_self_convention)]
+  fn from_little_endian(v: u8) -> Self {
+    let b = u8::from_le(v);
+    Self(b)
+  }
+}
+
+impl<'a> ::flatbuffers::Verifiable for GroupOp {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    u8::run_verifier(v, pos)
+  }
+}
+
+impl ::flatbuffers::SimpleToVerifyInSlice for GroupOp {}
+#[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
+pub const ENUM_MIN_EVENT_KIND: u8 = 0;
+#[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
+pub const ENUM_MAX_EVENT_KIND: u8 = 9;
+#[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
+#[allow(non_camel_case_types)]
+pub const ENUM_VALUES_EVENT_KIND: [EventKind; 10] = [
+  EventKind::GroupCreated,
+  EventKind::MembersAdded,
+  EventKind::MembersRemoved,
+  EventKind::MemberLeft,
+  EventKind::InfoChanged,
+  EventKind::RolesChanged,
+  EventKind::AdminsOnlyChanged,
+  EventKind::Edited,
+  EventKind::Deleted,
+  EventKind::Reacted,
+];
+
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+#[repr(transparent)]
+pub struct EventKind(pub u8);
+#[allow(non_upper_case_globals)]
+impl EventKind {
+  pub const GroupCreated: Self = Self(0);
+  pub const MembersAdded: Self = Self(1);
+  pub const MembersRemoved: Self = Self(2);
+  pub const MemberLeft: Self = Self(3);
+  pub const InfoChanged: Self = Self(4);
+  pub const RolesChanged: Self = Self(5);
+  pub const AdminsOnlyChanged: Self = Self(6);
+  pub const Edited: Self = Self(7);
+  pub const Deleted: Self = Self(8);
+  pub const Reacted: Self = Self(9);
+
+  pub const ENUM_MIN: u8 = 0;
+  pub const ENUM_MAX: u8 = 9;
+  pub const ENUM_VALUES: &'static [Self] = &[
+    Self::GroupCreated,
+    Self::MembersAdded,
+    Self::MembersRemoved,
+    Self::MemberLeft,
+    Self::InfoChanged,
+    Self::RolesChanged,
+    Self::AdminsOnlyChanged,
+    Self::Edited,
+    Self::Deleted,
+    Self::Reacted,
+  ];
+  /// Returns the variant's name or "" if unknown.
+  pub fn variant_name(self) -> Option<&'static str> {
+    match self {
+      Self::GroupCreated => Some("GroupCreated"),
+      Self::MembersAdded => Some("MembersAdded"),
+      Self::MembersRemoved => Some("MembersRemoved"),
+      Self::MemberLeft => Some("MemberLeft"),
+      Self::InfoChanged => Some("InfoChanged"),
+      Self::RolesChanged => Some("RolesChanged"),
+      Self::AdminsOnlyChanged => Some("AdminsOnlyChanged"),
+      Self::Edited => Some("Edited"),
+      Self::Deleted => Some("Deleted"),
+      Self::Reacted => Some("Reacted"),
+      _ => None,
+    }
+  }
+}
+impl ::core::fmt::Debug for EventKind {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter) -> ::core::fmt::Result {
+    if let Some(name) = self.variant_name() {
+      f.write_str(name)
+    } else {
+      f.write_fmt(format_args!("<UNKNOWN {:?}>", self.0))
+    }
+  }
+}
+impl<'a> ::flatbuffers::Follow<'a> for EventKind {
+  type Inner = Self;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    let b = unsafe { ::flatbuffers::read_scalar_at::<u8>(buf, loc) };
+    Self(b)
+  }
+}
+
+impl ::flatbuffers::Push for EventKind {
+    type Output = EventKind;
+    #[inline]
+    unsafe fn push(&self, dst: &mut [u8], _written_len: usize) {
+        unsafe { ::flatbuffers::emplace_scalar::<u8>(dst, self.0) };
+    }
+}
+
+impl ::flatbuffers::EndianScalar for EventKind {
+  type Scalar = u8;
+  #[inline]
+  fn to_little_endian(self) -> u8 {
+    self.0.to_le()
+  }
+  #[inline]
+  #[allow(clippy::wrong_self_convention)]
+  fn from_little_endian(v: u8) -> Self {
+    let b = u8::from_le(v);
+    Self(b)
+  }
+}
+
+impl<'a> ::flatbuffers::Verifiable for EventKind {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    u8::run_verifier(v, pos)
+  }
+}
+
+impl ::flatbuffers::SimpleToVerifyInSlice for EventKind {}
 /// A 16-byte client-chosen message id, stored as two little-endian u64 halves.
 // struct Uuid, aligned to 8
 #[repr(transparent)]
@@ -722,6 +1096,133 @@ impl<'a> Cursor {
 
 }
 
+// struct Member, aligned to 8
+#[repr(transparent)]
+#[derive(Clone, Copy, PartialEq)]
+pub struct Member(pub [u8; 16]);
+impl Default for Member { 
+  fn default() -> Self { 
+    Self([0; 16])
+  }
+}
+impl ::core::fmt::Debug for Member {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter) -> ::core::fmt::Result {
+    f.debug_struct("Member")
+      .field("user", &self.user())
+      .field("role", &self.role())
+      .finish()
+  }
+}
+
+impl ::flatbuffers::SimpleToVerifyInSlice for Member {}
+impl<'a> ::flatbuffers::Follow<'a> for Member {
+  type Inner = &'a Member;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    unsafe { <&'a Member>::follow(buf, loc) }
+  }
+}
+impl<'a> ::flatbuffers::Follow<'a> for &'a Member {
+  type Inner = &'a Member;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    unsafe { ::flatbuffers::follow_cast_ref::<Member>(buf, loc) }
+  }
+}
+impl<'b> ::flatbuffers::Push for Member {
+    type Output = Member;
+    #[inline]
+    unsafe fn push(&self, dst: &mut [u8], _written_len: usize) {
+        let src = unsafe { ::core::slice::from_raw_parts(self as *const Member as *const u8, <Self as ::flatbuffers::Push>::size()) };
+        dst.copy_from_slice(src);
+    }
+    #[inline]
+    fn alignment() -> ::flatbuffers::PushAlignment {
+        ::flatbuffers::PushAlignment::new(8)
+    }
+}
+
+impl<'a> ::flatbuffers::Verifiable for Member {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.in_buffer::<Self>(pos)
+  }
+}
+
+impl<'a> Member {
+  #[allow(clippy::too_many_arguments)]
+  pub fn new(
+    user: u64,
+    role: MemberRole,
+  ) -> Self {
+    let mut s = Self([0; 16]);
+    s.set_user(user);
+    s.set_role(role);
+    s
+  }
+
+  pub fn user(&self) -> u64 {
+    let mut mem = ::core::mem::MaybeUninit::<<u64 as ::flatbuffers::EndianScalar>::Scalar>::uninit();
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        self.0[0..].as_ptr(),
+        mem.as_mut_ptr() as *mut u8,
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+      mem.assume_init()
+    })
+  }
+
+  pub fn set_user(&mut self, x: u64) {
+    let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        &x_le as *const _ as *const u8,
+        self.0[0..].as_mut_ptr(),
+        ::core::mem::size_of::<<u64 as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+    }
+  }
+
+  pub fn role(&self) -> MemberRole {
+    let mut mem = ::core::mem::MaybeUninit::<<MemberRole as ::flatbuffers::EndianScalar>::Scalar>::uninit();
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    ::flatbuffers::EndianScalar::from_little_endian(unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        self.0[8..].as_ptr(),
+        mem.as_mut_ptr() as *mut u8,
+        ::core::mem::size_of::<<MemberRole as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+      mem.assume_init()
+    })
+  }
+
+  pub fn set_role(&mut self, x: MemberRole) {
+    let x_le = ::flatbuffers::EndianScalar::to_little_endian(x);
+    // Safety:
+    // Created from a valid Table for this object
+    // Which contains a valid value in this slot
+    unsafe {
+      ::core::ptr::copy_nonoverlapping(
+        &x_le as *const _ as *const u8,
+        self.0[8..].as_mut_ptr(),
+        ::core::mem::size_of::<<MemberRole as ::flatbuffers::EndianScalar>::Scalar>(),
+      );
+    }
+  }
+
+}
+
 pub enum SendOffset {}
 #[derive(Copy, Clone, PartialEq)]
 
@@ -745,6 +1246,7 @@ impl<'a> Send<'a> {
   pub const VT_PAYLOAD: ::flatbuffers::VOffsetT = 10;
   pub const VT_REPLY_TO: ::flatbuffers::VOffsetT = 12;
   pub const VT_CONTENT_KIND: ::flatbuffers::VOffsetT = 14;
+  pub const VT_FORWARDED: ::flatbuffers::VOffsetT = 16;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -761,6 +1263,7 @@ impl<'a> Send<'a> {
     builder.add_chat_id(args.chat_id);
     if let Some(x) = args.payload { builder.add_payload(x); }
     if let Some(x) = args.client_msg_id { builder.add_client_msg_id(x); }
+    builder.add_forwarded(args.forwarded);
     builder.add_content_kind(args.content_kind);
     builder.finish()
   }
@@ -808,6 +1311,13 @@ impl<'a> Send<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<ContentKind>(Send::VT_CONTENT_KIND, Some(ContentKind::Text)).unwrap()}
   }
+  #[inline]
+  pub fn forwarded(&self) -> bool {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<bool>(Send::VT_FORWARDED, Some(false)).unwrap()}
+  }
 }
 
 impl ::flatbuffers::Verifiable for Send<'_> {
@@ -822,6 +1332,7 @@ impl ::flatbuffers::Verifiable for Send<'_> {
      .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u8>>>("payload", Self::VT_PAYLOAD, false)?
      .visit_field::<u64>("reply_to", Self::VT_REPLY_TO, false)?
      .visit_field::<ContentKind>("content_kind", Self::VT_CONTENT_KIND, false)?
+     .visit_field::<bool>("forwarded", Self::VT_FORWARDED, false)?
      .finish();
     Ok(())
   }
@@ -833,6 +1344,7 @@ pub struct SendArgs<'a> {
     pub payload: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u8>>>,
     pub reply_to: u64,
     pub content_kind: ContentKind,
+    pub forwarded: bool,
 }
 impl<'a> Default for SendArgs<'a> {
   #[inline]
@@ -844,6 +1356,7 @@ impl<'a> Default for SendArgs<'a> {
       payload: None,
       reply_to: 0,
       content_kind: ContentKind::Text,
+      forwarded: false,
     }
   }
 }
@@ -878,6 +1391,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> SendBuilder<'a, 'b, A> {
     self.fbb_.push_slot::<ContentKind>(Send::VT_CONTENT_KIND, content_kind, ContentKind::Text);
   }
   #[inline]
+  pub fn add_forwarded(&mut self, forwarded: bool) {
+    self.fbb_.push_slot::<bool>(Send::VT_FORWARDED, forwarded, false);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> SendBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     SendBuilder {
@@ -901,6 +1418,7 @@ impl ::core::fmt::Debug for Send<'_> {
       ds.field("payload", &self.payload());
       ds.field("reply_to", &self.reply_to());
       ds.field("content_kind", &self.content_kind());
+      ds.field("forwarded", &self.forwarded());
       ds.finish()
   }
 }
@@ -1701,6 +2219,7 @@ impl<'a> Message<'a> {
   pub const VT_REPLY_TO: ::flatbuffers::VOffsetT = 18;
   pub const VT_CONTENT_KIND: ::flatbuffers::VOffsetT = 20;
   pub const VT_CLIENT_MSG_ID: ::flatbuffers::VOffsetT = 22;
+  pub const VT_FORWARDED: ::flatbuffers::VOffsetT = 24;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -1721,6 +2240,7 @@ impl<'a> Message<'a> {
     if let Some(x) = args.client_msg_id { builder.add_client_msg_id(x); }
     if let Some(x) = args.payload { builder.add_payload(x); }
     builder.add_sender_device(args.sender_device);
+    builder.add_forwarded(args.forwarded);
     builder.add_content_kind(args.content_kind);
     builder.finish()
   }
@@ -1796,6 +2316,13 @@ impl<'a> Message<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<Uuid>(Message::VT_CLIENT_MSG_ID, None)}
   }
+  #[inline]
+  pub fn forwarded(&self) -> bool {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<bool>(Message::VT_FORWARDED, Some(false)).unwrap()}
+  }
 }
 
 impl ::flatbuffers::Verifiable for Message<'_> {
@@ -1814,6 +2341,7 @@ impl ::flatbuffers::Verifiable for Message<'_> {
      .visit_field::<u64>("reply_to", Self::VT_REPLY_TO, false)?
      .visit_field::<ContentKind>("content_kind", Self::VT_CONTENT_KIND, false)?
      .visit_field::<Uuid>("client_msg_id", Self::VT_CLIENT_MSG_ID, false)?
+     .visit_field::<bool>("forwarded", Self::VT_FORWARDED, false)?
      .finish();
     Ok(())
   }
@@ -1829,6 +2357,7 @@ pub struct MessageArgs<'a> {
     pub reply_to: u64,
     pub content_kind: ContentKind,
     pub client_msg_id: Option<&'a Uuid>,
+    pub forwarded: bool,
 }
 impl<'a> Default for MessageArgs<'a> {
   #[inline]
@@ -1844,6 +2373,7 @@ impl<'a> Default for MessageArgs<'a> {
       reply_to: 0,
       content_kind: ContentKind::Text,
       client_msg_id: None,
+      forwarded: false,
     }
   }
 }
@@ -1894,6 +2424,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> MessageBuilder<'a, 'b, A> {
     self.fbb_.push_slot_always::<&Uuid>(Message::VT_CLIENT_MSG_ID, client_msg_id);
   }
   #[inline]
+  pub fn add_forwarded(&mut self, forwarded: bool) {
+    self.fbb_.push_slot::<bool>(Message::VT_FORWARDED, forwarded, false);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> MessageBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     MessageBuilder {
@@ -1921,6 +2455,7 @@ impl ::core::fmt::Debug for Message<'_> {
       ds.field("reply_to", &self.reply_to());
       ds.field("content_kind", &self.content_kind());
       ds.field("client_msg_id", &self.client_msg_id());
+      ds.field("forwarded", &self.forwarded());
       ds.finish()
   }
 }
@@ -2855,6 +3390,171 @@ impl<'a> Envelope<'a> {
     }
   }
 
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_create_group(&self) -> Option<CreateGroup<'a>> {
+    if self.body_type() == Body::CreateGroup {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { CreateGroup::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_group_update(&self) -> Option<GroupUpdate<'a>> {
+    if self.body_type() == Body::GroupUpdate {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { GroupUpdate::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_get_group_info(&self) -> Option<GetGroupInfo<'a>> {
+    if self.body_type() == Body::GetGroupInfo {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { GetGroupInfo::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_group_info(&self) -> Option<GroupInfo<'a>> {
+    if self.body_type() == Body::GroupInfo {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { GroupInfo::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_edit(&self) -> Option<Edit<'a>> {
+    if self.body_type() == Body::Edit {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { Edit::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_delete(&self) -> Option<Delete<'a>> {
+    if self.body_type() == Body::Delete {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { Delete::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_react(&self) -> Option<React<'a>> {
+    if self.body_type() == Body::React {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { React::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_typing(&self) -> Option<Typing<'a>> {
+    if self.body_type() == Body::Typing {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { Typing::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_typing_notice(&self) -> Option<TypingNotice<'a>> {
+    if self.body_type() == Body::TypingNotice {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { TypingNotice::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_get_receipts(&self) -> Option<GetReceipts<'a>> {
+    if self.body_type() == Body::GetReceipts {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { GetReceipts::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_receipt_list(&self) -> Option<ReceiptList<'a>> {
+    if self.body_type() == Body::ReceiptList {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { ReceiptList::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
 }
 
 impl ::flatbuffers::Verifiable for Envelope<'_> {
@@ -2878,6 +3578,17 @@ impl ::flatbuffers::Verifiable for Envelope<'_> {
           Body::SyncDone => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<SyncDone>>("Body::SyncDone", pos),
           Body::Error => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Error>>("Body::Error", pos),
           Body::Pong => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Pong>>("Body::Pong", pos),
+          Body::CreateGroup => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<CreateGroup>>("Body::CreateGroup", pos),
+          Body::GroupUpdate => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<GroupUpdate>>("Body::GroupUpdate", pos),
+          Body::GetGroupInfo => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<GetGroupInfo>>("Body::GetGroupInfo", pos),
+          Body::GroupInfo => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<GroupInfo>>("Body::GroupInfo", pos),
+          Body::Edit => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Edit>>("Body::Edit", pos),
+          Body::Delete => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Delete>>("Body::Delete", pos),
+          Body::React => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<React>>("Body::React", pos),
+          Body::Typing => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Typing>>("Body::Typing", pos),
+          Body::TypingNotice => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<TypingNotice>>("Body::TypingNotice", pos),
+          Body::GetReceipts => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<GetReceipts>>("Body::GetReceipts", pos),
+          Body::ReceiptList => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<ReceiptList>>("Body::ReceiptList", pos),
           _ => Ok(()),
         }
      })?
@@ -3023,11 +3734,2085 @@ impl ::core::fmt::Debug for Envelope<'_> {
             ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
           }
         },
+        Body::CreateGroup => {
+          if let Some(x) = self.body_as_create_group() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Body::GroupUpdate => {
+          if let Some(x) = self.body_as_group_update() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Body::GetGroupInfo => {
+          if let Some(x) = self.body_as_get_group_info() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Body::GroupInfo => {
+          if let Some(x) = self.body_as_group_info() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Body::Edit => {
+          if let Some(x) = self.body_as_edit() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Body::Delete => {
+          if let Some(x) = self.body_as_delete() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Body::React => {
+          if let Some(x) = self.body_as_react() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Body::Typing => {
+          if let Some(x) = self.body_as_typing() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Body::TypingNotice => {
+          if let Some(x) = self.body_as_typing_notice() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Body::GetReceipts => {
+          if let Some(x) = self.body_as_get_receipts() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Body::ReceiptList => {
+          if let Some(x) = self.body_as_receipt_list() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
         _ => {
           let x: Option<()> = None;
           ds.field("body", &x)
         },
       };
+      ds.finish()
+  }
+}
+pub enum CreateGroupOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Create a group chat with the sender as owner. Answered with `GroupInfo` (same request_id);
+/// the chat starts with a `GroupCreated` event at seq 1. Retrying with the same client_msg_id
+/// returns the same group.
+pub struct CreateGroup<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for CreateGroup<'a> {
+  type Inner = CreateGroup<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> CreateGroup<'a> {
+  pub const VT_REQUEST_ID: ::flatbuffers::VOffsetT = 4;
+  pub const VT_CLIENT_MSG_ID: ::flatbuffers::VOffsetT = 6;
+  pub const VT_NAME: ::flatbuffers::VOffsetT = 8;
+  pub const VT_DESCRIPTION: ::flatbuffers::VOffsetT = 10;
+  pub const VT_AVATAR_MEDIA_ID: ::flatbuffers::VOffsetT = 12;
+  pub const VT_MEMBERS: ::flatbuffers::VOffsetT = 14;
+  pub const VT_ADMINS_ONLY: ::flatbuffers::VOffsetT = 16;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    CreateGroup { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args CreateGroupArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<CreateGroup<'bldr>> {
+    let mut builder = CreateGroupBuilder::new(_fbb);
+    if let Some(x) = args.members { builder.add_members(x); }
+    if let Some(x) = args.avatar_media_id { builder.add_avatar_media_id(x); }
+    if let Some(x) = args.description { builder.add_description(x); }
+    if let Some(x) = args.name { builder.add_name(x); }
+    if let Some(x) = args.client_msg_id { builder.add_client_msg_id(x); }
+    builder.add_request_id(args.request_id);
+    builder.add_admins_only(args.admins_only);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn request_id(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(CreateGroup::VT_REQUEST_ID, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn client_msg_id(&self) -> Option<&'a Uuid> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<Uuid>(CreateGroup::VT_CLIENT_MSG_ID, None)}
+  }
+  #[inline]
+  pub fn name(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(CreateGroup::VT_NAME, None)}
+  }
+  #[inline]
+  pub fn description(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(CreateGroup::VT_DESCRIPTION, None)}
+  }
+  #[inline]
+  pub fn avatar_media_id(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(CreateGroup::VT_AVATAR_MEDIA_ID, None)}
+  }
+  #[inline]
+  pub fn members(&self) -> Option<::flatbuffers::Vector<'a, u64>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u64>>>(CreateGroup::VT_MEMBERS, None)}
+  }
+  #[inline]
+  pub fn admins_only(&self) -> bool {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<bool>(CreateGroup::VT_ADMINS_ONLY, Some(false)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for CreateGroup<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u32>("request_id", Self::VT_REQUEST_ID, false)?
+     .visit_field::<Uuid>("client_msg_id", Self::VT_CLIENT_MSG_ID, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("name", Self::VT_NAME, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("description", Self::VT_DESCRIPTION, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("avatar_media_id", Self::VT_AVATAR_MEDIA_ID, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u64>>>("members", Self::VT_MEMBERS, false)?
+     .visit_field::<bool>("admins_only", Self::VT_ADMINS_ONLY, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct CreateGroupArgs<'a> {
+    pub request_id: u32,
+    pub client_msg_id: Option<&'a Uuid>,
+    pub name: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub description: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub avatar_media_id: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub members: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u64>>>,
+    pub admins_only: bool,
+}
+impl<'a> Default for CreateGroupArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    CreateGroupArgs {
+      request_id: 0,
+      client_msg_id: None,
+      name: None,
+      description: None,
+      avatar_media_id: None,
+      members: None,
+      admins_only: false,
+    }
+  }
+}
+
+pub struct CreateGroupBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> CreateGroupBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_request_id(&mut self, request_id: u32) {
+    self.fbb_.push_slot::<u32>(CreateGroup::VT_REQUEST_ID, request_id, 0);
+  }
+  #[inline]
+  pub fn add_client_msg_id(&mut self, client_msg_id: &Uuid) {
+    self.fbb_.push_slot_always::<&Uuid>(CreateGroup::VT_CLIENT_MSG_ID, client_msg_id);
+  }
+  #[inline]
+  pub fn add_name(&mut self, name: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(CreateGroup::VT_NAME, name);
+  }
+  #[inline]
+  pub fn add_description(&mut self, description: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(CreateGroup::VT_DESCRIPTION, description);
+  }
+  #[inline]
+  pub fn add_avatar_media_id(&mut self, avatar_media_id: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(CreateGroup::VT_AVATAR_MEDIA_ID, avatar_media_id);
+  }
+  #[inline]
+  pub fn add_members(&mut self, members: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u64>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(CreateGroup::VT_MEMBERS, members);
+  }
+  #[inline]
+  pub fn add_admins_only(&mut self, admins_only: bool) {
+    self.fbb_.push_slot::<bool>(CreateGroup::VT_ADMINS_ONLY, admins_only, false);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> CreateGroupBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    CreateGroupBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<CreateGroup<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for CreateGroup<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("CreateGroup");
+      ds.field("request_id", &self.request_id());
+      ds.field("client_msg_id", &self.client_msg_id());
+      ds.field("name", &self.name());
+      ds.field("description", &self.description());
+      ds.field("avatar_media_id", &self.avatar_media_id());
+      ds.field("members", &self.members());
+      ds.field("admins_only", &self.admins_only());
+      ds.finish()
+  }
+}
+pub enum GroupUpdateOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Change a group. Each change is an event in the chat's sequence, answered like a `Send` with
+/// `SendAck` (or `Error`) for `client_msg_id`.
+pub struct GroupUpdate<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for GroupUpdate<'a> {
+  type Inner = GroupUpdate<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> GroupUpdate<'a> {
+  pub const VT_CLIENT_MSG_ID: ::flatbuffers::VOffsetT = 4;
+  pub const VT_CHAT_ID: ::flatbuffers::VOffsetT = 6;
+  pub const VT_OP: ::flatbuffers::VOffsetT = 8;
+  pub const VT_USERS: ::flatbuffers::VOffsetT = 10;
+  pub const VT_NAME: ::flatbuffers::VOffsetT = 12;
+  pub const VT_DESCRIPTION: ::flatbuffers::VOffsetT = 14;
+  pub const VT_AVATAR_MEDIA_ID: ::flatbuffers::VOffsetT = 16;
+  pub const VT_ADMINS_ONLY: ::flatbuffers::VOffsetT = 18;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    GroupUpdate { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args GroupUpdateArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<GroupUpdate<'bldr>> {
+    let mut builder = GroupUpdateBuilder::new(_fbb);
+    builder.add_chat_id(args.chat_id);
+    if let Some(x) = args.avatar_media_id { builder.add_avatar_media_id(x); }
+    if let Some(x) = args.description { builder.add_description(x); }
+    if let Some(x) = args.name { builder.add_name(x); }
+    if let Some(x) = args.users { builder.add_users(x); }
+    if let Some(x) = args.client_msg_id { builder.add_client_msg_id(x); }
+    builder.add_admins_only(args.admins_only);
+    builder.add_op(args.op);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn client_msg_id(&self) -> Option<&'a Uuid> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<Uuid>(GroupUpdate::VT_CLIENT_MSG_ID, None)}
+  }
+  #[inline]
+  pub fn chat_id(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(GroupUpdate::VT_CHAT_ID, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn op(&self) -> GroupOp {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<GroupOp>(GroupUpdate::VT_OP, Some(GroupOp::AddMembers)).unwrap()}
+  }
+  #[inline]
+  pub fn users(&self) -> Option<::flatbuffers::Vector<'a, u64>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u64>>>(GroupUpdate::VT_USERS, None)}
+  }
+  #[inline]
+  pub fn name(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(GroupUpdate::VT_NAME, None)}
+  }
+  #[inline]
+  pub fn description(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(GroupUpdate::VT_DESCRIPTION, None)}
+  }
+  #[inline]
+  pub fn avatar_media_id(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(GroupUpdate::VT_AVATAR_MEDIA_ID, None)}
+  }
+  #[inline]
+  pub fn admins_only(&self) -> bool {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<bool>(GroupUpdate::VT_ADMINS_ONLY, Some(false)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for GroupUpdate<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<Uuid>("client_msg_id", Self::VT_CLIENT_MSG_ID, false)?
+     .visit_field::<u64>("chat_id", Self::VT_CHAT_ID, false)?
+     .visit_field::<GroupOp>("op", Self::VT_OP, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u64>>>("users", Self::VT_USERS, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("name", Self::VT_NAME, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("description", Self::VT_DESCRIPTION, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("avatar_media_id", Self::VT_AVATAR_MEDIA_ID, false)?
+     .visit_field::<bool>("admins_only", Self::VT_ADMINS_ONLY, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct GroupUpdateArgs<'a> {
+    pub client_msg_id: Option<&'a Uuid>,
+    pub chat_id: u64,
+    pub op: GroupOp,
+    pub users: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u64>>>,
+    pub name: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub description: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub avatar_media_id: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub admins_only: bool,
+}
+impl<'a> Default for GroupUpdateArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    GroupUpdateArgs {
+      client_msg_id: None,
+      chat_id: 0,
+      op: GroupOp::AddMembers,
+      users: None,
+      name: None,
+      description: None,
+      avatar_media_id: None,
+      admins_only: false,
+    }
+  }
+}
+
+pub struct GroupUpdateBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> GroupUpdateBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_client_msg_id(&mut self, client_msg_id: &Uuid) {
+    self.fbb_.push_slot_always::<&Uuid>(GroupUpdate::VT_CLIENT_MSG_ID, client_msg_id);
+  }
+  #[inline]
+  pub fn add_chat_id(&mut self, chat_id: u64) {
+    self.fbb_.push_slot::<u64>(GroupUpdate::VT_CHAT_ID, chat_id, 0);
+  }
+  #[inline]
+  pub fn add_op(&mut self, op: GroupOp) {
+    self.fbb_.push_slot::<GroupOp>(GroupUpdate::VT_OP, op, GroupOp::AddMembers);
+  }
+  #[inline]
+  pub fn add_users(&mut self, users: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u64>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(GroupUpdate::VT_USERS, users);
+  }
+  #[inline]
+  pub fn add_name(&mut self, name: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(GroupUpdate::VT_NAME, name);
+  }
+  #[inline]
+  pub fn add_description(&mut self, description: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(GroupUpdate::VT_DESCRIPTION, description);
+  }
+  #[inline]
+  pub fn add_avatar_media_id(&mut self, avatar_media_id: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(GroupUpdate::VT_AVATAR_MEDIA_ID, avatar_media_id);
+  }
+  #[inline]
+  pub fn add_admins_only(&mut self, admins_only: bool) {
+    self.fbb_.push_slot::<bool>(GroupUpdate::VT_ADMINS_ONLY, admins_only, false);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> GroupUpdateBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    GroupUpdateBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<GroupUpdate<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for GroupUpdate<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("GroupUpdate");
+      ds.field("client_msg_id", &self.client_msg_id());
+      ds.field("chat_id", &self.chat_id());
+      ds.field("op", &self.op());
+      ds.field("users", &self.users());
+      ds.field("name", &self.name());
+      ds.field("description", &self.description());
+      ds.field("avatar_media_id", &self.avatar_media_id());
+      ds.field("admins_only", &self.admins_only());
+      ds.finish()
+  }
+}
+pub enum GetGroupInfoOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct GetGroupInfo<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for GetGroupInfo<'a> {
+  type Inner = GetGroupInfo<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> GetGroupInfo<'a> {
+  pub const VT_REQUEST_ID: ::flatbuffers::VOffsetT = 4;
+  pub const VT_CHAT_ID: ::flatbuffers::VOffsetT = 6;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    GetGroupInfo { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args GetGroupInfoArgs
+  ) -> ::flatbuffers::WIPOffset<GetGroupInfo<'bldr>> {
+    let mut builder = GetGroupInfoBuilder::new(_fbb);
+    builder.add_chat_id(args.chat_id);
+    builder.add_request_id(args.request_id);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn request_id(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(GetGroupInfo::VT_REQUEST_ID, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn chat_id(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(GetGroupInfo::VT_CHAT_ID, Some(0)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for GetGroupInfo<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u32>("request_id", Self::VT_REQUEST_ID, false)?
+     .visit_field::<u64>("chat_id", Self::VT_CHAT_ID, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct GetGroupInfoArgs {
+    pub request_id: u32,
+    pub chat_id: u64,
+}
+impl<'a> Default for GetGroupInfoArgs {
+  #[inline]
+  fn default() -> Self {
+    GetGroupInfoArgs {
+      request_id: 0,
+      chat_id: 0,
+    }
+  }
+}
+
+pub struct GetGroupInfoBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> GetGroupInfoBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_request_id(&mut self, request_id: u32) {
+    self.fbb_.push_slot::<u32>(GetGroupInfo::VT_REQUEST_ID, request_id, 0);
+  }
+  #[inline]
+  pub fn add_chat_id(&mut self, chat_id: u64) {
+    self.fbb_.push_slot::<u64>(GetGroupInfo::VT_CHAT_ID, chat_id, 0);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> GetGroupInfoBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    GetGroupInfoBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<GetGroupInfo<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for GetGroupInfo<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("GetGroupInfo");
+      ds.field("request_id", &self.request_id());
+      ds.field("chat_id", &self.chat_id());
+      ds.finish()
+  }
+}
+pub enum GroupInfoOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct GroupInfo<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for GroupInfo<'a> {
+  type Inner = GroupInfo<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> GroupInfo<'a> {
+  pub const VT_REQUEST_ID: ::flatbuffers::VOffsetT = 4;
+  pub const VT_CHAT_ID: ::flatbuffers::VOffsetT = 6;
+  pub const VT_NAME: ::flatbuffers::VOffsetT = 8;
+  pub const VT_DESCRIPTION: ::flatbuffers::VOffsetT = 10;
+  pub const VT_AVATAR_MEDIA_ID: ::flatbuffers::VOffsetT = 12;
+  pub const VT_MEMBERS: ::flatbuffers::VOffsetT = 14;
+  pub const VT_ADMINS_ONLY: ::flatbuffers::VOffsetT = 16;
+  pub const VT_CREATED_MS: ::flatbuffers::VOffsetT = 18;
+  pub const VT_LAST_SEQ: ::flatbuffers::VOffsetT = 20;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    GroupInfo { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args GroupInfoArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<GroupInfo<'bldr>> {
+    let mut builder = GroupInfoBuilder::new(_fbb);
+    builder.add_last_seq(args.last_seq);
+    builder.add_created_ms(args.created_ms);
+    builder.add_chat_id(args.chat_id);
+    if let Some(x) = args.members { builder.add_members(x); }
+    if let Some(x) = args.avatar_media_id { builder.add_avatar_media_id(x); }
+    if let Some(x) = args.description { builder.add_description(x); }
+    if let Some(x) = args.name { builder.add_name(x); }
+    builder.add_request_id(args.request_id);
+    builder.add_admins_only(args.admins_only);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn request_id(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(GroupInfo::VT_REQUEST_ID, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn chat_id(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(GroupInfo::VT_CHAT_ID, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn name(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(GroupInfo::VT_NAME, None)}
+  }
+  #[inline]
+  pub fn description(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(GroupInfo::VT_DESCRIPTION, None)}
+  }
+  #[inline]
+  pub fn avatar_media_id(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(GroupInfo::VT_AVATAR_MEDIA_ID, None)}
+  }
+  #[inline]
+  pub fn members(&self) -> Option<::flatbuffers::Vector<'a, Member>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, Member>>>(GroupInfo::VT_MEMBERS, None)}
+  }
+  #[inline]
+  pub fn admins_only(&self) -> bool {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<bool>(GroupInfo::VT_ADMINS_ONLY, Some(false)).unwrap()}
+  }
+  #[inline]
+  pub fn created_ms(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(GroupInfo::VT_CREATED_MS, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn last_seq(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(GroupInfo::VT_LAST_SEQ, Some(0)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for GroupInfo<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u32>("request_id", Self::VT_REQUEST_ID, false)?
+     .visit_field::<u64>("chat_id", Self::VT_CHAT_ID, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("name", Self::VT_NAME, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("description", Self::VT_DESCRIPTION, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("avatar_media_id", Self::VT_AVATAR_MEDIA_ID, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, Member>>>("members", Self::VT_MEMBERS, false)?
+     .visit_field::<bool>("admins_only", Self::VT_ADMINS_ONLY, false)?
+     .visit_field::<u64>("created_ms", Self::VT_CREATED_MS, false)?
+     .visit_field::<u64>("last_seq", Self::VT_LAST_SEQ, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct GroupInfoArgs<'a> {
+    pub request_id: u32,
+    pub chat_id: u64,
+    pub name: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub description: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub avatar_media_id: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub members: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, Member>>>,
+    pub admins_only: bool,
+    pub created_ms: u64,
+    pub last_seq: u64,
+}
+impl<'a> Default for GroupInfoArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    GroupInfoArgs {
+      request_id: 0,
+      chat_id: 0,
+      name: None,
+      description: None,
+      avatar_media_id: None,
+      members: None,
+      admins_only: false,
+      created_ms: 0,
+      last_seq: 0,
+    }
+  }
+}
+
+pub struct GroupInfoBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> GroupInfoBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_request_id(&mut self, request_id: u32) {
+    self.fbb_.push_slot::<u32>(GroupInfo::VT_REQUEST_ID, request_id, 0);
+  }
+  #[inline]
+  pub fn add_chat_id(&mut self, chat_id: u64) {
+    self.fbb_.push_slot::<u64>(GroupInfo::VT_CHAT_ID, chat_id, 0);
+  }
+  #[inline]
+  pub fn add_name(&mut self, name: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(GroupInfo::VT_NAME, name);
+  }
+  #[inline]
+  pub fn add_description(&mut self, description: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(GroupInfo::VT_DESCRIPTION, description);
+  }
+  #[inline]
+  pub fn add_avatar_media_id(&mut self, avatar_media_id: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(GroupInfo::VT_AVATAR_MEDIA_ID, avatar_media_id);
+  }
+  #[inline]
+  pub fn add_members(&mut self, members: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , Member>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(GroupInfo::VT_MEMBERS, members);
+  }
+  #[inline]
+  pub fn add_admins_only(&mut self, admins_only: bool) {
+    self.fbb_.push_slot::<bool>(GroupInfo::VT_ADMINS_ONLY, admins_only, false);
+  }
+  #[inline]
+  pub fn add_created_ms(&mut self, created_ms: u64) {
+    self.fbb_.push_slot::<u64>(GroupInfo::VT_CREATED_MS, created_ms, 0);
+  }
+  #[inline]
+  pub fn add_last_seq(&mut self, last_seq: u64) {
+    self.fbb_.push_slot::<u64>(GroupInfo::VT_LAST_SEQ, last_seq, 0);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> GroupInfoBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    GroupInfoBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<GroupInfo<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for GroupInfo<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("GroupInfo");
+      ds.field("request_id", &self.request_id());
+      ds.field("chat_id", &self.chat_id());
+      ds.field("name", &self.name());
+      ds.field("description", &self.description());
+      ds.field("avatar_media_id", &self.avatar_media_id());
+      ds.field("members", &self.members());
+      ds.field("admins_only", &self.admins_only());
+      ds.field("created_ms", &self.created_ms());
+      ds.field("last_seq", &self.last_seq());
+      ds.finish()
+  }
+}
+pub enum EditOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Replace the content of your own message `target_seq` (within the edit window).
+pub struct Edit<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for Edit<'a> {
+  type Inner = Edit<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> Edit<'a> {
+  pub const VT_CLIENT_MSG_ID: ::flatbuffers::VOffsetT = 4;
+  pub const VT_CHAT_ID: ::flatbuffers::VOffsetT = 6;
+  pub const VT_TARGET_SEQ: ::flatbuffers::VOffsetT = 8;
+  pub const VT_PAYLOAD: ::flatbuffers::VOffsetT = 10;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    Edit { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args EditArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<Edit<'bldr>> {
+    let mut builder = EditBuilder::new(_fbb);
+    builder.add_target_seq(args.target_seq);
+    builder.add_chat_id(args.chat_id);
+    if let Some(x) = args.payload { builder.add_payload(x); }
+    if let Some(x) = args.client_msg_id { builder.add_client_msg_id(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn client_msg_id(&self) -> Option<&'a Uuid> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<Uuid>(Edit::VT_CLIENT_MSG_ID, None)}
+  }
+  #[inline]
+  pub fn chat_id(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(Edit::VT_CHAT_ID, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn target_seq(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(Edit::VT_TARGET_SEQ, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn payload(&self) -> Option<::flatbuffers::Vector<'a, u8>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u8>>>(Edit::VT_PAYLOAD, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for Edit<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<Uuid>("client_msg_id", Self::VT_CLIENT_MSG_ID, false)?
+     .visit_field::<u64>("chat_id", Self::VT_CHAT_ID, false)?
+     .visit_field::<u64>("target_seq", Self::VT_TARGET_SEQ, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u8>>>("payload", Self::VT_PAYLOAD, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct EditArgs<'a> {
+    pub client_msg_id: Option<&'a Uuid>,
+    pub chat_id: u64,
+    pub target_seq: u64,
+    pub payload: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u8>>>,
+}
+impl<'a> Default for EditArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    EditArgs {
+      client_msg_id: None,
+      chat_id: 0,
+      target_seq: 0,
+      payload: None,
+    }
+  }
+}
+
+pub struct EditBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> EditBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_client_msg_id(&mut self, client_msg_id: &Uuid) {
+    self.fbb_.push_slot_always::<&Uuid>(Edit::VT_CLIENT_MSG_ID, client_msg_id);
+  }
+  #[inline]
+  pub fn add_chat_id(&mut self, chat_id: u64) {
+    self.fbb_.push_slot::<u64>(Edit::VT_CHAT_ID, chat_id, 0);
+  }
+  #[inline]
+  pub fn add_target_seq(&mut self, target_seq: u64) {
+    self.fbb_.push_slot::<u64>(Edit::VT_TARGET_SEQ, target_seq, 0);
+  }
+  #[inline]
+  pub fn add_payload(&mut self, payload: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u8>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Edit::VT_PAYLOAD, payload);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> EditBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    EditBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<Edit<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for Edit<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("Edit");
+      ds.field("client_msg_id", &self.client_msg_id());
+      ds.field("chat_id", &self.chat_id());
+      ds.field("target_seq", &self.target_seq());
+      ds.field("payload", &self.payload());
+      ds.finish()
+  }
+}
+pub enum DeleteOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Delete your own message `target_seq` for everyone (within the delete window): its content
+/// is purged from storage, its seq stays as a tombstone.
+pub struct Delete<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for Delete<'a> {
+  type Inner = Delete<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> Delete<'a> {
+  pub const VT_CLIENT_MSG_ID: ::flatbuffers::VOffsetT = 4;
+  pub const VT_CHAT_ID: ::flatbuffers::VOffsetT = 6;
+  pub const VT_TARGET_SEQ: ::flatbuffers::VOffsetT = 8;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    Delete { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args DeleteArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<Delete<'bldr>> {
+    let mut builder = DeleteBuilder::new(_fbb);
+    builder.add_target_seq(args.target_seq);
+    builder.add_chat_id(args.chat_id);
+    if let Some(x) = args.client_msg_id { builder.add_client_msg_id(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn client_msg_id(&self) -> Option<&'a Uuid> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<Uuid>(Delete::VT_CLIENT_MSG_ID, None)}
+  }
+  #[inline]
+  pub fn chat_id(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(Delete::VT_CHAT_ID, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn target_seq(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(Delete::VT_TARGET_SEQ, Some(0)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for Delete<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<Uuid>("client_msg_id", Self::VT_CLIENT_MSG_ID, false)?
+     .visit_field::<u64>("chat_id", Self::VT_CHAT_ID, false)?
+     .visit_field::<u64>("target_seq", Self::VT_TARGET_SEQ, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct DeleteArgs<'a> {
+    pub client_msg_id: Option<&'a Uuid>,
+    pub chat_id: u64,
+    pub target_seq: u64,
+}
+impl<'a> Default for DeleteArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    DeleteArgs {
+      client_msg_id: None,
+      chat_id: 0,
+      target_seq: 0,
+    }
+  }
+}
+
+pub struct DeleteBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> DeleteBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_client_msg_id(&mut self, client_msg_id: &Uuid) {
+    self.fbb_.push_slot_always::<&Uuid>(Delete::VT_CLIENT_MSG_ID, client_msg_id);
+  }
+  #[inline]
+  pub fn add_chat_id(&mut self, chat_id: u64) {
+    self.fbb_.push_slot::<u64>(Delete::VT_CHAT_ID, chat_id, 0);
+  }
+  #[inline]
+  pub fn add_target_seq(&mut self, target_seq: u64) {
+    self.fbb_.push_slot::<u64>(Delete::VT_TARGET_SEQ, target_seq, 0);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> DeleteBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    DeleteBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<Delete<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for Delete<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("Delete");
+      ds.field("client_msg_id", &self.client_msg_id());
+      ds.field("chat_id", &self.chat_id());
+      ds.field("target_seq", &self.target_seq());
+      ds.finish()
+  }
+}
+pub enum ReactOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Set (non-empty `reaction`) or remove (empty) your one reaction to message `target_seq`.
+pub struct React<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for React<'a> {
+  type Inner = React<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> React<'a> {
+  pub const VT_CLIENT_MSG_ID: ::flatbuffers::VOffsetT = 4;
+  pub const VT_CHAT_ID: ::flatbuffers::VOffsetT = 6;
+  pub const VT_TARGET_SEQ: ::flatbuffers::VOffsetT = 8;
+  pub const VT_REACTION: ::flatbuffers::VOffsetT = 10;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    React { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args ReactArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<React<'bldr>> {
+    let mut builder = ReactBuilder::new(_fbb);
+    builder.add_target_seq(args.target_seq);
+    builder.add_chat_id(args.chat_id);
+    if let Some(x) = args.reaction { builder.add_reaction(x); }
+    if let Some(x) = args.client_msg_id { builder.add_client_msg_id(x); }
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn client_msg_id(&self) -> Option<&'a Uuid> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<Uuid>(React::VT_CLIENT_MSG_ID, None)}
+  }
+  #[inline]
+  pub fn chat_id(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(React::VT_CHAT_ID, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn target_seq(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(React::VT_TARGET_SEQ, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn reaction(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(React::VT_REACTION, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for React<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<Uuid>("client_msg_id", Self::VT_CLIENT_MSG_ID, false)?
+     .visit_field::<u64>("chat_id", Self::VT_CHAT_ID, false)?
+     .visit_field::<u64>("target_seq", Self::VT_TARGET_SEQ, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("reaction", Self::VT_REACTION, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct ReactArgs<'a> {
+    pub client_msg_id: Option<&'a Uuid>,
+    pub chat_id: u64,
+    pub target_seq: u64,
+    pub reaction: Option<::flatbuffers::WIPOffset<&'a str>>,
+}
+impl<'a> Default for ReactArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    ReactArgs {
+      client_msg_id: None,
+      chat_id: 0,
+      target_seq: 0,
+      reaction: None,
+    }
+  }
+}
+
+pub struct ReactBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ReactBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_client_msg_id(&mut self, client_msg_id: &Uuid) {
+    self.fbb_.push_slot_always::<&Uuid>(React::VT_CLIENT_MSG_ID, client_msg_id);
+  }
+  #[inline]
+  pub fn add_chat_id(&mut self, chat_id: u64) {
+    self.fbb_.push_slot::<u64>(React::VT_CHAT_ID, chat_id, 0);
+  }
+  #[inline]
+  pub fn add_target_seq(&mut self, target_seq: u64) {
+    self.fbb_.push_slot::<u64>(React::VT_TARGET_SEQ, target_seq, 0);
+  }
+  #[inline]
+  pub fn add_reaction(&mut self, reaction: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(React::VT_REACTION, reaction);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> ReactBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    ReactBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<React<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for React<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("React");
+      ds.field("client_msg_id", &self.client_msg_id());
+      ds.field("chat_id", &self.chat_id());
+      ds.field("target_seq", &self.target_seq());
+      ds.field("reaction", &self.reaction());
+      ds.finish()
+  }
+}
+pub enum TypingOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Typing started / stopped. Ephemeral: never stored.
+pub struct Typing<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for Typing<'a> {
+  type Inner = Typing<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> Typing<'a> {
+  pub const VT_CHAT_ID: ::flatbuffers::VOffsetT = 4;
+  pub const VT_TYPING: ::flatbuffers::VOffsetT = 6;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    Typing { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args TypingArgs
+  ) -> ::flatbuffers::WIPOffset<Typing<'bldr>> {
+    let mut builder = TypingBuilder::new(_fbb);
+    builder.add_chat_id(args.chat_id);
+    builder.add_typing(args.typing);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn chat_id(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(Typing::VT_CHAT_ID, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn typing(&self) -> bool {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<bool>(Typing::VT_TYPING, Some(false)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for Typing<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u64>("chat_id", Self::VT_CHAT_ID, false)?
+     .visit_field::<bool>("typing", Self::VT_TYPING, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct TypingArgs {
+    pub chat_id: u64,
+    pub typing: bool,
+}
+impl<'a> Default for TypingArgs {
+  #[inline]
+  fn default() -> Self {
+    TypingArgs {
+      chat_id: 0,
+      typing: false,
+    }
+  }
+}
+
+pub struct TypingBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> TypingBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_chat_id(&mut self, chat_id: u64) {
+    self.fbb_.push_slot::<u64>(Typing::VT_CHAT_ID, chat_id, 0);
+  }
+  #[inline]
+  pub fn add_typing(&mut self, typing: bool) {
+    self.fbb_.push_slot::<bool>(Typing::VT_TYPING, typing, false);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> TypingBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    TypingBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<Typing<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for Typing<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("Typing");
+      ds.field("chat_id", &self.chat_id());
+      ds.field("typing", &self.typing());
+      ds.finish()
+  }
+}
+pub enum TypingNoticeOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct TypingNotice<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for TypingNotice<'a> {
+  type Inner = TypingNotice<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> TypingNotice<'a> {
+  pub const VT_CHAT_ID: ::flatbuffers::VOffsetT = 4;
+  pub const VT_USER: ::flatbuffers::VOffsetT = 6;
+  pub const VT_TYPING: ::flatbuffers::VOffsetT = 8;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    TypingNotice { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args TypingNoticeArgs
+  ) -> ::flatbuffers::WIPOffset<TypingNotice<'bldr>> {
+    let mut builder = TypingNoticeBuilder::new(_fbb);
+    builder.add_user(args.user);
+    builder.add_chat_id(args.chat_id);
+    builder.add_typing(args.typing);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn chat_id(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(TypingNotice::VT_CHAT_ID, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn user(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(TypingNotice::VT_USER, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn typing(&self) -> bool {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<bool>(TypingNotice::VT_TYPING, Some(false)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for TypingNotice<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u64>("chat_id", Self::VT_CHAT_ID, false)?
+     .visit_field::<u64>("user", Self::VT_USER, false)?
+     .visit_field::<bool>("typing", Self::VT_TYPING, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct TypingNoticeArgs {
+    pub chat_id: u64,
+    pub user: u64,
+    pub typing: bool,
+}
+impl<'a> Default for TypingNoticeArgs {
+  #[inline]
+  fn default() -> Self {
+    TypingNoticeArgs {
+      chat_id: 0,
+      user: 0,
+      typing: false,
+    }
+  }
+}
+
+pub struct TypingNoticeBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> TypingNoticeBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_chat_id(&mut self, chat_id: u64) {
+    self.fbb_.push_slot::<u64>(TypingNotice::VT_CHAT_ID, chat_id, 0);
+  }
+  #[inline]
+  pub fn add_user(&mut self, user: u64) {
+    self.fbb_.push_slot::<u64>(TypingNotice::VT_USER, user, 0);
+  }
+  #[inline]
+  pub fn add_typing(&mut self, typing: bool) {
+    self.fbb_.push_slot::<bool>(TypingNotice::VT_TYPING, typing, false);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> TypingNoticeBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    TypingNoticeBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<TypingNotice<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for TypingNotice<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("TypingNotice");
+      ds.field("chat_id", &self.chat_id());
+      ds.field("user", &self.user());
+      ds.field("typing", &self.typing());
+      ds.finish()
+  }
+}
+pub enum GetReceiptsOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Who has received and read message `seq` of `chat_id` (members other than its sender).
+pub struct GetReceipts<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for GetReceipts<'a> {
+  type Inner = GetReceipts<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> GetReceipts<'a> {
+  pub const VT_REQUEST_ID: ::flatbuffers::VOffsetT = 4;
+  pub const VT_CHAT_ID: ::flatbuffers::VOffsetT = 6;
+  pub const VT_SEQ: ::flatbuffers::VOffsetT = 8;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    GetReceipts { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args GetReceiptsArgs
+  ) -> ::flatbuffers::WIPOffset<GetReceipts<'bldr>> {
+    let mut builder = GetReceiptsBuilder::new(_fbb);
+    builder.add_seq(args.seq);
+    builder.add_chat_id(args.chat_id);
+    builder.add_request_id(args.request_id);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn request_id(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(GetReceipts::VT_REQUEST_ID, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn chat_id(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(GetReceipts::VT_CHAT_ID, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn seq(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(GetReceipts::VT_SEQ, Some(0)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for GetReceipts<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u32>("request_id", Self::VT_REQUEST_ID, false)?
+     .visit_field::<u64>("chat_id", Self::VT_CHAT_ID, false)?
+     .visit_field::<u64>("seq", Self::VT_SEQ, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct GetReceiptsArgs {
+    pub request_id: u32,
+    pub chat_id: u64,
+    pub seq: u64,
+}
+impl<'a> Default for GetReceiptsArgs {
+  #[inline]
+  fn default() -> Self {
+    GetReceiptsArgs {
+      request_id: 0,
+      chat_id: 0,
+      seq: 0,
+    }
+  }
+}
+
+pub struct GetReceiptsBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> GetReceiptsBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_request_id(&mut self, request_id: u32) {
+    self.fbb_.push_slot::<u32>(GetReceipts::VT_REQUEST_ID, request_id, 0);
+  }
+  #[inline]
+  pub fn add_chat_id(&mut self, chat_id: u64) {
+    self.fbb_.push_slot::<u64>(GetReceipts::VT_CHAT_ID, chat_id, 0);
+  }
+  #[inline]
+  pub fn add_seq(&mut self, seq: u64) {
+    self.fbb_.push_slot::<u64>(GetReceipts::VT_SEQ, seq, 0);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> GetReceiptsBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    GetReceiptsBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<GetReceipts<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for GetReceipts<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("GetReceipts");
+      ds.field("request_id", &self.request_id());
+      ds.field("chat_id", &self.chat_id());
+      ds.field("seq", &self.seq());
+      ds.finish()
+  }
+}
+pub enum ReceiptListOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+pub struct ReceiptList<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for ReceiptList<'a> {
+  type Inner = ReceiptList<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> ReceiptList<'a> {
+  pub const VT_REQUEST_ID: ::flatbuffers::VOffsetT = 4;
+  pub const VT_CHAT_ID: ::flatbuffers::VOffsetT = 6;
+  pub const VT_SEQ: ::flatbuffers::VOffsetT = 8;
+  pub const VT_DELIVERED: ::flatbuffers::VOffsetT = 10;
+  pub const VT_READ: ::flatbuffers::VOffsetT = 12;
+  pub const VT_PENDING: ::flatbuffers::VOffsetT = 14;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    ReceiptList { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args ReceiptListArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<ReceiptList<'bldr>> {
+    let mut builder = ReceiptListBuilder::new(_fbb);
+    builder.add_seq(args.seq);
+    builder.add_chat_id(args.chat_id);
+    if let Some(x) = args.pending { builder.add_pending(x); }
+    if let Some(x) = args.read { builder.add_read(x); }
+    if let Some(x) = args.delivered { builder.add_delivered(x); }
+    builder.add_request_id(args.request_id);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn request_id(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(ReceiptList::VT_REQUEST_ID, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn chat_id(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(ReceiptList::VT_CHAT_ID, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn seq(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(ReceiptList::VT_SEQ, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn delivered(&self) -> Option<::flatbuffers::Vector<'a, u64>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u64>>>(ReceiptList::VT_DELIVERED, None)}
+  }
+  #[inline]
+  pub fn read(&self) -> Option<::flatbuffers::Vector<'a, u64>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u64>>>(ReceiptList::VT_READ, None)}
+  }
+  #[inline]
+  pub fn pending(&self) -> Option<::flatbuffers::Vector<'a, u64>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u64>>>(ReceiptList::VT_PENDING, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for ReceiptList<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u32>("request_id", Self::VT_REQUEST_ID, false)?
+     .visit_field::<u64>("chat_id", Self::VT_CHAT_ID, false)?
+     .visit_field::<u64>("seq", Self::VT_SEQ, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u64>>>("delivered", Self::VT_DELIVERED, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u64>>>("read", Self::VT_READ, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u64>>>("pending", Self::VT_PENDING, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct ReceiptListArgs<'a> {
+    pub request_id: u32,
+    pub chat_id: u64,
+    pub seq: u64,
+    pub delivered: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u64>>>,
+    pub read: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u64>>>,
+    pub pending: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u64>>>,
+}
+impl<'a> Default for ReceiptListArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    ReceiptListArgs {
+      request_id: 0,
+      chat_id: 0,
+      seq: 0,
+      delivered: None,
+      read: None,
+      pending: None,
+    }
+  }
+}
+
+pub struct ReceiptListBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ReceiptListBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_request_id(&mut self, request_id: u32) {
+    self.fbb_.push_slot::<u32>(ReceiptList::VT_REQUEST_ID, request_id, 0);
+  }
+  #[inline]
+  pub fn add_chat_id(&mut self, chat_id: u64) {
+    self.fbb_.push_slot::<u64>(ReceiptList::VT_CHAT_ID, chat_id, 0);
+  }
+  #[inline]
+  pub fn add_seq(&mut self, seq: u64) {
+    self.fbb_.push_slot::<u64>(ReceiptList::VT_SEQ, seq, 0);
+  }
+  #[inline]
+  pub fn add_delivered(&mut self, delivered: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u64>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(ReceiptList::VT_DELIVERED, delivered);
+  }
+  #[inline]
+  pub fn add_read(&mut self, read: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u64>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(ReceiptList::VT_READ, read);
+  }
+  #[inline]
+  pub fn add_pending(&mut self, pending: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u64>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(ReceiptList::VT_PENDING, pending);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> ReceiptListBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    ReceiptListBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<ReceiptList<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for ReceiptList<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("ReceiptList");
+      ds.field("request_id", &self.request_id());
+      ds.field("chat_id", &self.chat_id());
+      ds.field("seq", &self.seq());
+      ds.field("delivered", &self.delivered());
+      ds.field("read", &self.read());
+      ds.field("pending", &self.pending());
+      ds.finish()
+  }
+}
+pub enum ChatEventOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// The payload of a `Message` whose content_kind is `Event`. The actor is the message's sender.
+pub struct ChatEvent<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for ChatEvent<'a> {
+  type Inner = ChatEvent<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> ChatEvent<'a> {
+  pub const VT_KIND: ::flatbuffers::VOffsetT = 4;
+  pub const VT_USERS: ::flatbuffers::VOffsetT = 6;
+  pub const VT_ROLE: ::flatbuffers::VOffsetT = 8;
+  pub const VT_NAME: ::flatbuffers::VOffsetT = 10;
+  pub const VT_DESCRIPTION: ::flatbuffers::VOffsetT = 12;
+  pub const VT_AVATAR_MEDIA_ID: ::flatbuffers::VOffsetT = 14;
+  pub const VT_ADMINS_ONLY: ::flatbuffers::VOffsetT = 16;
+  pub const VT_TARGET_SEQ: ::flatbuffers::VOffsetT = 18;
+  pub const VT_PAYLOAD: ::flatbuffers::VOffsetT = 20;
+  pub const VT_REACTION: ::flatbuffers::VOffsetT = 22;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    ChatEvent { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args ChatEventArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<ChatEvent<'bldr>> {
+    let mut builder = ChatEventBuilder::new(_fbb);
+    builder.add_target_seq(args.target_seq);
+    if let Some(x) = args.reaction { builder.add_reaction(x); }
+    if let Some(x) = args.payload { builder.add_payload(x); }
+    if let Some(x) = args.avatar_media_id { builder.add_avatar_media_id(x); }
+    if let Some(x) = args.description { builder.add_description(x); }
+    if let Some(x) = args.name { builder.add_name(x); }
+    if let Some(x) = args.users { builder.add_users(x); }
+    builder.add_admins_only(args.admins_only);
+    builder.add_role(args.role);
+    builder.add_kind(args.kind);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn kind(&self) -> EventKind {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<EventKind>(ChatEvent::VT_KIND, Some(EventKind::GroupCreated)).unwrap()}
+  }
+  #[inline]
+  pub fn users(&self) -> Option<::flatbuffers::Vector<'a, u64>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u64>>>(ChatEvent::VT_USERS, None)}
+  }
+  #[inline]
+  pub fn role(&self) -> MemberRole {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<MemberRole>(ChatEvent::VT_ROLE, Some(MemberRole::Member)).unwrap()}
+  }
+  #[inline]
+  pub fn name(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(ChatEvent::VT_NAME, None)}
+  }
+  #[inline]
+  pub fn description(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(ChatEvent::VT_DESCRIPTION, None)}
+  }
+  #[inline]
+  pub fn avatar_media_id(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(ChatEvent::VT_AVATAR_MEDIA_ID, None)}
+  }
+  #[inline]
+  pub fn admins_only(&self) -> bool {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<bool>(ChatEvent::VT_ADMINS_ONLY, Some(false)).unwrap()}
+  }
+  #[inline]
+  pub fn target_seq(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(ChatEvent::VT_TARGET_SEQ, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn payload(&self) -> Option<::flatbuffers::Vector<'a, u8>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u8>>>(ChatEvent::VT_PAYLOAD, None)}
+  }
+  #[inline]
+  pub fn reaction(&self) -> Option<&'a str> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<&str>>(ChatEvent::VT_REACTION, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for ChatEvent<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<EventKind>("kind", Self::VT_KIND, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u64>>>("users", Self::VT_USERS, false)?
+     .visit_field::<MemberRole>("role", Self::VT_ROLE, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("name", Self::VT_NAME, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("description", Self::VT_DESCRIPTION, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("avatar_media_id", Self::VT_AVATAR_MEDIA_ID, false)?
+     .visit_field::<bool>("admins_only", Self::VT_ADMINS_ONLY, false)?
+     .visit_field::<u64>("target_seq", Self::VT_TARGET_SEQ, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u8>>>("payload", Self::VT_PAYLOAD, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<&str>>("reaction", Self::VT_REACTION, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct ChatEventArgs<'a> {
+    pub kind: EventKind,
+    pub users: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u64>>>,
+    pub role: MemberRole,
+    pub name: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub description: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub avatar_media_id: Option<::flatbuffers::WIPOffset<&'a str>>,
+    pub admins_only: bool,
+    pub target_seq: u64,
+    pub payload: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u8>>>,
+    pub reaction: Option<::flatbuffers::WIPOffset<&'a str>>,
+}
+impl<'a> Default for ChatEventArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    ChatEventArgs {
+      kind: EventKind::GroupCreated,
+      users: None,
+      role: MemberRole::Member,
+      name: None,
+      description: None,
+      avatar_media_id: None,
+      admins_only: false,
+      target_seq: 0,
+      payload: None,
+      reaction: None,
+    }
+  }
+}
+
+pub struct ChatEventBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> ChatEventBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_kind(&mut self, kind: EventKind) {
+    self.fbb_.push_slot::<EventKind>(ChatEvent::VT_KIND, kind, EventKind::GroupCreated);
+  }
+  #[inline]
+  pub fn add_users(&mut self, users: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u64>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(ChatEvent::VT_USERS, users);
+  }
+  #[inline]
+  pub fn add_role(&mut self, role: MemberRole) {
+    self.fbb_.push_slot::<MemberRole>(ChatEvent::VT_ROLE, role, MemberRole::Member);
+  }
+  #[inline]
+  pub fn add_name(&mut self, name: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(ChatEvent::VT_NAME, name);
+  }
+  #[inline]
+  pub fn add_description(&mut self, description: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(ChatEvent::VT_DESCRIPTION, description);
+  }
+  #[inline]
+  pub fn add_avatar_media_id(&mut self, avatar_media_id: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(ChatEvent::VT_AVATAR_MEDIA_ID, avatar_media_id);
+  }
+  #[inline]
+  pub fn add_admins_only(&mut self, admins_only: bool) {
+    self.fbb_.push_slot::<bool>(ChatEvent::VT_ADMINS_ONLY, admins_only, false);
+  }
+  #[inline]
+  pub fn add_target_seq(&mut self, target_seq: u64) {
+    self.fbb_.push_slot::<u64>(ChatEvent::VT_TARGET_SEQ, target_seq, 0);
+  }
+  #[inline]
+  pub fn add_payload(&mut self, payload: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u8>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(ChatEvent::VT_PAYLOAD, payload);
+  }
+  #[inline]
+  pub fn add_reaction(&mut self, reaction: ::flatbuffers::WIPOffset<&'b  str>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(ChatEvent::VT_REACTION, reaction);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> ChatEventBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    ChatEventBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<ChatEvent<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for ChatEvent<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("ChatEvent");
+      ds.field("kind", &self.kind());
+      ds.field("users", &self.users());
+      ds.field("role", &self.role());
+      ds.field("name", &self.name());
+      ds.field("description", &self.description());
+      ds.field("avatar_media_id", &self.avatar_media_id());
+      ds.field("admins_only", &self.admins_only());
+      ds.field("target_seq", &self.target_seq());
+      ds.field("payload", &self.payload());
+      ds.field("reaction", &self.reaction());
       ds.finish()
   }
 }

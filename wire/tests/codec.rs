@@ -4,13 +4,17 @@
 
 use flatbuffers::FlatBufferBuilder;
 use switchboard_wire::limits::{
-    ERROR_TEXT_BYTES_MAX, FRAME_BYTES_MAX, HISTORY_PAGE_MESSAGES_DEFAULT,
-    HISTORY_PAGE_MESSAGES_MAX, PAYLOAD_BYTES_MAX, SERVER_FRAME_BYTES_MAX, SYNC_CURSORS_MAX,
+    EDIT_PAYLOAD_BYTES_MAX, ERROR_TEXT_BYTES_MAX, FRAME_BYTES_MAX, GROUP_DESCRIPTION_BYTES_MAX,
+    GROUP_NAME_BYTES_MAX, GROUP_USERS_MAX, HISTORY_PAGE_MESSAGES_DEFAULT,
+    HISTORY_PAGE_MESSAGES_MAX, MEDIA_ID_BYTES_MAX, PAYLOAD_BYTES_MAX, REACTION_BYTES_MAX,
+    SERVER_FRAME_BYTES_MAX, SYNC_CURSORS_MAX,
 };
 use switchboard_wire::{
-    decode_client, decode_server, fb, ChatId, ClientFrame, ClientMsgId, ContentKind, DecodeError,
-    DeviceId, Encoder, ErrorCode, ErrorFrame, HistoryPage, Message, MsgId, Receipt, ReceiptKind,
-    SendAck, SendReq, Seq, ServerFrame, Target, UserId,
+    decode_client, decode_event, decode_server, encode_event, fb, ChatEvent, ChatId, ClientFrame,
+    ClientMsgId, ContentKind, CreateGroupReq, DecodeError, DeviceId, Encoder, ErrorCode,
+    ErrorFrame, EventKind, GroupInfo, GroupOp, GroupUpdateReq, HistoryPage, MemberRole, Message,
+    MsgId, Receipt, ReceiptKind, ReceiptList, SendAck, SendReq, Seq, ServerFrame, Target, UserId,
+    EVENT_IDENTIFIER,
 };
 
 // ------------------------------------------------------------------------------ test harness
@@ -72,6 +76,7 @@ fn send(target: Target, payload: Vec<u8>) -> SendReq {
         payload,
         reply_to: Seq(0),
         content_kind: ContentKind::Text,
+        forwarded: false,
     }
 }
 
@@ -87,6 +92,56 @@ fn msg(chat: u64, seq: u64, payload_len: usize) -> Message {
         reply_to: Seq(seq / 2),
         content_kind: ContentKind::Media,
         client_msg_id: id(seq),
+        forwarded: false,
+    }
+}
+
+fn users(range: std::ops::RangeInclusive<u64>) -> Vec<UserId> {
+    range.map(UserId).collect()
+}
+
+fn create_group() -> CreateGroupReq {
+    CreateGroupReq {
+        request_id: 11,
+        client_msg_id: id(11),
+        name: "Climbing 🧗".into(),
+        description: "Tuesdays and Thursdays".into(),
+        avatar_media_id: "media/abc123".into(),
+        members: users(2..=5),
+        admins_only: false,
+    }
+}
+
+fn update(op: GroupOp) -> GroupUpdateReq {
+    GroupUpdateReq::new(id(12), ChatId((1 << 63) | 5), op)
+}
+
+fn group_info() -> GroupInfo {
+    GroupInfo {
+        request_id: 11,
+        chat: ChatId((1 << 63) | 5),
+        name: "Climbing 🧗".into(),
+        description: "Tuesdays and Thursdays".into(),
+        avatar_media_id: "media/abc123".into(),
+        members: vec![
+            (UserId(1), MemberRole::Owner),
+            (UserId(2), MemberRole::Admin),
+            (UserId(3), MemberRole::Member),
+        ],
+        admins_only: true,
+        created_ms: 1_700_000_000_000,
+        last_seq: Seq(17),
+    }
+}
+
+fn receipt_list() -> ReceiptList {
+    ReceiptList {
+        request_id: 13,
+        chat: ChatId((1 << 63) | 5),
+        seq: Seq(4),
+        delivered: users(2..=3),
+        read: users(4..=4),
+        pending: users(5..=9),
     }
 }
 
@@ -137,6 +192,135 @@ fn client_frames() -> Vec<ClientFrame> {
         },
         ClientFrame::Ping { nonce: 0 },
         ClientFrame::Ping { nonce: u64::MAX },
+        ClientFrame::Send(SendReq {
+            forwarded: true,
+            ..send(Target::Chat(ChatId(2)), b"fwd".to_vec())
+        }),
+        ClientFrame::CreateGroup(create_group()),
+        // Only what is required: a name.
+        ClientFrame::CreateGroup(CreateGroupReq {
+            request_id: 0,
+            name: "g".into(),
+            description: String::new(),
+            avatar_media_id: String::new(),
+            members: Vec::new(),
+            ..create_group()
+        }),
+        // Every field at its limit.
+        ClientFrame::CreateGroup(CreateGroupReq {
+            request_id: u32::MAX,
+            name: "é".repeat(GROUP_NAME_BYTES_MAX / 2),
+            description: "d".repeat(GROUP_DESCRIPTION_BYTES_MAX),
+            avatar_media_id: "a".repeat(MEDIA_ID_BYTES_MAX),
+            members: users(1..=GROUP_USERS_MAX as u64),
+            admins_only: true,
+            ..create_group()
+        }),
+        ClientFrame::GroupUpdate(GroupUpdateReq {
+            users: vec![UserId(u64::MAX)],
+            ..update(GroupOp::AddMembers)
+        }),
+        ClientFrame::GroupUpdate(GroupUpdateReq {
+            users: users(7..=8),
+            ..update(GroupOp::RemoveMembers)
+        }),
+        ClientFrame::GroupUpdate(GroupUpdateReq {
+            users: users(1..=GROUP_USERS_MAX as u64),
+            ..update(GroupOp::Promote)
+        }),
+        ClientFrame::GroupUpdate(GroupUpdateReq {
+            users: vec![UserId(3)],
+            ..update(GroupOp::Demote)
+        }),
+        ClientFrame::GroupUpdate(GroupUpdateReq {
+            name: Some("new name".into()),
+            ..update(GroupOp::SetInfo)
+        }),
+        // Present but empty: clears the description.
+        ClientFrame::GroupUpdate(GroupUpdateReq {
+            description: Some(String::new()),
+            ..update(GroupOp::SetInfo)
+        }),
+        ClientFrame::GroupUpdate(GroupUpdateReq {
+            name: Some("n".repeat(GROUP_NAME_BYTES_MAX)),
+            description: Some("€".repeat(GROUP_DESCRIPTION_BYTES_MAX / 3)),
+            avatar_media_id: Some("a".repeat(MEDIA_ID_BYTES_MAX)),
+            ..update(GroupOp::SetInfo)
+        }),
+        ClientFrame::GroupUpdate(GroupUpdateReq {
+            avatar_media_id: Some(String::new()),
+            ..update(GroupOp::SetInfo)
+        }),
+        ClientFrame::GroupUpdate(GroupUpdateReq {
+            admins_only: true,
+            ..update(GroupOp::SetAdminsOnly)
+        }),
+        ClientFrame::GroupUpdate(update(GroupOp::SetAdminsOnly)),
+        ClientFrame::GroupUpdate(update(GroupOp::Leave)),
+        ClientFrame::GetGroupInfo {
+            request_id: 0,
+            chat: ChatId(u64::MAX),
+        },
+        ClientFrame::Edit {
+            client_msg_id: id(20),
+            chat: ChatId(42),
+            target: Seq(3),
+            payload: b"fixed typo".to_vec(),
+        },
+        ClientFrame::Edit {
+            client_msg_id: id(21),
+            chat: ChatId(42),
+            target: Seq(u64::MAX),
+            payload: Vec::new(),
+        },
+        ClientFrame::Edit {
+            client_msg_id: id(22),
+            chat: ChatId(42),
+            target: Seq(1),
+            payload: vec![3; EDIT_PAYLOAD_BYTES_MAX],
+        },
+        ClientFrame::Delete {
+            client_msg_id: id(23),
+            chat: ChatId(42),
+            target: Seq(1),
+        },
+        ClientFrame::React {
+            client_msg_id: id(24),
+            chat: ChatId(42),
+            target: Seq(2),
+            reaction: "👍🏽".into(),
+        },
+        // Empty: removes the reaction.
+        ClientFrame::React {
+            client_msg_id: id(25),
+            chat: ChatId(42),
+            target: Seq(2),
+            reaction: String::new(),
+        },
+        ClientFrame::React {
+            client_msg_id: id(26),
+            chat: ChatId(42),
+            target: Seq(2),
+            reaction: "😀".repeat(REACTION_BYTES_MAX / 4),
+        },
+        ClientFrame::Typing {
+            chat: ChatId(42),
+            typing: true,
+        },
+        ClientFrame::Typing {
+            chat: ChatId(42),
+            typing: false,
+        },
+        ClientFrame::GetReceipts {
+            request_id: 5,
+            chat: ChatId(42),
+            seq: Seq(1),
+        },
+        ClientFrame::GetReceipts {
+            request_id: u32::MAX,
+            chat: ChatId(u64::MAX),
+            seq: Seq(u64::MAX),
+        },
     ]
 }
 
@@ -228,6 +412,172 @@ fn server_frames() -> Vec<ServerFrame> {
         }),
         ServerFrame::Pong { nonce: 0 },
         ServerFrame::Pong { nonce: 12345 },
+        ServerFrame::Message(Message {
+            forwarded: true,
+            ..msg(42, 5, 3)
+        }),
+        // An event occupies a seq like any message; its payload is a "SWE1" buffer.
+        ServerFrame::Message(Message {
+            content_kind: ContentKind::Event,
+            payload: encode_event(&ChatEvent {
+                users: users(2..=3),
+                ..ChatEvent::new(EventKind::MembersAdded)
+            }),
+            client_msg_id: ClientMsgId::default(),
+            ..msg(42, 6, 0)
+        }),
+        // A purged message: only the ids are left.
+        ServerFrame::Message(Message {
+            content_kind: ContentKind::Deleted,
+            ..msg(42, 7, 0)
+        }),
+        ServerFrame::GroupInfo(group_info()),
+        ServerFrame::GroupInfo(GroupInfo {
+            request_id: 0,
+            name: String::new(),
+            description: String::new(),
+            avatar_media_id: String::new(),
+            members: Vec::new(),
+            admins_only: false,
+            created_ms: 0,
+            last_seq: Seq(0),
+            ..group_info()
+        }),
+        // A role a newer server added passes through.
+        ServerFrame::GroupInfo(GroupInfo {
+            members: vec![(UserId(1), MemberRole(9))],
+            ..group_info()
+        }),
+        ServerFrame::GroupInfo(GroupInfo {
+            members: (1..=GROUP_USERS_MAX as u64)
+                .map(|u| (UserId(u), MemberRole::Member))
+                .collect(),
+            ..group_info()
+        }),
+        ServerFrame::TypingNotice {
+            chat: ChatId(42),
+            user: UserId(7),
+            typing: true,
+        },
+        ServerFrame::TypingNotice {
+            chat: ChatId(u64::MAX),
+            user: UserId(u64::MAX),
+            typing: false,
+        },
+        ServerFrame::ReceiptList(receipt_list()),
+        ServerFrame::ReceiptList(ReceiptList {
+            delivered: Vec::new(),
+            read: Vec::new(),
+            pending: Vec::new(),
+            ..receipt_list()
+        }),
+        ServerFrame::ReceiptList(ReceiptList {
+            delivered: users(1..=GROUP_USERS_MAX as u64),
+            read: users(1..=GROUP_USERS_MAX as u64),
+            pending: users(1..=GROUP_USERS_MAX as u64),
+            ..receipt_list()
+        }),
+    ]
+}
+
+/// One event of every kind, plus edge values; also part of the mutation corpus.
+fn events() -> Vec<ChatEvent> {
+    vec![
+        ChatEvent {
+            users: users(2..=5),
+            name: Some("Climbing".into()),
+            description: Some("Tuesdays".into()),
+            avatar_media_id: Some("media/1".into()),
+            admins_only: true,
+            ..ChatEvent::new(EventKind::GroupCreated)
+        },
+        // Created without members, description or avatar.
+        ChatEvent {
+            name: Some("g".into()),
+            ..ChatEvent::new(EventKind::GroupCreated)
+        },
+        ChatEvent {
+            users: vec![UserId(u64::MAX)],
+            ..ChatEvent::new(EventKind::MembersAdded)
+        },
+        ChatEvent {
+            users: users(3..=4),
+            ..ChatEvent::new(EventKind::MembersRemoved)
+        },
+        ChatEvent::new(EventKind::MemberLeft),
+        ChatEvent {
+            name: Some("renamed".into()),
+            ..ChatEvent::new(EventKind::InfoChanged)
+        },
+        // Present and empty: the description was cleared.
+        ChatEvent {
+            description: Some(String::new()),
+            avatar_media_id: Some(String::new()),
+            ..ChatEvent::new(EventKind::InfoChanged)
+        },
+        ChatEvent {
+            users: vec![UserId(2)],
+            role: MemberRole::Admin,
+            ..ChatEvent::new(EventKind::RolesChanged)
+        },
+        ChatEvent {
+            users: vec![UserId(2)],
+            role: MemberRole::Owner,
+            ..ChatEvent::new(EventKind::RolesChanged)
+        },
+        ChatEvent {
+            admins_only: true,
+            ..ChatEvent::new(EventKind::AdminsOnlyChanged)
+        },
+        ChatEvent::new(EventKind::AdminsOnlyChanged),
+        ChatEvent {
+            target: Seq(9),
+            payload: b"fixed".to_vec(),
+            ..ChatEvent::new(EventKind::Edited)
+        },
+        ChatEvent {
+            target: Seq(u64::MAX),
+            ..ChatEvent::new(EventKind::Edited)
+        },
+        ChatEvent {
+            target: Seq(1),
+            ..ChatEvent::new(EventKind::Deleted)
+        },
+        ChatEvent {
+            target: Seq(2),
+            reaction: "❤️".into(),
+            ..ChatEvent::new(EventKind::Reacted)
+        },
+        // Empty: the reaction was removed.
+        ChatEvent {
+            target: Seq(2),
+            ..ChatEvent::new(EventKind::Reacted)
+        },
+    ]
+}
+
+/// Events with fields at their limits: large, so not in the mutation corpus.
+fn big_events() -> Vec<ChatEvent> {
+    vec![
+        // The largest GroupCreated: every member and every string at its limit.
+        ChatEvent {
+            users: users(1..=GROUP_USERS_MAX as u64),
+            name: Some("é".repeat(GROUP_NAME_BYTES_MAX / 2)),
+            description: Some("d".repeat(GROUP_DESCRIPTION_BYTES_MAX)),
+            avatar_media_id: Some("a".repeat(MEDIA_ID_BYTES_MAX)),
+            admins_only: true,
+            ..ChatEvent::new(EventKind::GroupCreated)
+        },
+        ChatEvent {
+            target: Seq(3),
+            payload: vec![0xee; EDIT_PAYLOAD_BYTES_MAX],
+            ..ChatEvent::new(EventKind::Edited)
+        },
+        ChatEvent {
+            target: Seq(3),
+            reaction: "😀".repeat(REACTION_BYTES_MAX / 4),
+            ..ChatEvent::new(EventKind::Reacted)
+        },
     ]
 }
 
@@ -327,6 +677,41 @@ mod raw {
         })
     }
 
+    pub fn create_group_without_name() -> Vec<u8> {
+        envelope(fb::Body::CreateGroup, |fbb| {
+            let uuid = fb::Uuid::new(1, 2);
+            let args = fb::CreateGroupArgs {
+                client_msg_id: Some(&uuid),
+                ..Default::default()
+            };
+            Some(fb::CreateGroup::create(fbb, &args).as_union_value())
+        })
+    }
+
+    pub fn edit_without_payload() -> Vec<u8> {
+        envelope(fb::Body::Edit, |fbb| {
+            let uuid = fb::Uuid::new(1, 2);
+            let args = fb::EditArgs {
+                client_msg_id: Some(&uuid),
+                chat_id: 1,
+                target_seq: 1,
+                payload: None,
+            };
+            Some(fb::Edit::create(fbb, &args).as_union_value())
+        })
+    }
+
+    /// `bytes` with the first byte of the first occurrence of `needle` (a string in it) replaced
+    /// by 0xff, which is never valid UTF-8.
+    pub fn break_utf8(mut bytes: Vec<u8>, needle: &str) -> Vec<u8> {
+        let at = bytes
+            .windows(needle.len())
+            .position(|w| w == needle.as_bytes())
+            .expect("needle in buffer");
+        bytes[at] = 0xff;
+        bytes
+    }
+
     pub fn error(code: fb::ErrorCode, text: &str) -> Vec<u8> {
         envelope(fb::Body::Error, |fbb| {
             let text = fbb.create_string(text);
@@ -393,6 +778,56 @@ fn normalised_on_decode() {
             "history limit u32::MAX is clamped",
             history(u32::MAX),
             history(HISTORY_PAGE_MESSAGES_MAX),
+        ),
+        (
+            "group_update AddMembers keeps only users",
+            ClientFrame::GroupUpdate(GroupUpdateReq {
+                users: vec![UserId(2)],
+                name: Some("x".into()),
+                description: Some(String::new()),
+                admins_only: true,
+                ..update(GroupOp::AddMembers)
+            }),
+            ClientFrame::GroupUpdate(GroupUpdateReq {
+                users: vec![UserId(2)],
+                ..update(GroupOp::AddMembers)
+            }),
+        ),
+        (
+            "group_update SetInfo keeps only the strings",
+            ClientFrame::GroupUpdate(GroupUpdateReq {
+                users: vec![UserId(0)],
+                name: Some("x".into()),
+                admins_only: true,
+                ..update(GroupOp::SetInfo)
+            }),
+            ClientFrame::GroupUpdate(GroupUpdateReq {
+                name: Some("x".into()),
+                ..update(GroupOp::SetInfo)
+            }),
+        ),
+        (
+            "group_update SetAdminsOnly keeps only admins_only",
+            ClientFrame::GroupUpdate(GroupUpdateReq {
+                users: vec![UserId(2)],
+                avatar_media_id: Some("a".repeat(MEDIA_ID_BYTES_MAX + 1)),
+                admins_only: true,
+                ..update(GroupOp::SetAdminsOnly)
+            }),
+            ClientFrame::GroupUpdate(GroupUpdateReq {
+                admins_only: true,
+                ..update(GroupOp::SetAdminsOnly)
+            }),
+        ),
+        (
+            "group_update Leave keeps nothing",
+            ClientFrame::GroupUpdate(GroupUpdateReq {
+                users: users(1..=GROUP_USERS_MAX as u64 + 1),
+                description: Some("d".into()),
+                admins_only: true,
+                ..update(GroupOp::Leave)
+            }),
+            ClientFrame::GroupUpdate(update(GroupOp::Leave)),
         ),
     ];
     for (name, input, expect) in client_cases {
@@ -468,6 +903,31 @@ fn normalised_on_decode() {
 fn client_rule_violations() {
     use DecodeError::*;
     let send_to = |t| enc_client(&ClientFrame::Send(send(t, b"x".to_vec())));
+    let cg = |c| enc_client(&ClientFrame::CreateGroup(c));
+    let gu = |u| enc_client(&ClientFrame::GroupUpdate(u));
+    let edit = |client_msg_id, chat, target, len| {
+        enc_client(&ClientFrame::Edit {
+            client_msg_id,
+            chat: ChatId(chat),
+            target: Seq(target),
+            payload: vec![1; len],
+        })
+    };
+    let delete = |client_msg_id, chat, target| {
+        enc_client(&ClientFrame::Delete {
+            client_msg_id,
+            chat: ChatId(chat),
+            target: Seq(target),
+        })
+    };
+    let react = |client_msg_id, chat, target, reaction: &str| {
+        enc_client(&ClientFrame::React {
+            client_msg_id,
+            chat: ChatId(chat),
+            target: Seq(target),
+            reaction: reaction.into(),
+        })
+    };
     let cases: Vec<(&str, Vec<u8>, DecodeError, ErrorCode)> = vec![
         (
             "send to chat 0",
@@ -525,6 +985,7 @@ fn client_rule_violations() {
             ))),
             PayloadTooLarge {
                 len: PAYLOAD_BYTES_MAX + 1,
+                max: PAYLOAD_BYTES_MAX,
             },
             ErrorCode::PayloadTooLarge,
         ),
@@ -585,6 +1046,299 @@ fn client_rule_violations() {
             ErrorCode::InvalidArgument,
         ),
         (
+            "create_group with nil client_msg_id",
+            cg(CreateGroupReq {
+                client_msg_id: ClientMsgId::default(),
+                ..create_group()
+            }),
+            Invalid("create_group needs a non-nil client_msg_id"),
+            ErrorCode::InvalidArgument,
+        ),
+        (
+            "create_group without name",
+            raw::create_group_without_name(),
+            Invalid("create_group needs a name"),
+            ErrorCode::InvalidArgument,
+        ),
+        (
+            "create_group with empty name",
+            cg(CreateGroupReq {
+                name: String::new(),
+                ..create_group()
+            }),
+            Invalid("create_group needs a name"),
+            ErrorCode::InvalidArgument,
+        ),
+        (
+            "create_group name over the limit",
+            cg(CreateGroupReq {
+                name: "n".repeat(GROUP_NAME_BYTES_MAX + 1),
+                ..create_group()
+            }),
+            Invalid("group name is longer than GROUP_NAME_BYTES_MAX bytes"),
+            ErrorCode::InvalidArgument,
+        ),
+        (
+            "create_group description over the limit",
+            cg(CreateGroupReq {
+                description: "d".repeat(GROUP_DESCRIPTION_BYTES_MAX + 1),
+                ..create_group()
+            }),
+            Invalid("group description is longer than GROUP_DESCRIPTION_BYTES_MAX bytes"),
+            ErrorCode::InvalidArgument,
+        ),
+        (
+            "create_group avatar over the limit",
+            cg(CreateGroupReq {
+                avatar_media_id: "a".repeat(MEDIA_ID_BYTES_MAX + 1),
+                ..create_group()
+            }),
+            Invalid("avatar_media_id is longer than MEDIA_ID_BYTES_MAX bytes"),
+            ErrorCode::InvalidArgument,
+        ),
+        (
+            "create_group with too many members",
+            cg(CreateGroupReq {
+                members: users(1..=GROUP_USERS_MAX as u64 + 1),
+                ..create_group()
+            }),
+            Invalid("create_group names more than GROUP_USERS_MAX members"),
+            ErrorCode::InvalidArgument,
+        ),
+        (
+            "create_group with member 0",
+            cg(CreateGroupReq {
+                members: users(0..=2),
+                ..create_group()
+            }),
+            Invalid("create_group member ids must be non-zero"),
+            ErrorCode::InvalidArgument,
+        ),
+        (
+            "group_update with nil client_msg_id",
+            gu(GroupUpdateReq {
+                client_msg_id: ClientMsgId::default(),
+                ..update(GroupOp::Leave)
+            }),
+            Invalid("group_update needs a non-nil client_msg_id"),
+            ErrorCode::InvalidArgument,
+        ),
+        (
+            "group_update chat 0",
+            gu(GroupUpdateReq {
+                chat: ChatId(0),
+                ..update(GroupOp::Leave)
+            }),
+            Invalid("group_update needs a chat_id"),
+            ErrorCode::InvalidArgument,
+        ),
+        (
+            "group_update AddMembers without users",
+            gu(update(GroupOp::AddMembers)),
+            Invalid("group_update member ops need at least one user"),
+            ErrorCode::InvalidArgument,
+        ),
+        (
+            "group_update Demote without users",
+            gu(update(GroupOp::Demote)),
+            Invalid("group_update member ops need at least one user"),
+            ErrorCode::InvalidArgument,
+        ),
+        (
+            "group_update RemoveMembers with user 0",
+            gu(GroupUpdateReq {
+                users: users(0..=1),
+                ..update(GroupOp::RemoveMembers)
+            }),
+            Invalid("group_update user ids must be non-zero"),
+            ErrorCode::InvalidArgument,
+        ),
+        (
+            "group_update Promote with too many users",
+            gu(GroupUpdateReq {
+                users: users(1..=GROUP_USERS_MAX as u64 + 1),
+                ..update(GroupOp::Promote)
+            }),
+            Invalid("group_update names more than GROUP_USERS_MAX users"),
+            ErrorCode::InvalidArgument,
+        ),
+        (
+            "group_update SetInfo without any field",
+            gu(update(GroupOp::SetInfo)),
+            Invalid("group_update SetInfo needs a name, description or avatar_media_id"),
+            ErrorCode::InvalidArgument,
+        ),
+        (
+            "group_update SetInfo with empty name",
+            gu(GroupUpdateReq {
+                name: Some(String::new()),
+                ..update(GroupOp::SetInfo)
+            }),
+            Invalid("group name must not be empty"),
+            ErrorCode::InvalidArgument,
+        ),
+        (
+            "group_update SetInfo name over the limit",
+            gu(GroupUpdateReq {
+                name: Some("n".repeat(GROUP_NAME_BYTES_MAX + 1)),
+                ..update(GroupOp::SetInfo)
+            }),
+            Invalid("group name is longer than GROUP_NAME_BYTES_MAX bytes"),
+            ErrorCode::InvalidArgument,
+        ),
+        (
+            "group_update SetInfo description over the limit",
+            gu(GroupUpdateReq {
+                name: Some("n".into()),
+                description: Some("d".repeat(GROUP_DESCRIPTION_BYTES_MAX + 1)),
+                ..update(GroupOp::SetInfo)
+            }),
+            Invalid("group description is longer than GROUP_DESCRIPTION_BYTES_MAX bytes"),
+            ErrorCode::InvalidArgument,
+        ),
+        (
+            "group_update SetInfo avatar over the limit",
+            gu(GroupUpdateReq {
+                avatar_media_id: Some("a".repeat(MEDIA_ID_BYTES_MAX + 1)),
+                ..update(GroupOp::SetInfo)
+            }),
+            Invalid("avatar_media_id is longer than MEDIA_ID_BYTES_MAX bytes"),
+            ErrorCode::InvalidArgument,
+        ),
+        (
+            "group_update with the next op",
+            gu(update(GroupOp(GroupOp::ENUM_MAX + 1))),
+            Invalid("group_update op is unknown"),
+            ErrorCode::InvalidArgument,
+        ),
+        (
+            "group_update with op 255",
+            gu(GroupUpdateReq {
+                users: vec![UserId(1)],
+                ..update(GroupOp(255))
+            }),
+            Invalid("group_update op is unknown"),
+            ErrorCode::InvalidArgument,
+        ),
+        (
+            "get_group_info chat 0",
+            enc_client(&ClientFrame::GetGroupInfo {
+                request_id: 1,
+                chat: ChatId(0),
+            }),
+            Invalid("get_group_info needs a chat_id"),
+            ErrorCode::InvalidArgument,
+        ),
+        (
+            "edit with nil client_msg_id",
+            edit(ClientMsgId::default(), 1, 1, 1),
+            Invalid("edit needs a non-nil client_msg_id, a chat_id and a target_seq"),
+            ErrorCode::InvalidArgument,
+        ),
+        (
+            "edit chat 0",
+            edit(id(1), 0, 1, 1),
+            Invalid("edit needs a non-nil client_msg_id, a chat_id and a target_seq"),
+            ErrorCode::InvalidArgument,
+        ),
+        (
+            "edit target 0",
+            edit(id(1), 1, 0, 1),
+            Invalid("edit needs a non-nil client_msg_id, a chat_id and a target_seq"),
+            ErrorCode::InvalidArgument,
+        ),
+        (
+            "edit without payload",
+            raw::edit_without_payload(),
+            Invalid("edit needs a payload"),
+            ErrorCode::InvalidArgument,
+        ),
+        (
+            "edit payload over the limit",
+            edit(id(1), 1, 1, EDIT_PAYLOAD_BYTES_MAX + 1),
+            PayloadTooLarge {
+                len: EDIT_PAYLOAD_BYTES_MAX + 1,
+                max: EDIT_PAYLOAD_BYTES_MAX,
+            },
+            ErrorCode::PayloadTooLarge,
+        ),
+        (
+            "delete with nil client_msg_id",
+            delete(ClientMsgId::default(), 1, 1),
+            Invalid("delete needs a non-nil client_msg_id, a chat_id and a target_seq"),
+            ErrorCode::InvalidArgument,
+        ),
+        (
+            "delete chat 0",
+            delete(id(1), 0, 1),
+            Invalid("delete needs a non-nil client_msg_id, a chat_id and a target_seq"),
+            ErrorCode::InvalidArgument,
+        ),
+        (
+            "delete target 0",
+            delete(id(1), 1, 0),
+            Invalid("delete needs a non-nil client_msg_id, a chat_id and a target_seq"),
+            ErrorCode::InvalidArgument,
+        ),
+        (
+            "react with nil client_msg_id",
+            react(ClientMsgId::default(), 1, 1, "👍"),
+            Invalid("react needs a non-nil client_msg_id, a chat_id and a target_seq"),
+            ErrorCode::InvalidArgument,
+        ),
+        (
+            "react chat 0",
+            react(id(1), 0, 1, "👍"),
+            Invalid("react needs a non-nil client_msg_id, a chat_id and a target_seq"),
+            ErrorCode::InvalidArgument,
+        ),
+        (
+            "react target 0",
+            react(id(1), 1, 0, ""),
+            Invalid("react needs a non-nil client_msg_id, a chat_id and a target_seq"),
+            ErrorCode::InvalidArgument,
+        ),
+        (
+            "react reaction over the limit",
+            react(
+                id(1),
+                1,
+                1,
+                &format!("{}x", "😀".repeat(REACTION_BYTES_MAX / 4)),
+            ),
+            Invalid("reaction is longer than REACTION_BYTES_MAX bytes"),
+            ErrorCode::InvalidArgument,
+        ),
+        (
+            "typing chat 0",
+            enc_client(&ClientFrame::Typing {
+                chat: ChatId(0),
+                typing: true,
+            }),
+            Invalid("typing needs a chat_id"),
+            ErrorCode::InvalidArgument,
+        ),
+        (
+            "get_receipts chat 0",
+            enc_client(&ClientFrame::GetReceipts {
+                request_id: 1,
+                chat: ChatId(0),
+                seq: Seq(1),
+            }),
+            Invalid("get_receipts needs a chat_id and seq"),
+            ErrorCode::InvalidArgument,
+        ),
+        (
+            "get_receipts seq 0",
+            enc_client(&ClientFrame::GetReceipts {
+                request_id: 1,
+                chat: ChatId(1),
+                seq: Seq(0),
+            }),
+            Invalid("get_receipts needs a chat_id and seq"),
+            ErrorCode::InvalidArgument,
+        ),
+        (
             "envelope without body",
             raw::envelope(fb::Body::NONE, |_| None),
             MissingBody,
@@ -636,6 +1390,7 @@ fn server_rule_violations() {
             enc_server(&ServerFrame::Message(msg(1, 1, PAYLOAD_BYTES_MAX + 1))),
             PayloadTooLarge {
                 len: PAYLOAD_BYTES_MAX + 1,
+                max: PAYLOAD_BYTES_MAX,
             },
         ),
         (
@@ -679,6 +1434,85 @@ fn server_rule_violations() {
                 duplicate: false,
             })),
             Invalid("send_ack needs a chat_id and seq"),
+        ),
+        (
+            "group_info chat 0",
+            enc_server(&ServerFrame::GroupInfo(GroupInfo {
+                chat: ChatId(0),
+                ..group_info()
+            })),
+            Invalid("group_info needs a chat_id"),
+        ),
+        (
+            "group_info with member 0",
+            enc_server(&ServerFrame::GroupInfo(GroupInfo {
+                members: vec![
+                    (UserId(1), MemberRole::Owner),
+                    (UserId(0), MemberRole::Member),
+                ],
+                ..group_info()
+            })),
+            Invalid("group_info member ids must be non-zero"),
+        ),
+        (
+            "group_info with too many members",
+            enc_server(&ServerFrame::GroupInfo(GroupInfo {
+                members: (1..=GROUP_USERS_MAX as u64 + 1)
+                    .map(|u| (UserId(u), MemberRole::Member))
+                    .collect(),
+                ..group_info()
+            })),
+            Invalid("group_info has more than GROUP_USERS_MAX members"),
+        ),
+        (
+            "typing_notice chat 0",
+            enc_server(&ServerFrame::TypingNotice {
+                chat: ChatId(0),
+                user: UserId(1),
+                typing: true,
+            }),
+            Invalid("typing_notice needs a chat_id and user"),
+        ),
+        (
+            "typing_notice user 0",
+            enc_server(&ServerFrame::TypingNotice {
+                chat: ChatId(1),
+                user: UserId(0),
+                typing: false,
+            }),
+            Invalid("typing_notice needs a chat_id and user"),
+        ),
+        (
+            "receipt_list chat 0",
+            enc_server(&ServerFrame::ReceiptList(ReceiptList {
+                chat: ChatId(0),
+                ..receipt_list()
+            })),
+            Invalid("receipt_list needs a chat_id and seq"),
+        ),
+        (
+            "receipt_list seq 0",
+            enc_server(&ServerFrame::ReceiptList(ReceiptList {
+                seq: Seq(0),
+                ..receipt_list()
+            })),
+            Invalid("receipt_list needs a chat_id and seq"),
+        ),
+        (
+            "receipt_list with too many readers",
+            enc_server(&ServerFrame::ReceiptList(ReceiptList {
+                read: users(1..=GROUP_USERS_MAX as u64 + 1),
+                ..receipt_list()
+            })),
+            Invalid("receipt_list has more than GROUP_USERS_MAX users in a list"),
+        ),
+        (
+            "receipt_list with pending user 0",
+            enc_server(&ServerFrame::ReceiptList(ReceiptList {
+                pending: users(0..=3),
+                ..receipt_list()
+            })),
+            Invalid("receipt_list user ids must be non-zero"),
         ),
         (
             "unknown body type",
@@ -915,7 +1749,10 @@ fn decode_error_codes() {
         (MissingBody, ErrorCode::MalformedFrame),
         (UnknownBody(99), ErrorCode::UnsupportedFrame),
         (WrongDirection { body: 1 }, ErrorCode::UnsupportedFrame),
-        (PayloadTooLarge { len: 1 }, ErrorCode::PayloadTooLarge),
+        (
+            PayloadTooLarge { len: 1, max: 0 },
+            ErrorCode::PayloadTooLarge,
+        ),
         (TooManyCursors { n: 1 }, ErrorCode::TooManyCursors),
         (Invalid("rule"), ErrorCode::InvalidArgument),
     ];
@@ -923,6 +1760,253 @@ fn decode_error_codes() {
         assert_eq!(err.code(), code, "{err:?}");
         assert!(!err.to_string().is_empty());
         let _: &dyn std::error::Error = &err;
+    }
+}
+
+#[test]
+fn invalid_utf8_is_malformed() {
+    // The verifier checks every string it reaches; the needle is a string the frame carries.
+    let client = [
+        (
+            "create_group name",
+            enc_client(&ClientFrame::CreateGroup(create_group())),
+            "Climbing",
+        ),
+        (
+            "create_group description",
+            enc_client(&ClientFrame::CreateGroup(create_group())),
+            "Tuesdays",
+        ),
+        (
+            "group_update name",
+            enc_client(&ClientFrame::GroupUpdate(GroupUpdateReq {
+                name: Some("renamed".into()),
+                ..update(GroupOp::SetInfo)
+            })),
+            "renamed",
+        ),
+        (
+            "react reaction",
+            enc_client(&ClientFrame::React {
+                client_msg_id: id(1),
+                chat: ChatId(1),
+                target: Seq(1),
+                reaction: "thumbs".into(),
+            }),
+            "thumbs",
+        ),
+    ];
+    for (name, bytes, needle) in client {
+        check(
+            name,
+            decode_client,
+            &raw::break_utf8(bytes, needle),
+            Expect::Malformed,
+        );
+    }
+    let info = enc_server(&ServerFrame::GroupInfo(group_info()));
+    check(
+        "group_info name",
+        decode_server,
+        &raw::break_utf8(info, "Climbing"),
+        Expect::Malformed,
+    );
+}
+
+// -------------------------------------------------------------------------------------- events
+
+#[test]
+fn events_round_trip() {
+    let mut enc = Encoder::new();
+    for ev in events().into_iter().chain(big_events()) {
+        let name = format!("{:.120}", format!("{ev:?}"));
+        let bytes = encode_event(&ev);
+        assert!(
+            bytes.len() <= PAYLOAD_BYTES_MAX,
+            "{name}: {} bytes",
+            bytes.len()
+        );
+        assert_eq!(&bytes[4..8], EVENT_IDENTIFIER.as_bytes(), "{name}");
+        // A reused encoder gives the same bytes as the free function's fresh builder.
+        assert_eq!(enc.encode_event(&ev), &bytes[..], "{name}");
+        check(&name, decode_event, &bytes, Expect::Ok(ev));
+    }
+}
+
+#[test]
+fn event_rule_violations() {
+    use DecodeError::*;
+    let ev = |e: ChatEvent| encode_event(&e);
+    let created = ev(events()[0].clone());
+    let no_target = Invalid("chat_event Edited, Deleted and Reacted need a target_seq");
+    let cases: Vec<(&str, Vec<u8>, Expect<ChatEvent>)> = vec![
+        (
+            "the next kind",
+            ev(ChatEvent::new(EventKind(EventKind::ENUM_MAX + 1))),
+            Expect::Err(Invalid("chat_event kind is unknown")),
+        ),
+        (
+            "kind 255",
+            ev(ChatEvent::new(EventKind(255))),
+            Expect::Err(Invalid("chat_event kind is unknown")),
+        ),
+        (
+            "unknown role",
+            ev(ChatEvent {
+                users: vec![UserId(1)],
+                role: MemberRole(MemberRole::ENUM_MAX + 1),
+                ..ChatEvent::new(EventKind::RolesChanged)
+            }),
+            Expect::Err(Invalid("chat_event role is unknown")),
+        ),
+        (
+            "edited without target",
+            ev(ChatEvent {
+                payload: b"x".to_vec(),
+                ..ChatEvent::new(EventKind::Edited)
+            }),
+            Expect::Err(no_target.clone()),
+        ),
+        (
+            "deleted without target",
+            ev(ChatEvent::new(EventKind::Deleted)),
+            Expect::Err(no_target.clone()),
+        ),
+        (
+            "reacted without target",
+            ev(ChatEvent {
+                reaction: "👍".into(),
+                ..ChatEvent::new(EventKind::Reacted)
+            }),
+            Expect::Err(no_target),
+        ),
+        (
+            "too many users",
+            ev(ChatEvent {
+                users: users(1..=GROUP_USERS_MAX as u64 + 1),
+                ..ChatEvent::new(EventKind::MembersAdded)
+            }),
+            Expect::Err(Invalid("chat_event names more than GROUP_USERS_MAX users")),
+        ),
+        (
+            "user 0",
+            ev(ChatEvent {
+                users: users(0..=1),
+                ..ChatEvent::new(EventKind::MembersRemoved)
+            }),
+            Expect::Err(Invalid("chat_event user ids must be non-zero")),
+        ),
+        (
+            "name over the limit",
+            ev(ChatEvent {
+                name: Some("n".repeat(GROUP_NAME_BYTES_MAX + 1)),
+                ..ChatEvent::new(EventKind::InfoChanged)
+            }),
+            Expect::Err(Invalid(
+                "group name is longer than GROUP_NAME_BYTES_MAX bytes",
+            )),
+        ),
+        (
+            "description over the limit",
+            ev(ChatEvent {
+                description: Some("d".repeat(GROUP_DESCRIPTION_BYTES_MAX + 1)),
+                ..ChatEvent::new(EventKind::InfoChanged)
+            }),
+            Expect::Err(Invalid(
+                "group description is longer than GROUP_DESCRIPTION_BYTES_MAX bytes",
+            )),
+        ),
+        (
+            "avatar over the limit",
+            ev(ChatEvent {
+                avatar_media_id: Some("a".repeat(MEDIA_ID_BYTES_MAX + 1)),
+                ..ChatEvent::new(EventKind::GroupCreated)
+            }),
+            Expect::Err(Invalid(
+                "avatar_media_id is longer than MEDIA_ID_BYTES_MAX bytes",
+            )),
+        ),
+        (
+            "reaction over the limit",
+            ev(ChatEvent {
+                target: Seq(1),
+                reaction: "r".repeat(REACTION_BYTES_MAX + 1),
+                ..ChatEvent::new(EventKind::Reacted)
+            }),
+            Expect::Err(Invalid("reaction is longer than REACTION_BYTES_MAX bytes")),
+        ),
+        (
+            "payload over the edit limit",
+            ev(ChatEvent {
+                target: Seq(1),
+                payload: vec![0; EDIT_PAYLOAD_BYTES_MAX + 1],
+                ..ChatEvent::new(EventKind::Edited)
+            }),
+            Expect::Err(PayloadTooLarge {
+                len: EDIT_PAYLOAD_BYTES_MAX + 1,
+                max: EDIT_PAYLOAD_BYTES_MAX,
+            }),
+        ),
+        (
+            "over the payload limit",
+            vec![0; PAYLOAD_BYTES_MAX + 1],
+            Expect::Err(TooLarge {
+                len: PAYLOAD_BYTES_MAX + 1,
+                max: PAYLOAD_BYTES_MAX,
+            }),
+        ),
+        ("empty", Vec::new(), Expect::Err(BadIdentifier)),
+        (
+            "header minus one",
+            created[..7].to_vec(),
+            Expect::Err(BadIdentifier),
+        ),
+        (
+            "an envelope",
+            enc_client(&ClientFrame::Ping { nonce: 1 }),
+            Expect::Err(BadIdentifier),
+        ),
+        ("header only", created[..8].to_vec(), Expect::Malformed),
+        (
+            "cut in half",
+            created[..created.len() / 2].to_vec(),
+            Expect::Malformed,
+        ),
+        (
+            "invalid UTF-8 in the name",
+            raw::break_utf8(created.clone(), "Climbing"),
+            Expect::Malformed,
+        ),
+        (
+            "invalid UTF-8 in the reaction",
+            raw::break_utf8(
+                ev(ChatEvent {
+                    target: Seq(1),
+                    reaction: "thumbs".into(),
+                    ..ChatEvent::new(EventKind::Reacted)
+                }),
+                "thumbs",
+            ),
+            Expect::Malformed,
+        ),
+    ];
+    for (name, input, expect) in cases {
+        check(name, decode_event, &input, expect);
+    }
+    assert_eq!(
+        DecodeError::Invalid("chat_event kind is unknown").code(),
+        ErrorCode::InvalidArgument
+    );
+
+    // An event is not an envelope either way round.
+    assert_eq!(decode_client(&created), Err(BadIdentifier));
+    assert_eq!(decode_server(&created), Err(BadIdentifier));
+    // Every prefix: an error, or (when only alignment padding at the end was cut) the same event.
+    for len in 0..created.len() {
+        match decode_event(&created[..len]) {
+            Err(_) => {}
+            Ok(e) => assert_eq!(e, events()[0], "prefix of {len} bytes"),
+        }
     }
 }
 
@@ -981,9 +2065,9 @@ impl Rng {
     }
 }
 
-/// Decodes `bytes` both ways; whatever decodes must survive encode → decode unchanged (decoding
-/// normalises, and normalising twice changes nothing).
-fn decode_both_and_round_trip(enc: &mut Encoder, bytes: &[u8]) -> (bool, bool) {
+/// Decodes `bytes` both ways and as an event; whatever decodes must survive encode → decode
+/// unchanged (decoding normalises, and normalising twice changes nothing).
+fn decode_all_and_round_trip(enc: &mut Encoder, bytes: &[u8]) -> (bool, bool, bool) {
     let client = decode_client(bytes);
     if let Ok(f) = &client {
         let again = decode_client(enc.encode_client(f));
@@ -1002,16 +2086,29 @@ fn decode_both_and_round_trip(enc: &mut Encoder, bytes: &[u8]) -> (bool, bool) {
             "server frame does not round-trip; input {bytes:02x?}"
         );
     }
-    if let Err(e) = &client {
+    let event = decode_event(bytes);
+    if let Ok(e) = &event {
+        let again = decode_event(enc.encode_event(e));
+        assert_eq!(
+            again.as_ref(),
+            Ok(e),
+            "event does not round-trip; input {bytes:02x?}"
+        );
+    }
+    for e in [client.as_ref().err(), event.as_ref().err()]
+        .into_iter()
+        .flatten()
+    {
         let _ = (e.code(), e.to_string());
     }
-    (client.is_ok(), server.is_ok())
+    (client.is_ok(), server.is_ok(), event.is_ok())
 }
 
 /// Mutates valid encodings of every frame kind (bit flips, byte overwrites with edge values,
-/// truncation, insertion, deletion, copying a run over another) and feeds them, plus random
-/// buffers with and without the identifier, to both decoders. A panic fails the test; so does a
-/// decoded frame that does not round-trip. Deterministic: the seed is fixed.
+/// truncation, insertion, deletion, copying a run over another) and of events, and feeds them,
+/// plus random buffers with and without an identifier, to all three decoders. A panic fails the
+/// test; so does a decoded frame or event that does not round-trip. Deterministic: the seed is
+/// fixed.
 #[test]
 fn decoders_never_panic_on_mutated_or_random_input() {
     const MUTATED_ITERATIONS: usize = 200_000;
@@ -1040,11 +2137,12 @@ fn decoders_never_panic_on_mutated_or_random_input() {
         has_more: true,
     });
     corpus.push(enc.encode_server(&three).to_vec());
+    corpus.extend(events().iter().map(encode_event));
     corpus.retain(|c| c.len() <= 2048);
-    assert!(corpus.len() >= 25);
+    assert!(corpus.len() >= 80);
 
     let mut rng = Rng(0x5eed_0f5b_1c0d_ec00);
-    let (mut ok_client, mut ok_server) = (0usize, 0usize);
+    let (mut ok_client, mut ok_server, mut ok_event) = (0usize, 0usize, 0usize);
     let mut buf = Vec::with_capacity(4096);
     for _ in 0..MUTATED_ITERATIONS {
         buf.clear();
@@ -1082,9 +2180,10 @@ fn decoders_never_panic_on_mutated_or_random_input() {
                 _ => {}
             }
         }
-        let (c, s) = decode_both_and_round_trip(&mut enc, &buf);
+        let (c, s, e) = decode_all_and_round_trip(&mut enc, &buf);
         ok_client += c as usize;
         ok_server += s as usize;
+        ok_event += e as usize;
     }
 
     for i in 0..RANDOM_ITERATIONS {
@@ -1095,16 +2194,17 @@ fn decoders_never_panic_on_mutated_or_random_input() {
             // Plant a plausible header so the verifier, not the identifier check, does the work.
             let root = (rng.below(len) as u32 & !3).to_le_bytes();
             buf[0..4].copy_from_slice(&root);
-            buf[4..8].copy_from_slice(b"SWB1");
+            let ident: &[u8; 4] = if i % 4 == 0 { b"SWB1" } else { b"SWE1" };
+            buf[4..8].copy_from_slice(ident);
         }
-        decode_both_and_round_trip(&mut enc, &buf);
+        decode_all_and_round_trip(&mut enc, &buf);
     }
 
     // The mutations must not be so destructive that nothing decodes: then the field rules and
     // the round-trip assertion above would never run.
-    eprintln!("decoded ok: client {ok_client}, server {ok_server}");
+    eprintln!("decoded ok: client {ok_client}, server {ok_server}, event {ok_event}");
     assert!(
-        ok_client > 1_000 && ok_server > 1_000,
-        "decoded ok: client {ok_client}, server {ok_server}"
+        ok_client > 1_000 && ok_server > 1_000 && ok_event > 1_000,
+        "decoded ok: client {ok_client}, server {ok_server}, event {ok_event}"
     );
 }

@@ -5,9 +5,11 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 
+use switchboard_wire::limits::GROUP_USERS_MAX;
 use switchboard_wire::{
-    ChatId, ClientFrame, ClientMsgId, ContentKind, DeviceId, Encoder, ErrorCode, ErrorFrame,
-    HistoryPage, Message, MsgId, Receipt, ReceiptKind, SendAck, SendReq, Seq, ServerFrame, Target,
+    ChatEvent, ChatId, ClientFrame, ClientMsgId, ContentKind, CreateGroupReq, DeviceId, Encoder,
+    ErrorCode, ErrorFrame, EventKind, GroupInfo, GroupOp, GroupUpdateReq, HistoryPage, MemberRole,
+    Message, MsgId, Receipt, ReceiptKind, ReceiptList, SendAck, SendReq, Seq, ServerFrame, Target,
     UserId,
 };
 
@@ -61,6 +63,7 @@ fn message(seq: u64, len: usize) -> Message {
         reply_to: Seq(0),
         content_kind: ContentKind::Text,
         client_msg_id: ClientMsgId::from_halves(6, seq),
+        forwarded: seq.is_multiple_of(2),
     }
 }
 
@@ -74,6 +77,7 @@ fn encoding_does_not_allocate_after_warm_up() {
             payload: vec![1; 4096],
             reply_to: Seq(0),
             content_kind: ContentKind::Text,
+            forwarded: true,
         }),
         ClientFrame::Delivered {
             chat: ChatId(1),
@@ -94,6 +98,54 @@ fn encoding_does_not_allocate_after_warm_up() {
             limit: 50,
         },
         ClientFrame::Ping { nonce: 3 },
+        ClientFrame::CreateGroup(CreateGroupReq {
+            request_id: 3,
+            client_msg_id: id,
+            name: "group".into(),
+            description: "about".into(),
+            avatar_media_id: "media/1".into(),
+            members: (1..=GROUP_USERS_MAX as u64).map(UserId).collect(),
+            admins_only: true,
+        }),
+        ClientFrame::GroupUpdate(GroupUpdateReq {
+            users: (1..=100).map(UserId).collect(),
+            ..GroupUpdateReq::new(id, ChatId(1), GroupOp::AddMembers)
+        }),
+        ClientFrame::GroupUpdate(GroupUpdateReq {
+            name: Some("n".into()),
+            description: Some(String::new()),
+            ..GroupUpdateReq::new(id, ChatId(1), GroupOp::SetInfo)
+        }),
+        ClientFrame::GetGroupInfo {
+            request_id: 4,
+            chat: ChatId(1),
+        },
+        ClientFrame::Edit {
+            client_msg_id: id,
+            chat: ChatId(1),
+            target: Seq(1),
+            payload: vec![2; 4096],
+        },
+        ClientFrame::Delete {
+            client_msg_id: id,
+            chat: ChatId(1),
+            target: Seq(1),
+        },
+        ClientFrame::React {
+            client_msg_id: id,
+            chat: ChatId(1),
+            target: Seq(1),
+            reaction: "👍".into(),
+        },
+        ClientFrame::Typing {
+            chat: ChatId(1),
+            typing: true,
+        },
+        ClientFrame::GetReceipts {
+            request_id: 5,
+            chat: ChatId(1),
+            seq: Seq(1),
+        },
     ];
     let server = [
         ServerFrame::SendAck(SendAck {
@@ -130,6 +182,51 @@ fn encoding_does_not_allocate_after_warm_up() {
             request_id: 0,
         }),
         ServerFrame::Pong { nonce: 1 },
+        ServerFrame::GroupInfo(GroupInfo {
+            request_id: 3,
+            chat: ChatId(1),
+            name: "group".into(),
+            description: "about".into(),
+            avatar_media_id: "media/1".into(),
+            members: (1..=GROUP_USERS_MAX as u64)
+                .map(|u| (UserId(u), MemberRole::Member))
+                .collect(),
+            admins_only: false,
+            created_ms: 1,
+            last_seq: Seq(2),
+        }),
+        ServerFrame::TypingNotice {
+            chat: ChatId(1),
+            user: UserId(2),
+            typing: true,
+        },
+        ServerFrame::ReceiptList(ReceiptList {
+            request_id: 5,
+            chat: ChatId(1),
+            seq: Seq(1),
+            delivered: (1..=10).map(UserId).collect(),
+            read: (11..=20).map(UserId).collect(),
+            pending: (21..=30).map(UserId).collect(),
+        }),
+    ];
+    let events = [
+        ChatEvent {
+            users: (1..=GROUP_USERS_MAX as u64).map(UserId).collect(),
+            name: Some("group".into()),
+            description: Some("about".into()),
+            avatar_media_id: Some("media/1".into()),
+            ..ChatEvent::new(EventKind::GroupCreated)
+        },
+        ChatEvent {
+            target: Seq(1),
+            payload: vec![3; 4096],
+            ..ChatEvent::new(EventKind::Edited)
+        },
+        ChatEvent {
+            target: Seq(1),
+            reaction: "👍".into(),
+            ..ChatEvent::new(EventKind::Reacted)
+        },
     ];
 
     // The counter itself works.
@@ -147,6 +244,9 @@ fn encoding_does_not_allocate_after_warm_up() {
     for f in &server {
         total += enc.encode_server(f).len();
     }
+    for e in &events {
+        total += enc.encode_event(e).len();
+    }
 
     let n = allocations_during(|| {
         for _ in 0..10 {
@@ -155,6 +255,9 @@ fn encoding_does_not_allocate_after_warm_up() {
             }
             for f in &server {
                 total += enc.encode_server(f).len();
+            }
+            for e in &events {
+                total += enc.encode_event(e).len();
             }
         }
     });
