@@ -107,8 +107,11 @@ fn bind(addr: SocketAddr, backlog: u32) -> std::io::Result<socket2::Socket> {
 
 /// Runs the server until the process is killed. Prints `switchboard listening on ADDR` on stdout
 /// once every core accepts connections.
-pub fn run(cfg: Config) -> Result<(), String> {
+pub fn run(mut cfg: Config) -> Result<(), String> {
     cfg.validate().map_err(|e| e.to_string())?;
+    // glommio opens directories relative to nothing: give the store an absolute path.
+    cfg.data_dir = std::path::absolute(&cfg.data_dir)
+        .map_err(|e| format!("data_dir {}: {e}", cfg.data_dir.display()))?;
     let cores = cfg.effective_cores();
     std::fs::create_dir_all(&cfg.data_dir)
         .map_err(|e| format!("create {}: {e}", cfg.data_dir.display()))?;

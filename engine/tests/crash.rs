@@ -127,6 +127,14 @@ fn assert_gap_free(chat: ChatId, msgs: &[Message]) {
     }
 }
 
+/// The first index where `a` and `b` differ (the shorter length if one is a prefix of the other).
+fn first_difference<X: PartialEq>(a: &[X], b: &[X]) -> usize {
+    a.iter()
+        .zip(b)
+        .position(|(x, y)| x != y)
+        .unwrap_or(a.len().min(b.len()))
+}
+
 // ------------------------------------------------------------------------- kill -9 under load
 
 /// The senders: two with a chat of their own, and a pair writing to each other so one chat
@@ -377,11 +385,17 @@ fn kill9_under_load_loses_no_acknowledged_message() {
             cycles_with_acks += 1;
         }
         shared.epoch.fetch_add(1, SeqCst);
+        // Restart at once, while the kernel may still be tearing down the dead server's io_uring
+        // (and with it its listeners and any I/O it had in flight): that window is part of what a
+        // supervisor restarting a crashed server exposes. Senders whose connect lands on a dead
+        // listener are reset and simply retry.
         server.kill9();
         server.restart();
         shared.epoch.fetch_add(1, SeqCst);
         cycles_done += 1;
     }
+    // The checks below connect once; make sure no dead listener can take that connection.
+    server.wait_stale_listeners_gone();
     // The server is up: the senders drain their windows (resending what the last kill cut off)
     // so that at the end every message ever sent has been acked.
     shared.stop.store(true, SeqCst);
@@ -481,7 +495,13 @@ fn kill9_under_load_loses_no_acknowledged_message() {
             .iter()
             .map(|m| (m.seq, m.msg_id, m.client_msg_id))
             .collect();
-        assert!(synced == history, "{chat:?}: sync and history disagree");
+        assert!(
+            synced == history,
+            "{chat:?}: sync ({} messages) and history ({}) disagree first at position {}",
+            synced.len(),
+            history.len(),
+            first_difference(&synced, &history)
+        );
         assert_eq!(
             (fresh.cursors().duplicates(), fresh.cursors().gaps()),
             (0, 0)
@@ -583,11 +603,15 @@ fn verify(server: &Server, book: &BTreeMap<ChatId, Expected>, when: &str) {
             .iter()
             .map(|a| (a.seq, a.msg_id, a.client_msg_id))
             .collect();
+        let at = first_difference(&got, &want);
         assert!(
             got == want,
-            "{when}: {chat:?} holds {} messages, {} were acked:\n got  {got:?}\n want {want:?}",
+            "{when}: {chat:?} holds {} messages, {} were acked; first difference at position \
+             {at}: stored {:?}, acked {:?}",
             got.len(),
-            want.len()
+            want.len(),
+            got.get(at),
+            want.get(at)
         );
         for m in &msgs {
             assert_eq!(m.payload, torn_payload(m.client_msg_id), "{when}");
@@ -654,6 +678,15 @@ fn assert_truncated(segs: &[(PathBuf, u64)], when: &str) {
     }
 }
 
+/// SIGKILL, then wait until the dead server's listeners are closed (see
+/// `Server::wait_stale_listeners_gone`): the sign that its io_uring, with any write it had in
+/// flight, is gone before the test edits its files, and that no later connection lands on a dead
+/// listener.
+fn crash(server: &mut Server) {
+    server.kill9();
+    server.wait_stale_listeners_gone();
+}
+
 #[test]
 fn torn_tail_is_truncated_and_acked_messages_survive() {
     let seed = seed("torn_tail");
@@ -664,7 +697,7 @@ fn torn_tail_is_truncated_and_acked_messages_survive() {
     verify(&server, &book, "before any crash");
 
     // (a) A partial record of random bytes after the last good one.
-    server.kill9();
+    crash(&mut server);
     let segs = newest_segments_with_data(&server);
     assert!(!segs.is_empty(), "no shard holds data");
     tear(&segs, &mut || {
@@ -678,7 +711,7 @@ fn torn_tail_is_truncated_and_acked_messages_survive() {
     verify(&server, &book, "after random garbage and new sends");
 
     // (b) A header that promises a long body, and only part of the body.
-    server.kill9();
+    crash(&mut server);
     let segs = newest_segments_with_data(&server);
     tear(&segs, &mut || {
         let body_len = rng.range(1_000, 60_000) as u32;
@@ -695,7 +728,7 @@ fn torn_tail_is_truncated_and_acked_messages_survive() {
     send_round(&server, 3, 5, &mut book);
 
     // A clean crash: what was appended after the repaired tails is durable too.
-    server.kill9();
+    crash(&mut server);
     server.restart();
     verify(&server, &book, "after a clean restart");
     println!(

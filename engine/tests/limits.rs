@@ -60,9 +60,10 @@ fn slow_consumer_is_closed_and_loses_nothing() {
     let mut a = server.connect(70, 1);
     let mut b = server.connect(71, 1); // connected, but does not read for now
     let payload = vec![7u8; 60_000];
+    const N: usize = 700;
     let mut ids = Vec::new();
-    // Enough to fill loopback socket buffers and the 1 MiB send queue.
-    for _ in 0..300 {
+    // Far more than loopback socket buffers (autotuned up to ~10 MB) plus the 1 MiB send queue.
+    for _ in 0..N {
         ids.push(a.send_message(Target::Peer(UserId(71)), &payload).unwrap());
         if ids.len() % 32 == 0 {
             for id in ids.drain(..) {
@@ -90,7 +91,7 @@ fn slow_consumer_is_closed_and_loses_nothing() {
     // Reconnect and sync: all 300 are there.
     let mut b = server.connect(71, 1);
     let msgs = b.sync(Duration::from_secs(30)).unwrap();
-    assert_eq!(msgs.len(), 300);
+    assert_eq!(msgs.len(), N);
     assert!(msgs
         .iter()
         .enumerate()
@@ -219,4 +220,42 @@ fn sigterm_closes_connections_with_going_away_and_exits_cleanly() {
     server.restart();
     let mut b = server.connect(121, 1);
     assert_eq!(b.sync(T).unwrap().len(), 1);
+}
+
+#[test]
+fn default_relative_data_dir_works_and_a_second_server_on_it_is_refused() {
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+    let cwd = tempfile::tempdir().unwrap();
+    let spawn = || {
+        Command::new(env!("CARGO_BIN_EXE_switchboard"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--cores", "1"])
+            .current_dir(cwd.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    // No --data-dir: ./data relative to the working directory, as in the README.
+    let mut first = spawn();
+    let mut line = String::new();
+    std::io::BufReader::new(first.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.starts_with("switchboard listening on"), "{line:?}");
+    assert!(cwd.path().join("data/shard-0").is_dir());
+    let second = spawn().wait_with_output().unwrap();
+    assert!(!second.status.success());
+    let err = String::from_utf8_lossy(&second.stderr);
+    assert!(err.contains("locked by another process"), "{err}");
+    let _ = first.kill();
+    let _ = first.wait();
+}
+
+#[test]
+fn the_server_answers_a_client_close() {
+    let server = Server::start(1);
+    let c = server.connect(130, 1);
+    // The client library waits for the server's Close reply and reports an error without it.
+    c.close().unwrap();
 }

@@ -10,7 +10,7 @@
 //! Bytes per connection = (server RSS after settle − RSS before) / connections established.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
@@ -36,6 +36,14 @@ const CLOSE_WAIT: Duration = Duration::from_secs(5);
 /// Time after closing everything before the last scrape, so the server has run its cleanup.
 const AFTER_CLOSE_WAIT: Duration = Duration::from_secs(1);
 
+/// Connections per loopback source address when `--source-ips` is 0 (auto). Below half of the
+/// default local port range (32768-60999): past that, Linux's connect() port search scans
+/// thousands of ports per call (see `ws_raw::connect_from`).
+pub const CONNECTIONS_PER_SOURCE_IP_MAX: usize = 10_000;
+
+/// Most loopback source addresses (127.0.0.1 ..= 127.0.0.250).
+pub const SOURCE_IPS_MAX: usize = 250;
+
 /// Error messages kept verbatim for the report (the rest are only counted by kind).
 const ERROR_SAMPLES_MAX: usize = 5;
 
@@ -52,6 +60,9 @@ pub struct IdleArgs {
     pub threads: usize,
     pub settle: Duration,
     pub first_user: u64,
+    /// Loopback source addresses to spread connections over; 0: one per
+    /// `CONNECTIONS_PER_SOURCE_IP_MAX` connections.
+    pub source_ips: usize,
     pub connect_timeout: Duration,
     /// Stop opening after this many failures.
     pub errors_max: usize,
@@ -160,8 +171,27 @@ fn kernel_json(k: &KernelView) -> Json {
     ])
 }
 
+/// The source addresses connection `i` uses `sources[i % len]` of.
+fn source_addresses(target: SocketAddr, n: usize, requested: usize) -> Result<Vec<IpAddr>, String> {
+    let count = match requested {
+        0 => n.div_ceil(CONNECTIONS_PER_SOURCE_IP_MAX).max(1),
+        k => k,
+    };
+    match target.ip() {
+        IpAddr::V4(_) if count <= SOURCE_IPS_MAX => Ok((0..count)
+            .map(|k| IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1 + k as u8)))
+            .collect()),
+        IpAddr::V4(_) => Err(format!("--source-ips must be at most {SOURCE_IPS_MAX}")),
+        IpAddr::V6(v6) if count == 1 => Ok(vec![IpAddr::V6(v6)]),
+        IpAddr::V6(_) => Err(format!(
+            "IPv6 has a single loopback address: {count} source addresses are impossible; \
+             use an IPv4 target or at most {CONNECTIONS_PER_SOURCE_IP_MAX} connections"
+        )),
+    }
+}
+
 /// Checks that this process can hold `n` sockets, raising the soft fd limit to the hard one.
-fn check_capacity(n: usize) -> Result<(), String> {
+fn check_capacity(n: usize, sources: usize) -> Result<(), String> {
     let limit = sys::raise_fd_limit().map_err(|e| format!("RLIMIT_NOFILE: {e}"))?;
     let need = n + FDS_RESERVED;
     if need as u64 > limit {
@@ -172,10 +202,11 @@ fn check_capacity(n: usize) -> Result<(), String> {
     }
     if let Some((lo, hi)) = sys::ephemeral_ports() {
         let ports = (hi.saturating_sub(lo) + 1) as usize;
-        if n > ports {
+        let per_source = n.div_ceil(sources);
+        if per_source > ports {
             return Err(format!(
-                "{n} connections to one address need {n} local ports but \
-                 net.ipv4.ip_local_port_range has {ports} ({lo}-{hi})"
+                "{per_source} connections from one source address need as many local ports but \
+                 net.ipv4.ip_local_port_range has {ports} ({lo}-{hi}); raise --source-ips"
             ));
         }
     }
@@ -187,7 +218,8 @@ pub fn run(args: &IdleArgs) -> Result<bool, String> {
     if args.connections == 0 || args.threads == 0 {
         return Err("--connections and --threads must be at least 1".into());
     }
-    check_capacity(args.connections)?;
+    let sources = source_addresses(args.target, args.connections, args.source_ips)?;
+    check_capacity(args.connections, sources.len())?;
     let minter = Minter::from_secret_file(&args.secret_file)?;
     let settle = args.settle.min(args.hold);
     let ramp = if args.ramp_per_s > 0.0 {
@@ -196,14 +228,17 @@ pub fn run(args: &IdleArgs) -> Result<bool, String> {
         "unlimited".to_string()
     };
     println!(
-        "idle: target {}, {} connections (users {}..={}, device 1), {} opener threads, ramp {ramp}, hold {:?}",
+        "idle: target {}, {} connections (users {}..={}, device 1) from {} source address(es) {}.., {} opener threads, ramp {ramp}, hold {:?}",
         args.target,
         args.connections,
         args.first_user,
         args.first_user + args.connections as u64 - 1,
+        sources.len(),
+        sources[0],
         args.threads,
         args.hold
     );
+    let sources = Arc::new(sources);
 
     let kernel_before = KernelView::read();
     let client_rss_before = sys::self_rss_bytes();
@@ -224,6 +259,7 @@ pub fn run(args: &IdleArgs) -> Result<bool, String> {
     let mut openers = Vec::with_capacity(args.threads);
     for t in 0..args.threads {
         let (next, stop, tx, minter) = (next.clone(), stop.clone(), tx.clone(), minter.clone());
+        let sources = sources.clone();
         let (n, first_user, target) = (args.connections, args.first_user, args.target);
         let (ramp, timeout) = (args.ramp_per_s, args.connect_timeout);
         let opener = std::thread::Builder::new()
@@ -239,7 +275,8 @@ pub fn run(args: &IdleArgs) -> Result<bool, String> {
                 }
                 let token = minter.mint(first_user + i as u64, 1, expires);
                 let t0 = Instant::now();
-                let result = ws_raw::open(target, &token, first_user + i as u64, timeout)
+                let source = sources[i % sources.len()];
+                let result = ws_raw::open(target, source, &token, first_user + i as u64, timeout)
                     .map(|(stream, leftover)| (IdleConn::new(stream, leftover), t0.elapsed()));
                 if tx.send(result).is_err() {
                     return;
@@ -344,17 +381,24 @@ pub fn run(args: &IdleArgs) -> Result<bool, String> {
         }
     }
     let mut closed_clean = 0u64;
-    let mut close_errors = 0u64;
+    let mut close_errors = Errors::default();
     while !held.conns.is_empty() && close_start.elapsed() < CLOSE_WAIT {
         let mut i = 0;
         while i < held.conns.len() {
             match held.conns[i].sweep(&mut held.stats, i as u64) {
                 Ok(()) => i += 1,
                 Err(ended) => {
-                    if ended == ws_raw::Ended::Eof && held.conns[i].close_received.is_some() {
-                        closed_clean += 1;
-                    } else {
-                        close_errors += 1;
+                    match ended {
+                        ws_raw::Ended::Eof if held.conns[i].close_received.is_some() => {
+                            closed_clean += 1
+                        }
+                        ws_raw::Ended::Eof => close_errors.add(
+                            "server dropped TCP without echoing Close".into(),
+                            "TCP EOF before the server's Close".into(),
+                        ),
+                        ws_raw::Ended::Closed(code) => close_errors
+                            .add(format!("close {code}"), format!("server sent Close {code}")),
+                        ws_raw::Ended::Error(e) => close_errors.add("error".into(), e),
                     }
                     held.conns.swap_remove(i);
                 }
@@ -451,11 +495,18 @@ pub fn run(args: &IdleArgs) -> Result<bool, String> {
         println!("  dropped {kind}: {count}");
     }
     println!(
-        "close: {closed_clean} clean (server answered Close, then EOF), {close_errors} other, \
+        "close: {closed_clean} clean (server answered Close, then EOF), {} other, \
          {close_unanswered} unanswered after {:.1} s, {close_not_sent} Close frames not sent; took {:.2} s",
+        close_errors.total,
         CLOSE_WAIT.as_secs_f64(),
         close_time.as_secs_f64()
     );
+    for (kind, count) in &close_errors.by_kind {
+        println!("  close {kind}: {count}");
+    }
+    for s in &close_errors.samples {
+        println!("  e.g. {s}");
+    }
 
     let ok = established == args.connections
         && held.dropped.total == 0
@@ -469,6 +520,7 @@ pub fn run(args: &IdleArgs) -> Result<bool, String> {
             ("connections_established", Json::U(established as u64)),
             ("first_user", Json::U(args.first_user)),
             ("opener_threads", Json::U(args.threads as u64)),
+            ("source_ips", Json::U(sources.len() as u64)),
             ("ramp_per_s", Json::F(args.ramp_per_s)),
             ("hold_s", Json::F(args.hold.as_secs_f64())),
             ("settle_s", Json::F(settle.as_secs_f64())),
@@ -504,11 +556,29 @@ pub fn run(args: &IdleArgs) -> Result<bool, String> {
             ("pongs_not_sent", Json::U(held.stats.pongs_not_sent)),
             ("unexpected_frames", Json::U(held.stats.unexpected_frames)),
             ("closed_clean", Json::U(closed_clean)),
-            ("close_errors", Json::U(close_errors)),
+            ("close_errors", close_errors.json()),
             ("close_unanswered", Json::U(close_unanswered as u64)),
             ("ok", Json::Bool(ok)),
         ]);
         report::write_json(path, &json)?;
     }
     Ok(ok)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn source_addresses_spread_over_loopback() {
+        let v4: SocketAddr = "127.0.0.1:1".parse().expect("addr");
+        let v6: SocketAddr = "[::1]:1".parse().expect("addr");
+        let ips = |n, k| source_addresses(v4, n, k).expect("sources");
+        assert_eq!(ips(100, 0), vec![IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1))]);
+        assert_eq!(ips(19_000, 0).len(), 2);
+        assert_eq!(ips(5, 3)[2], IpAddr::V4(Ipv4Addr::new(127, 0, 0, 3)),);
+        assert!(source_addresses(v4, 1, SOURCE_IPS_MAX + 1).is_err());
+        assert_eq!(source_addresses(v6, 100, 0).expect("v6").len(), 1);
+        assert!(source_addresses(v6, 19_000, 0).is_err());
+    }
 }

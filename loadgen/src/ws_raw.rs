@@ -8,12 +8,14 @@
 //! ```
 
 use std::io::{self, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::ops::Range;
+use std::os::fd::AsRawFd;
 use std::time::Duration;
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
+use socket2::{Domain, Protocol, Socket, Type};
 use switchboard_wire::splitmix64;
 
 /// Largest upgrade response head accepted. The server's 101 is about 130 bytes.
@@ -123,16 +125,48 @@ pub fn check_upgrade_response(head: &[u8], key: &str) -> Result<(), OpenError> {
     Ok(())
 }
 
-/// Connects and upgrades. On success the stream is non-blocking, with any bytes that followed
-/// the response head (none expected) returned alongside.
+/// A TCP connection to `addr` from `source` (port chosen by the kernel).
+///
+/// Why bind first: `connect()` on Linux searches the local port range for a free port, trying
+/// ports of one parity first; once about half the range holds connections to the same
+/// destination, every further connect scans thousands of ports (`__inet_hash_connect`), which
+/// made opening 19,000 connections client-bound. Several loopback source addresses keep each
+/// address's share small. `IP_BIND_ADDRESS_NO_PORT` defers the port choice to `connect()`, so the
+/// port only has to be unique per 4-tuple.
+fn connect_from(addr: SocketAddr, source: IpAddr, timeout: Duration) -> io::Result<TcpStream> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    let one: libc::c_int = 1;
+    // SAFETY: the fd is an open socket owned by `socket`; the option value is a c_int that
+    // outlives the call, and its size is passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    // IPv4 only; on an IPv6 socket the bind below still works, with the port chosen at bind.
+    if rc != 0 && addr.is_ipv4() {
+        return Err(io::Error::last_os_error());
+    }
+    socket.bind(&SocketAddr::new(source, 0).into())?;
+    socket.connect_timeout(&addr.into(), timeout)?;
+    Ok(socket.into())
+}
+
+/// Connects from `source` and upgrades. On success the stream is non-blocking, with any bytes
+/// that followed the response head (none expected) returned alongside.
 pub fn open(
     addr: SocketAddr,
+    source: IpAddr,
     token: &str,
     key_seed: u64,
     timeout: Duration,
 ) -> Result<(TcpStream, Vec<u8>), OpenError> {
-    let mut stream = TcpStream::connect_timeout(&addr, timeout).map_err(|e| match e.kind() {
-        io::ErrorKind::TimedOut => OpenError::Timeout,
+    let mut stream = connect_from(addr, source, timeout).map_err(|e| match e.kind() {
+        io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => OpenError::Timeout,
         _ => OpenError::Connect(e),
     })?;
     stream.set_nodelay(true).map_err(io_error)?;

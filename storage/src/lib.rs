@@ -243,6 +243,9 @@ pub enum StorageError {
     UnknownChat(ChatId),
     /// An invalid [`StoreConfig`].
     Config(String),
+    /// Another process (or a killed one whose I/O is still draining) holds the shard's active
+    /// segment after waiting `SEGMENT_LOCK_WAIT`.
+    Locked { path: PathBuf },
 
     // ── The store's own state ───────────────────────────────────────────────────────────────
     /// An earlier `append` failed or was cancelled part-way, so what is on disk after the durable
@@ -283,6 +286,11 @@ impl fmt::Display for StorageError {
             ),
             StorageError::UnknownChat(chat) => write!(f, "append to uncreated chat {}", chat.0),
             StorageError::Config(why) => write!(f, "invalid store config: {why}"),
+            StorageError::Locked { path } => write!(
+                f,
+                "{} is locked by another process (is another server using this data directory?)",
+                path.display()
+            ),
             StorageError::Poisoned => {
                 write!(f, "store poisoned by an earlier failed append; reopen it")
             }

@@ -356,6 +356,10 @@ impl EmbeddedStore {
                 .buffered_open(&path)
                 .await
                 .map_err(io_err("open segment", &path))?;
+            if is_last {
+                // Before reading (and maybe truncating) the tail another process may still write.
+                lock_segment(&file, &path).await?;
+            }
             let file_len = file
                 .file_size()
                 .await
@@ -916,6 +920,36 @@ fn index_record(
     Ok(())
 }
 
+/// How long `open` waits for another process to release the active segment.
+pub const SEGMENT_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Takes an exclusive `flock` on the segment we will append to, waiting up to
+/// `SEGMENT_LOCK_WAIT`. Two servers on one data directory would interleave records; and after a
+/// `kill -9` the dead process's io_uring writes may still be in flight for a few milliseconds.
+/// A flock belongs to the open file description and is released only when its last reference
+/// is gone, in-flight io_uring requests included, so holding it means no other writer remains.
+async fn lock_segment(file: &BufferedFile, path: &Path) -> Result<(), StorageError> {
+    use std::os::fd::AsRawFd;
+    let deadline = std::time::Instant::now() + SEGMENT_LOCK_WAIT;
+    loop {
+        // SAFETY: flock on a file descriptor this process owns; it only takes an advisory lock.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if rc == 0 {
+            return Ok(());
+        }
+        let err = std::io::Error::last_os_error();
+        if err.raw_os_error() != Some(libc::EWOULDBLOCK) {
+            return Err(io_err("lock segment", path)(err));
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(StorageError::Locked {
+                path: path.to_path_buf(),
+            });
+        }
+        glommio::timer::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 /// Creates a new, empty segment file (failing if it exists) and makes its directory entry
 /// durable.
 async fn create_segment(dir: &Directory, path: &Path) -> Result<BufferedFile, StorageError> {
@@ -926,6 +960,7 @@ async fn create_segment(dir: &Directory, path: &Path) -> Result<BufferedFile, St
         .buffered_open(path)
         .await
         .map_err(io_err("create segment", path))?;
+    lock_segment(&file, path).await?;
     dir.sync()
         .await
         .map_err(io_err("fdatasync directory", path))?;

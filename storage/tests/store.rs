@@ -14,11 +14,20 @@ use switchboard_storage::{
 };
 use switchboard_wire::ids::{ChatId, ClientMsgId, DeviceId, MsgId, Seq, UserId};
 
+/// Runs `f` on a fresh executor, then gives the reactor a few cycles so files the future dropped
+/// without `close()` are really closed (glommio closes them on its next I/O cycle). The next
+/// `open` of the same shard needs that: the active segment is `flock`ed while open.
 fn run<T>(f: impl Future<Output = T>) -> T {
     glommio::LocalExecutorBuilder::default()
         .make()
         .expect("executor")
-        .run(f)
+        .run(async {
+            let out = f.await;
+            for _ in 0..3 {
+                glommio::timer::sleep(std::time::Duration::from_millis(1)).await;
+            }
+            out
+        })
 }
 
 const A: ChatId = ChatId(100);

@@ -11,8 +11,15 @@ fuzz_target!(|data: &[u8]| {
     let whole = parse_request(data);
     if let Ok(Some((_, len))) = &whole {
         let len = *len;
-        assert!(len <= data.len(), "head of {len} bytes in {} bytes", data.len());
-        assert!(len <= REQUEST_HEAD_BYTES_MAX, "head of {len} bytes accepted");
+        assert!(
+            len <= data.len(),
+            "head of {len} bytes in {} bytes",
+            data.len()
+        );
+        assert!(
+            len <= REQUEST_HEAD_BYTES_MAX,
+            "head of {len} bytes accepted"
+        );
     }
     // The same bytes in two reads: `data[..split]`, then all of `data`.
     let mut splits = [0usize; 3];

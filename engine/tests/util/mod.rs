@@ -82,6 +82,7 @@ impl Server {
     /// Starts the server again on the same data directory and port.
     pub fn restart(&mut self) {
         self.kill9();
+        self.wait_stale_listeners_gone();
         let addr = self.addr.clone();
         let deadline = Instant::now() + T;
         // The port may linger briefly; SO_REUSEADDR makes this quick.
@@ -175,4 +176,80 @@ impl Drop for Server {
 
 pub fn data_path(s: &Server) -> &Path {
     &s.data_dir
+}
+
+impl Server {
+    /// Waits (up to `T`) until every socket listening on this server's port belongs to the
+    /// running server process (or none does, while it is not running).
+    ///
+    /// After SIGKILL the kernel may keep a dead server's listening sockets open for tens of
+    /// milliseconds after `wait()` has returned: glommio's io_uring holds them in pending accepts
+    /// and the ring is torn down asynchronously. A server restarted in that window shares the port
+    /// with them (SO_REUSEPORT), and connections the kernel hands to a dead listener are reset.
+    pub fn wait_stale_listeners_gone(&self) {
+        let port: u16 = self
+            .addr
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("no port in {:?}", self.addr));
+        let deadline = Instant::now() + T;
+        loop {
+            let ours = self
+                .child
+                .as_ref()
+                .map(|c| socket_inodes(c.id()))
+                .unwrap_or_default();
+            let stale: Vec<u64> = listening_inodes(port)
+                .into_iter()
+                .filter(|i| !ours.contains(i))
+                .collect();
+            if stale.is_empty() {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "port {port}: listeners of a dead server still open after {T:?}: {stale:?}"
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+}
+
+/// Inodes of the TCP sockets in LISTEN state on `port` (IPv4 and IPv6), from `/proc/net`.
+fn listening_inodes(port: u16) -> Vec<u64> {
+    const LISTEN: &str = "0A";
+    let mut out = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let local_port = f
+                .get(1)
+                .and_then(|a| a.rsplit(':').next())
+                .and_then(|p| u16::from_str_radix(p, 16).ok());
+            if f.get(3) == Some(&LISTEN) && local_port == Some(port) {
+                if let Some(inode) = f.get(9).and_then(|i| i.parse().ok()) {
+                    out.push(inode);
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Inodes of the sockets process `pid` has open.
+fn socket_inodes(pid: u32) -> Vec<u64> {
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return Vec::new();
+    };
+    fds.flatten()
+        .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+        .filter_map(|target| {
+            let t = target.to_str()?;
+            t.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
+        })
+        .collect()
 }
