@@ -30,6 +30,7 @@ fn send(len: usize) -> ClientFrame {
         payload: payload(len),
         reply_to: Seq(0),
         content_kind: ContentKind::Text,
+        forwarded: false,
     })
 }
 
@@ -44,6 +45,7 @@ fn message(len: usize) -> ServerFrame {
         payload: payload(len),
         reply_to: Seq(0),
         content_kind: ContentKind::Text,
+        forwarded: false,
         client_msg_id: ClientMsgId::from_halves(0x0123_4567_89ab_cdef, 0xfedc_ba98_7654_3210),
     })
 }

@@ -687,7 +687,11 @@ async fn on_frame(core: &Rc<Core>, conn: &Rc<ConnShared>, bytes: &[u8]) {
         ClientFrame::CreateGroup(req) => {
             let chat = ChatId::group(conn.user, req.client_msg_id);
             conn.inflight.set(conn.inflight.get() + 1);
-            core.route(core.core_of_chat(chat), CoreMsg::CreateGroup { origin, chat, req }).await
+            core.route(
+                core.core_of_chat(chat),
+                CoreMsg::CreateGroup { origin, chat, req },
+            )
+            .await
         }
         ClientFrame::GroupUpdate(req) => {
             if req.chat.is_direct() {
@@ -695,17 +699,42 @@ async fn on_frame(core: &Rc<Core>, conn: &Rc<ConnShared>, bytes: &[u8]) {
                 return reply_error(core, conn, ErrorCode::UnknownChat, "not a group", 0, id);
             }
             conn.inflight.set(conn.inflight.get() + 1);
-            core.route(core.core_of_chat(req.chat), CoreMsg::GroupUpdate { origin, req }).await
+            core.route(
+                core.core_of_chat(req.chat),
+                CoreMsg::GroupUpdate { origin, req },
+            )
+            .await
         }
         ClientFrame::GetGroupInfo { request_id, chat } => {
-            let msg = CoreMsg::GroupInfo { origin, request_id, chat };
+            let msg = CoreMsg::GroupInfo {
+                origin,
+                request_id,
+                chat,
+            };
             core.route(core.core_of_chat(chat), msg).await
         }
         ClientFrame::Typing { chat, typing } => {
-            core.route(core.core_of_chat(chat), CoreMsg::Typing { origin, chat, typing }).await
+            core.route(
+                core.core_of_chat(chat),
+                CoreMsg::Typing {
+                    origin,
+                    chat,
+                    typing,
+                },
+            )
+            .await
         }
-        ClientFrame::GetReceipts { request_id, chat, seq } => {
-            let msg = CoreMsg::GetReceipts { origin, request_id, chat, seq };
+        ClientFrame::GetReceipts {
+            request_id,
+            chat,
+            seq,
+        } => {
+            let msg = CoreMsg::GetReceipts {
+                origin,
+                request_id,
+                chat,
+                seq,
+            };
             core.route(core.core_of_chat(chat), msg).await
         }
         ClientFrame::Edit { client_msg_id, .. }

@@ -227,27 +227,55 @@ impl Core {
             }
             CoreMsg::CreateGroup { origin, chat, req } => {
                 let shard = self.owned_shard(chat);
-                shard.owner.borrow_mut().on_create_group(unix_ms(), origin, chat, req);
+                shard
+                    .owner
+                    .borrow_mut()
+                    .on_create_group(unix_ms(), origin, chat, req);
                 shard.staged();
             }
             CoreMsg::GroupUpdate { origin, req } => {
                 let shard = self.owned_shard(req.chat);
-                shard.owner.borrow_mut().on_group_update(unix_ms(), origin, req);
+                shard
+                    .owner
+                    .borrow_mut()
+                    .on_group_update(unix_ms(), origin, req);
                 shard.staged();
             }
-            CoreMsg::GroupInfo { origin, request_id, chat } => {
+            CoreMsg::GroupInfo {
+                origin,
+                request_id,
+                chat,
+            } => {
                 let shard = self.owned_shard(chat);
-                shard.owner.borrow_mut().on_group_info(origin, request_id, chat);
+                shard
+                    .owner
+                    .borrow_mut()
+                    .on_group_info(origin, request_id, chat);
                 shard.staged();
             }
-            CoreMsg::Typing { origin, chat, typing } => {
+            CoreMsg::Typing {
+                origin,
+                chat,
+                typing,
+            } => {
                 let shard = self.owned_shard(chat);
-                shard.owner.borrow_mut().on_typing(unix_ms(), origin, chat, typing);
+                shard
+                    .owner
+                    .borrow_mut()
+                    .on_typing(unix_ms(), origin, chat, typing);
                 shard.staged();
             }
-            CoreMsg::GetReceipts { origin, request_id, chat, seq } => {
+            CoreMsg::GetReceipts {
+                origin,
+                request_id,
+                chat,
+                seq,
+            } => {
                 let shard = self.owned_shard(chat);
-                shard.owner.borrow_mut().on_get_receipts(origin, request_id, chat, seq);
+                shard
+                    .owner
+                    .borrow_mut()
+                    .on_get_receipts(origin, request_id, chat, seq);
                 shard.staged();
             }
             CoreMsg::Online { user, device, conn } => {
@@ -281,7 +309,13 @@ impl Core {
                 let local = self.conns.borrow();
                 for id in conns {
                     if let Some(c) = local.get(&id) {
-                        c.push(self, frame.clone(), FrameKind::Reply { completes_send: false });
+                        c.push(
+                            self,
+                            frame.clone(),
+                            FrameKind::Reply {
+                                completes_send: false,
+                            },
+                        );
                     }
                 }
             }
@@ -351,14 +385,25 @@ impl Core {
                         .await;
                     }
                 }
-                Effect::Broadcast { frame, to_users, skip } => {
+                Effect::Broadcast {
+                    frame,
+                    to_users,
+                    skip,
+                } => {
                     let targets = self.targets(&to_users, skip);
                     if targets.is_empty() {
                         continue;
                     }
                     let frame = self.encode(&frame);
                     for (core, conns) in targets {
-                        self.route(core, CoreMsg::Broadcast { frame: frame.clone(), conns }).await;
+                        self.route(
+                            core,
+                            CoreMsg::Broadcast {
+                                frame: frame.clone(),
+                                conns,
+                            },
+                        )
+                        .await;
                     }
                 }
             }

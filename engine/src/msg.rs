@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 use switchboard_storage::CursorKind;
-use switchboard_wire::{ChatId, DeviceId, SendReq, Seq, UserId};
+use switchboard_wire::{ChatId, CreateGroupReq, DeviceId, GroupUpdateReq, SendReq, Seq, UserId};
 
 /// A connection: the core that owns it and its id there (never reused while the process lives).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -111,7 +111,10 @@ pub enum CoreMsg {
         kind: FrameKind,
     },
     /// One frame (receipt, typing notice) for several local connections.
-    Broadcast { frame: Frame, conns: Vec<u64> },
+    Broadcast {
+        frame: Frame,
+        conns: Vec<u64>,
+    },
     /// One shard finished its part of a `Sync`.
     SyncPart {
         conn: u64,

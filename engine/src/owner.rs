@@ -8,24 +8,36 @@
 use crate::msg::{ConnRef, Origin};
 use std::collections::{HashMap, VecDeque};
 use switchboard_storage::{
-    ChatKind, ChatMeta, CursorKind, Record, ShardState, StoredMessage, CONTENT_KIND_DELETED, CONTENT_KIND_EVENT,
-    MESSAGE_FLAG_FORWARDED,
+    ChatKind, ChatMeta, CursorKind, Record, ShardState, StoredMessage, CONTENT_KIND_DELETED,
+    CONTENT_KIND_EVENT, MESSAGE_FLAG_FORWARDED,
 };
 use switchboard_wire::{
-    encode_event, ChatEvent, ChatId, ClientMsgId, ContentKind, CreateGroupReq, ErrorCode, ErrorFrame, EventKind,
-    GroupInfo, GroupOp, GroupUpdateReq, MemberRole, Message, MsgId, Receipt, ReceiptKind, ReceiptList, SendAck,
-    SendReq, Seq, ServerFrame, UserId,
+    encode_event, ChatEvent, ChatId, ClientMsgId, ContentKind, CreateGroupReq, ErrorCode,
+    ErrorFrame, EventKind, GroupInfo, GroupOp, GroupUpdateReq, MemberRole, Message, MsgId, Receipt,
+    ReceiptKind, ReceiptList, SendAck, SendReq, Seq, ServerFrame, UserId,
 };
 
 /// Something to do once the records staged before it are durable.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Effect {
     /// A frame for one connection (ack, error, group info, receipt list).
-    Reply { to: ConnRef, frame: ServerFrame, completes_send: bool },
+    Reply {
+        to: ConnRef,
+        frame: ServerFrame,
+        completes_send: bool,
+    },
     /// A new message for every online device of `members`, except the connection that sent it.
-    Fanout { msg: Message, members: Vec<UserId>, skip: ConnRef },
+    Fanout {
+        msg: Message,
+        members: Vec<UserId>,
+        skip: ConnRef,
+    },
     /// A frame (receipt, typing notice) for every online device of `to_users` except `skip`.
-    Broadcast { frame: ServerFrame, to_users: Vec<UserId>, skip: Option<ConnRef> },
+    Broadcast {
+        frame: ServerFrame,
+        to_users: Vec<UserId>,
+        skip: Option<ConnRef>,
+    },
 }
 
 /// Owner-side limits (from the server config).
@@ -43,7 +55,12 @@ pub struct OwnerLimits {
 
 impl Default for OwnerLimits {
     fn default() -> Self {
-        OwnerLimits { pending_records_max: 16_384, group_members_max: 1024, typing_group_members_max: 20, typing_throttle_ms: 2000 }
+        OwnerLimits {
+            pending_records_max: 16_384,
+            group_members_max: 1024,
+            typing_group_members_max: 20,
+            typing_throttle_ms: 2000,
+        }
     }
 }
 
@@ -68,7 +85,11 @@ const EPOCH_2020_MS: u64 = 1_577_836_800_000;
 
 impl MsgIdGen {
     pub fn new(shard: u32, highest_issued: MsgId) -> MsgIdGen {
-        MsgIdGen { shard_bits: (shard as u64 & 0x3ff) << 12, last_ms: highest_issued.0 >> 22, counter: 0xfff }
+        MsgIdGen {
+            shard_bits: (shard as u64 & 0x3ff) << 12,
+            last_ms: highest_issued.0 >> 22,
+            counter: 0xfff,
+        }
     }
     pub fn next(&mut self, now_ms: u64) -> MsgId {
         let ms = now_ms.saturating_sub(EPOCH_2020_MS) & ((1 << 42) - 1);
@@ -97,12 +118,42 @@ pub struct Owner {
     typing: HashMap<(ChatId, UserId), (u64, bool)>,
 }
 
-fn error_frame(code: ErrorCode, text: &str, client_msg_id: Option<ClientMsgId>, request_id: u32) -> ServerFrame {
-    ServerFrame::Error(ErrorFrame { code, text: text.to_string(), client_msg_id, request_id })
+fn error_frame(
+    code: ErrorCode,
+    text: &str,
+    client_msg_id: Option<ClientMsgId>,
+    request_id: u32,
+) -> ServerFrame {
+    ServerFrame::Error(ErrorFrame {
+        code,
+        text: text.to_string(),
+        client_msg_id,
+        request_id,
+    })
 }
 
-fn error(to: ConnRef, code: ErrorCode, text: &str, client_msg_id: Option<ClientMsgId>, completes_send: bool) -> Effect {
-    Effect::Reply { to, frame: error_frame(code, text, client_msg_id, 0), completes_send }
+fn error(
+    to: ConnRef,
+    code: ErrorCode,
+    text: &str,
+    client_msg_id: Option<ClientMsgId>,
+    completes_send: bool,
+) -> Effect {
+    Effect::Reply {
+        to,
+        frame: error_frame(code, text, client_msg_id, 0),
+        completes_send,
+    }
+}
+
+/// Who gets a staged message and what comes with it.
+struct Fanout {
+    /// Records staged just before the message (the chat's creation).
+    extra: Vec<Record>,
+    /// Users whose devices get the message (the sending connection excepted).
+    recipients: Vec<UserId>,
+    /// The answer to the sender instead of the usual `SendAck`.
+    ack_frame: Option<ServerFrame>,
 }
 
 /// A new message (or event) to stage: everything but the seq, msg id and time.
@@ -116,7 +167,14 @@ struct NewMessage {
 
 impl Owner {
     pub fn new(shard: u32, state: ShardState, highest_msg_id: MsgId, limits: OwnerLimits) -> Owner {
-        Owner { state, ids: MsgIdGen::new(shard, highest_msg_id), pending: VecDeque::new(), pending_records: 0, limits, typing: HashMap::new() }
+        Owner {
+            state,
+            ids: MsgIdGen::new(shard, highest_msg_id),
+            pending: VecDeque::new(),
+            pending_records: 0,
+            limits,
+            typing: HashMap::new(),
+        }
     }
 
     pub fn has_pending(&self) -> bool {
@@ -144,16 +202,45 @@ impl Owner {
     fn retry_answer(&self, origin: Origin, chat: ChatId, id: ClientMsgId) -> Option<Effect> {
         let d = self.state.dedup(&origin.user, &id).copied()?;
         Some(if d.chat == chat {
-            let ack = SendAck { client_msg_id: id, chat, seq: d.seq, msg_id: d.msg_id, timestamp_ms: d.timestamp_ms, duplicate: true };
-            Effect::Reply { to: origin.conn, frame: ServerFrame::SendAck(ack), completes_send: true }
+            let ack = SendAck {
+                client_msg_id: id,
+                chat,
+                seq: d.seq,
+                msg_id: d.msg_id,
+                timestamp_ms: d.timestamp_ms,
+                duplicate: true,
+            };
+            Effect::Reply {
+                to: origin.conn,
+                frame: ServerFrame::SendAck(ack),
+                completes_send: true,
+            }
         } else {
-            error(origin.conn, ErrorCode::ClientMsgIdReused, "client_msg_id already used for another chat", Some(id), true)
+            error(
+                origin.conn,
+                ErrorCode::ClientMsgIdReused,
+                "client_msg_id already used for another chat",
+                Some(id),
+                true,
+            )
         })
     }
 
     /// Stages one message at the chat's next seq (plus `extra` records before it) with its ack and
     /// its fan-out to `recipients`. The chat must exist (or be created by `extra`).
-    fn stage_message(&mut self, now_ms: u64, origin: Origin, chat: ChatId, m: NewMessage, extra: Vec<Record>, recipients: Vec<UserId>, ack_frame: Option<ServerFrame>) -> Seq {
+    fn stage_message(
+        &mut self,
+        now_ms: u64,
+        origin: Origin,
+        chat: ChatId,
+        m: NewMessage,
+        fanout: Fanout,
+    ) -> Seq {
+        let Fanout {
+            extra,
+            recipients,
+            ack_frame,
+        } = fanout;
         let next_seq = self.state.chat(&chat).map(|c| c.next_seq).unwrap_or(Seq(1));
         let before = self.state.chat(&chat).map(|c| c.all_members_cursors());
         let msg_id = self.ids.next(now_ms);
@@ -182,8 +269,16 @@ impl Owner {
         let mut records = extra;
         records.push(Record::Message(stored));
         let mut effects = vec![
-            Effect::Reply { to: origin.conn, frame: ack_frame, completes_send: true },
-            Effect::Fanout { msg, members: recipients, skip: origin.conn },
+            Effect::Reply {
+                to: origin.conn,
+                frame: ack_frame,
+                completes_send: true,
+            },
+            Effect::Fanout {
+                msg,
+                members: recipients,
+                skip: origin.conn,
+            },
         ];
         self.push(records, Vec::new());
         // A send raises the sender's own cursors, which may complete an aggregate receipt.
@@ -195,20 +290,31 @@ impl Owner {
     }
 
     /// A `Send` for `chat` (derived by the connection's core; `peer` is set for a 1:1 target).
-    pub fn on_send(&mut self, now_ms: u64, origin: Origin, chat: ChatId, peer: Option<UserId>, req: SendReq) {
+    pub fn on_send(
+        &mut self,
+        now_ms: u64,
+        origin: Origin,
+        chat: ChatId,
+        peer: Option<UserId>,
+        req: SendReq,
+    ) {
         let id = Some(req.client_msg_id);
         let reply = |code, text| error(origin.conn, code, text, id, true);
         if let Some(answer) = self.retry_answer(origin, chat, req.client_msg_id) {
             return self.reply_only(answer);
         }
         if self.overloaded() {
-            return self.reply_only(reply(ErrorCode::Overloaded, "server busy: retry with the same client_msg_id"));
+            return self.reply_only(reply(
+                ErrorCode::Overloaded,
+                "server busy: retry with the same client_msg_id",
+            ));
         }
         let mut extra = Vec::new();
         let members = match (self.state.chat(&chat), peer) {
             (Some(meta), _) => {
                 if !meta.is_member(origin.user) {
-                    return self.reply_only(reply(ErrorCode::NotMember, "not a member of this chat"));
+                    return self
+                        .reply_only(reply(ErrorCode::NotMember, "not a member of this chat"));
                 }
                 if let Some(p) = peer {
                     if !meta.is_member(p) {
@@ -218,47 +324,97 @@ impl Owner {
                 }
                 if let Some(g) = &meta.group {
                     if g.admins_only && meta.role(origin.user) == Some(MemberRole::Member) {
-                        return self.reply_only(reply(ErrorCode::NotAllowed, "only admins may send in this group"));
+                        return self.reply_only(reply(
+                            ErrorCode::NotAllowed,
+                            "only admins may send in this group",
+                        ));
                     }
                 }
                 meta.members.clone()
             }
             (None, Some(p)) => {
                 let members = vec![origin.user, p];
-                extra.push(Record::ChatCreated { chat, kind: ChatKind::Direct, members: members.clone(), created_ms: now_ms });
+                extra.push(Record::ChatCreated {
+                    chat,
+                    kind: ChatKind::Direct,
+                    members: members.clone(),
+                    created_ms: now_ms,
+                });
                 members
             }
             (None, None) => return self.reply_only(reply(ErrorCode::UnknownChat, "no such chat")),
         };
         let next_seq = self.state.chat(&chat).map(|m| m.next_seq).unwrap_or(Seq(1));
         if req.reply_to.0 >= next_seq.0 {
-            return self.reply_only(reply(ErrorCode::InvalidArgument, "reply_to names a message that does not exist"));
+            return self.reply_only(reply(
+                ErrorCode::InvalidArgument,
+                "reply_to names a message that does not exist",
+            ));
         }
         let m = NewMessage {
             client_msg_id: req.client_msg_id,
             reply_to: req.reply_to,
             content_kind: req.content_kind.0,
-            flags: if req.forwarded { MESSAGE_FLAG_FORWARDED } else { 0 },
+            flags: if req.forwarded {
+                MESSAGE_FLAG_FORWARDED
+            } else {
+                0
+            },
             payload: req.payload,
         };
-        self.stage_message(now_ms, origin, chat, m, extra, members, None);
+        self.stage_message(
+            now_ms,
+            origin,
+            chat,
+            m,
+            Fanout {
+                extra,
+                recipients: members,
+                ack_frame: None,
+            },
+        );
     }
 
     /// A `CreateGroup`; `chat` is `ChatId::group(origin.user, req.client_msg_id)`.
-    pub fn on_create_group(&mut self, now_ms: u64, origin: Origin, chat: ChatId, req: CreateGroupReq) {
+    pub fn on_create_group(
+        &mut self,
+        now_ms: u64,
+        origin: Origin,
+        chat: ChatId,
+        req: CreateGroupReq,
+    ) {
         let request_id = req.request_id;
-        let reply = |code, text| Effect::Reply { to: origin.conn, frame: error_frame(code, text, Some(req.client_msg_id), request_id), completes_send: true };
+        let reply = |code, text| Effect::Reply {
+            to: origin.conn,
+            frame: error_frame(code, text, Some(req.client_msg_id), request_id),
+            completes_send: true,
+        };
         if let Some(meta) = self.state.chat(&chat) {
             // A retry (or, vanishingly rarely, a hash collision with someone else's group).
-            let effect = if meta.visible_range(origin.user).is_some() && self.state.dedup(&origin.user, &req.client_msg_id).is_none_or(|d| d.chat == chat) {
-                Effect::Reply { to: origin.conn, frame: ServerFrame::GroupInfo(group_info(chat, meta, request_id)), completes_send: true }
+            let effect = if meta.visible_range(origin.user).is_some()
+                && self
+                    .state
+                    .dedup(&origin.user, &req.client_msg_id)
+                    .is_none_or(|d| d.chat == chat)
+            {
+                Effect::Reply {
+                    to: origin.conn,
+                    frame: ServerFrame::GroupInfo(group_info(chat, meta, request_id)),
+                    completes_send: true,
+                }
             } else {
-                reply(ErrorCode::Internal, "group id collision: retry with another client_msg_id")
+                reply(
+                    ErrorCode::Internal,
+                    "group id collision: retry with another client_msg_id",
+                )
             };
             return self.reply_only(effect);
         }
         if self.overloaded() {
-            return self.reply_only(reply(ErrorCode::Overloaded, "server busy: retry with the same client_msg_id"));
+            return self.reply_only(reply(
+                ErrorCode::Overloaded,
+                "server busy: retry with the same client_msg_id",
+            ));
         }
         let mut members = vec![origin.user];
         for u in &req.members {
@@ -267,7 +423,10 @@ impl Owner {
             }
         }
         if members.len() > self.limits.group_members_max {
-            return self.reply_only(reply(ErrorCode::GroupFull, "too many members for one group"));
+            return self.reply_only(reply(
+                ErrorCode::GroupFull,
+                "too many members for one group",
+            ));
         }
         let mut ev = ChatEvent::new(EventKind::GroupCreated);
         ev.users = members[1..].to_vec();
@@ -275,8 +434,19 @@ impl Owner {
         ev.description = Some(req.description.clone());
         ev.avatar_media_id = Some(req.avatar_media_id.clone());
         ev.admins_only = req.admins_only;
-        let created = Record::ChatCreated { chat, kind: ChatKind::Group, members: members.clone(), created_ms: now_ms };
-        let m = NewMessage { client_msg_id: req.client_msg_id, reply_to: Seq(0), content_kind: CONTENT_KIND_EVENT, flags: 0, payload: encode_event(&ev) };
+        let created = Record::ChatCreated {
+            chat,
+            kind: ChatKind::Group,
+            members: members.clone(),
+            created_ms: now_ms,
+        };
+        let m = NewMessage {
+            client_msg_id: req.client_msg_id,
+            reply_to: Seq(0),
+            content_kind: CONTENT_KIND_EVENT,
+            flags: 0,
+            payload: encode_event(&ev),
+        };
         // The answer is the group as it will be once the creation is durable.
         let info = GroupInfo {
             request_id,
@@ -284,12 +454,30 @@ impl Owner {
             name: req.name,
             description: req.description,
             avatar_media_id: req.avatar_media_id,
-            members: members.iter().enumerate().map(|(i, u)| (*u, if i == 0 { MemberRole::Owner } else { MemberRole::Member })).collect(),
+            members: members
+                .iter()
+                .enumerate()
+                .map(|(i, u)| {
+                    (
+                        *u,
+                        if i == 0 {
+                            MemberRole::Owner
+                        } else {
+                            MemberRole::Member
+                        },
+                    )
+                })
+                .collect(),
             admins_only: req.admins_only,
             created_ms: now_ms,
             last_seq: Seq(1),
         };
-        self.stage_message(now_ms, origin, chat, m, vec![created], members, Some(ServerFrame::GroupInfo(info)));
+        let fanout = Fanout {
+            extra: vec![created],
+            recipients: members,
+            ack_frame: Some(ServerFrame::GroupInfo(info)),
+        };
+        self.stage_message(now_ms, origin, chat, m, fanout);
     }
 
     /// A `GroupUpdate`: permission checks, then the change as an event in the chat's sequence.
@@ -301,7 +489,10 @@ impl Owner {
             return self.reply_only(answer);
         }
         if self.overloaded() {
-            return self.reply_only(reply(ErrorCode::Overloaded, "server busy: retry with the same client_msg_id"));
+            return self.reply_only(reply(
+                ErrorCode::Overloaded,
+                "server busy: retry with the same client_msg_id",
+            ));
         }
         let Some(meta) = self.state.chat(&chat).filter(|m| m.kind == ChatKind::Group) else {
             return self.reply_only(reply(ErrorCode::UnknownChat, "no such group"));
@@ -311,7 +502,10 @@ impl Owner {
         };
         let is_admin = role != MemberRole::Member;
         if req.op != GroupOp::Leave && !is_admin {
-            return self.reply_only(reply(ErrorCode::NotAllowed, "only admins may change the group"));
+            return self.reply_only(reply(
+                ErrorCode::NotAllowed,
+                "only admins may change the group",
+            ));
         }
         let before: Vec<UserId> = meta.members.clone();
         let mut ev;
@@ -325,10 +519,16 @@ impl Owner {
                     }
                 }
                 if ev.users.is_empty() {
-                    return self.reply_only(reply(ErrorCode::InvalidArgument, "every user named is already a member"));
+                    return self.reply_only(reply(
+                        ErrorCode::InvalidArgument,
+                        "every user named is already a member",
+                    ));
                 }
                 if before.len() + ev.users.len() > self.limits.group_members_max {
-                    return self.reply_only(reply(ErrorCode::GroupFull, "the group would exceed its member limit"));
+                    return self.reply_only(reply(
+                        ErrorCode::GroupFull,
+                        "the group would exceed its member limit",
+                    ));
                 }
                 recipients.extend(ev.users.iter().copied());
             }
@@ -337,34 +537,54 @@ impl Owner {
                 for u in &req.users {
                     if meta.is_member(*u) && !ev.users.contains(u) {
                         if meta.role(*u) == Some(MemberRole::Owner) {
-                            return self.reply_only(reply(ErrorCode::NotAllowed, "the owner cannot be removed"));
+                            return self.reply_only(reply(
+                                ErrorCode::NotAllowed,
+                                "the owner cannot be removed",
+                            ));
                         }
                         if meta.role(*u) == Some(MemberRole::Admin) && role != MemberRole::Owner {
-                            return self.reply_only(reply(ErrorCode::NotAllowed, "only the owner may remove admins"));
+                            return self.reply_only(reply(
+                                ErrorCode::NotAllowed,
+                                "only the owner may remove admins",
+                            ));
                         }
                         ev.users.push(*u);
                     }
                 }
                 if ev.users.is_empty() {
-                    return self.reply_only(reply(ErrorCode::InvalidArgument, "no user named is a member"));
+                    return self.reply_only(reply(
+                        ErrorCode::InvalidArgument,
+                        "no user named is a member",
+                    ));
                 }
             }
             GroupOp::Promote | GroupOp::Demote => {
                 let promote = req.op == GroupOp::Promote;
                 if !promote && role != MemberRole::Owner {
-                    return self.reply_only(reply(ErrorCode::NotAllowed, "only the owner may demote admins"));
+                    return self.reply_only(reply(
+                        ErrorCode::NotAllowed,
+                        "only the owner may demote admins",
+                    ));
                 }
                 ev = ChatEvent::new(EventKind::RolesChanged);
-                ev.role = if promote { MemberRole::Admin } else { MemberRole::Member };
+                ev.role = if promote {
+                    MemberRole::Admin
+                } else {
+                    MemberRole::Member
+                };
                 for u in &req.users {
                     let r = meta.role(*u);
-                    let changes = matches!((promote, r), (true, Some(MemberRole::Member)) | (false, Some(MemberRole::Admin)));
+                    let changes = matches!(
+                        (promote, r),
+                        (true, Some(MemberRole::Member)) | (false, Some(MemberRole::Admin))
+                    );
                     if changes && !ev.users.contains(u) {
                         ev.users.push(*u);
                     }
                 }
                 if ev.users.is_empty() {
-                    return self.reply_only(reply(ErrorCode::InvalidArgument, "no role would change"));
+                    return self
+                        .reply_only(reply(ErrorCode::InvalidArgument, "no role would change"));
                 }
             }
             GroupOp::SetInfo => {
@@ -383,10 +603,29 @@ impl Owner {
             GroupOp::Leave => {
                 ev = ChatEvent::new(EventKind::MemberLeft);
             }
-            _ => return self.reply_only(reply(ErrorCode::InvalidArgument, "unknown group operation")),
+            _ => {
+                return self
+                    .reply_only(reply(ErrorCode::InvalidArgument, "unknown group operation"))
+            }
         }
-        let m = NewMessage { client_msg_id: req.client_msg_id, reply_to: Seq(0), content_kind: CONTENT_KIND_EVENT, flags: 0, payload: encode_event(&ev) };
-        self.stage_message(now_ms, origin, chat, m, Vec::new(), recipients, None);
+        let m = NewMessage {
+            client_msg_id: req.client_msg_id,
+            reply_to: Seq(0),
+            content_kind: CONTENT_KIND_EVENT,
+            flags: 0,
+            payload: encode_event(&ev),
+        };
+        self.stage_message(
+            now_ms,
+            origin,
+            chat,
+            m,
+            Fanout {
+                extra: Vec::new(),
+                recipients,
+                ack_frame: None,
+            },
+        );
     }
 
     /// `GetGroupInfo`: answered from the staged state (includes changes not yet durable; they
@@ -394,10 +633,19 @@ impl Owner {
     pub fn on_group_info(&mut self, origin: Origin, request_id: u32, chat: ChatId) {
         let frame = match self.state.chat(&chat).filter(|m| m.kind == ChatKind::Group) {
             None => error_frame(ErrorCode::UnknownChat, "no such group", None, request_id),
-            Some(m) if !m.is_member(origin.user) => error_frame(ErrorCode::NotMember, "not a member of this group", None, request_id),
+            Some(m) if !m.is_member(origin.user) => error_frame(
+                ErrorCode::NotMember,
+                "not a member of this group",
+                None,
+                request_id,
+            ),
             Some(m) => ServerFrame::GroupInfo(group_info(chat, m, request_id)),
         };
-        self.reply_only(Effect::Reply { to: origin.conn, frame, completes_send: false });
+        self.reply_only(Effect::Reply {
+            to: origin.conn,
+            frame,
+            completes_send: false,
+        });
     }
 
     /// A `Delivered` or `Read` from a device.
@@ -410,7 +658,10 @@ impl Owner {
             return self.reply_only(err(ErrorCode::NotMember, "not a member of this chat"));
         }
         if up_to.0 >= meta.next_seq.0 {
-            return self.reply_only(err(ErrorCode::InvalidArgument, "cursor beyond the last message"));
+            return self.reply_only(err(
+                ErrorCode::InvalidArgument,
+                "cursor beyond the last message",
+            ));
         }
         let group = meta.kind == ChatKind::Group;
         let members = meta.members.clone();
@@ -423,7 +674,13 @@ impl Owner {
         if up_to <= old {
             return; // Already there: cursors never move back, nothing to store or tell.
         }
-        let record = Record::Cursor { chat, user: origin.user, device: origin.device, kind, seq: up_to };
+        let record = Record::Cursor {
+            chat,
+            user: origin.user,
+            device: origin.device,
+            kind,
+            seq: up_to,
+        };
         self.push(vec![record], Vec::new());
         let mut effects = Vec::new();
         if group {
@@ -432,8 +689,18 @@ impl Owner {
             effects.extend(self.aggregate_receipts(chat, before_all, Some(origin.conn)));
             // The reader's other devices learn the read position.
             if kind == CursorKind::Read {
-                let receipt = Receipt { chat, from: Seq(old.0 + 1), to: up_to, user: origin.user, kind: ReceiptKind::Read };
-                effects.push(Effect::Broadcast { frame: ServerFrame::Receipt(receipt), to_users: vec![origin.user], skip: Some(origin.conn) });
+                let receipt = Receipt {
+                    chat,
+                    from: Seq(old.0 + 1),
+                    to: up_to,
+                    user: origin.user,
+                    kind: ReceiptKind::Read,
+                };
+                effects.push(Effect::Broadcast {
+                    frame: ServerFrame::Receipt(receipt),
+                    to_users: vec![origin.user],
+                    skip: Some(origin.conn),
+                });
             }
         } else {
             let receipt = Receipt {
@@ -448,23 +715,45 @@ impl Owner {
             };
             // The other member, and the reader's other devices (a read on one device is a read
             // on all of them).
-            effects.push(Effect::Broadcast { frame: ServerFrame::Receipt(receipt), to_users: members, skip: Some(origin.conn) });
+            effects.push(Effect::Broadcast {
+                frame: ServerFrame::Receipt(receipt),
+                to_users: members,
+                skip: Some(origin.conn),
+            });
         }
         self.pending.back_mut().expect("just pushed").effects = effects;
     }
 
     /// Receipts for `user: 0` ("every member") when the slowest member's cursors moved past
     /// `before`.
-    fn aggregate_receipts(&self, chat: ChatId, before: (Seq, Seq), skip: Option<ConnRef>) -> Vec<Effect> {
+    fn aggregate_receipts(
+        &self,
+        chat: ChatId,
+        before: (Seq, Seq),
+        skip: Option<ConnRef>,
+    ) -> Vec<Effect> {
         let Some(meta) = self.state.chat(&chat).filter(|m| m.kind == ChatKind::Group) else {
             return Vec::new();
         };
         let after = meta.all_members_cursors();
         let mut out = Vec::new();
-        for (kind, b, a) in [(ReceiptKind::Delivered, before.0, after.0), (ReceiptKind::Read, before.1, after.1)] {
+        for (kind, b, a) in [
+            (ReceiptKind::Delivered, before.0, after.0),
+            (ReceiptKind::Read, before.1, after.1),
+        ] {
             if a > b && a.0 != u64::MAX {
-                let receipt = Receipt { chat, from: Seq(b.0 + 1), to: a, user: UserId(0), kind };
-                out.push(Effect::Broadcast { frame: ServerFrame::Receipt(receipt), to_users: meta.members.clone(), skip });
+                let receipt = Receipt {
+                    chat,
+                    from: Seq(b.0 + 1),
+                    to: a,
+                    user: UserId(0),
+                    kind,
+                };
+                out.push(Effect::Broadcast {
+                    frame: ServerFrame::Receipt(receipt),
+                    to_users: meta.members.clone(),
+                    skip,
+                });
             }
         }
         out
@@ -474,10 +763,27 @@ impl Owner {
     pub fn on_get_receipts(&mut self, origin: Origin, request_id: u32, chat: ChatId, seq: Seq) {
         let frame = match self.state.chat(&chat) {
             None => error_frame(ErrorCode::UnknownChat, "no such chat", None, request_id),
-            Some(m) if !m.is_member(origin.user) => error_frame(ErrorCode::NotMember, "not a member of this chat", None, request_id),
-            Some(m) if seq.0 >= m.next_seq.0 => error_frame(ErrorCode::InvalidArgument, "no such message", None, request_id),
+            Some(m) if !m.is_member(origin.user) => error_frame(
+                ErrorCode::NotMember,
+                "not a member of this chat",
+                None,
+                request_id,
+            ),
+            Some(m) if seq.0 >= m.next_seq.0 => error_frame(
+                ErrorCode::InvalidArgument,
+                "no such message",
+                None,
+                request_id,
+            ),
             Some(m) => {
-                let mut list = ReceiptList { request_id, chat, seq, delivered: Vec::new(), read: Vec::new(), pending: Vec::new() };
+                let mut list = ReceiptList {
+                    request_id,
+                    chat,
+                    seq,
+                    delivered: Vec::new(),
+                    read: Vec::new(),
+                    pending: Vec::new(),
+                };
                 for u in m.members.iter().filter(|u| **u != origin.user) {
                     if m.visible_range(*u).is_some_and(|(first, _)| first > seq) {
                         continue; // joined after the message
@@ -494,14 +800,21 @@ impl Owner {
                 ServerFrame::ReceiptList(list)
             }
         };
-        self.reply_only(Effect::Reply { to: origin.conn, frame, completes_send: false });
+        self.reply_only(Effect::Reply {
+            to: origin.conn,
+            frame,
+            completes_send: false,
+        });
     }
 
     /// `Typing`: forwarded to the other members' devices, never stored. Dropped for large groups,
     /// for non-members, and when the same user repeats "typing" within the throttle interval.
     pub fn on_typing(&mut self, now_ms: u64, origin: Origin, chat: ChatId, typing: bool) {
-        let Some(meta) = self.state.chat(&chat) else { return };
-        if !meta.is_member(origin.user) || meta.members.len() > self.limits.typing_group_members_max {
+        let Some(meta) = self.state.chat(&chat) else {
+            return;
+        };
+        if !meta.is_member(origin.user) || meta.members.len() > self.limits.typing_group_members_max
+        {
             return;
         }
         let key = (chat, origin.user);
@@ -519,9 +832,22 @@ impl Owner {
         } else {
             self.typing.remove(&key);
         }
-        let others: Vec<UserId> = meta.members.iter().copied().filter(|u| *u != origin.user).collect();
-        let frame = ServerFrame::TypingNotice { chat, user: origin.user, typing };
-        self.reply_only(Effect::Broadcast { frame, to_users: others, skip: Some(origin.conn) });
+        let others: Vec<UserId> = meta
+            .members
+            .iter()
+            .copied()
+            .filter(|u| *u != origin.user)
+            .collect();
+        let frame = ServerFrame::TypingNotice {
+            chat,
+            user: origin.user,
+            typing,
+        };
+        self.reply_only(Effect::Broadcast {
+            frame,
+            to_users: others,
+            skip: Some(origin.conn),
+        });
     }
 
     /// Takes staged work for one group commit: whole items, up to about `records_max` records.
@@ -554,7 +880,11 @@ fn group_info(chat: ChatId, m: &ChatMeta, request_id: u32) -> GroupInfo {
     GroupInfo {
         request_id,
         chat,
-        members: m.members.iter().map(|u| (*u, g.roles.get(u).copied().unwrap_or(MemberRole::Member))).collect(),
+        members: m
+            .members
+            .iter()
+            .map(|u| (*u, g.roles.get(u).copied().unwrap_or(MemberRole::Member)))
+            .collect(),
         name: g.name,
         description: g.description,
         avatar_media_id: g.avatar_media_id,
@@ -574,7 +904,11 @@ pub fn message_frame(m: &StoredMessage) -> Message {
         sender_user: m.sender_user,
         sender_device: m.sender_device,
         timestamp_ms: m.timestamp_ms,
-        payload: if deleted { Vec::new() } else { m.payload.clone() },
+        payload: if deleted {
+            Vec::new()
+        } else {
+            m.payload.clone()
+        },
         reply_to: m.reply_to,
         content_kind: ContentKind(m.content_kind),
         client_msg_id: m.client_msg_id,
@@ -614,7 +948,15 @@ mod tests {
     }
 
     fn owner() -> Owner {
-        Owner::new(0, ShardState::new(100), MsgId(0), OwnerLimits { pending_records_max: 10, ..OwnerLimits::default() })
+        Owner::new(
+            0,
+            ShardState::new(100),
+            MsgId(0),
+            OwnerLimits {
+                pending_records_max: 10,
+                ..OwnerLimits::default()
+            },
+        )
     }
 
     fn acks(batch: &Batch) -> Vec<(u64, bool)> {
@@ -762,17 +1104,21 @@ mod tests {
             .effects
             .iter()
             .map(|e| match e {
-                Effect::Broadcast { frame: ServerFrame::Receipt(receipt), to_users, .. } => {
-                    (receipt.from.0, receipt.to.0, receipt.kind, to_users.clone())
-                }
+                Effect::Broadcast {
+                    frame: ServerFrame::Receipt(receipt),
+                    to_users,
+                    ..
+                } => (receipt.from.0, receipt.to.0, receipt.kind, to_users.clone()),
                 other => panic!("unexpected {other:?}"),
             })
             .collect();
         assert_eq!(
             receipts,
             vec![
-                (1, 2, ReceiptKind::Delivered, vec![A]),
-                (1, 3, ReceiptKind::Read, vec![A])
+                // Both members' devices except the reporting connection: the sender, and the
+                // reader's other devices.
+                (1, 2, ReceiptKind::Delivered, vec![A, B]),
+                (1, 3, ReceiptKind::Read, vec![A, B])
             ]
         );
     }

@@ -228,7 +228,10 @@ impl Shard {
         let (member, first) = match self.owner.borrow().state.chat(&chat) {
             None => (None, Seq(1)),
             Some(m) if !m.is_member(origin.user) => (Some(false), Seq(1)),
-            Some(m) => (Some(true), m.visible_range(origin.user).map_or(Seq(1), |r| r.0)),
+            Some(m) => (
+                Some(true),
+                m.visible_range(origin.user).map_or(Seq(1), |r| r.0),
+            ),
         };
         let frame = match member {
             None | Some(false) => {
@@ -251,10 +254,18 @@ impl Shard {
             {
                 Ok((msgs, has_more)) => {
                     let total = msgs.len();
-                    let messages: Vec<_> =
-                        msgs.iter().filter(|m| m.seq >= first).map(message_frame).collect();
+                    let messages: Vec<_> = msgs
+                        .iter()
+                        .filter(|m| m.seq >= first)
+                        .map(message_frame)
+                        .collect();
                     let has_more = has_more && messages.len() == total;
-                    ServerFrame::HistoryPage(HistoryPage { request_id, chat, messages, has_more })
+                    ServerFrame::HistoryPage(HistoryPage {
+                        request_id,
+                        chat,
+                        messages,
+                        has_more,
+                    })
                 }
                 Err(e) => {
                     eprintln!(

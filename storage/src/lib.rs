@@ -37,8 +37,8 @@ use switchboard_wire::ids::{ChatId, Seq};
 
 pub use log::{AppendStats, EmbeddedStore, Location, RecoveryReport, TailDamage, Truncation};
 pub use record::{
-    CONTENT_KIND_DELETED, CONTENT_KIND_EVENT, MESSAGE_FLAG_FORWARDED, MESSAGE_FORMAT_VERSION,
     decode_one, ChatKind, CursorKind, Record, RecordError, StoredMessage, CHAT_MEMBERS_MAX,
+    CONTENT_KIND_DELETED, CONTENT_KIND_EVENT, MESSAGE_FLAG_FORWARDED, MESSAGE_FORMAT_VERSION,
     PAYLOAD_BYTES_MAX, RECORD_BYTES_MAX,
 };
 pub use state::{ChatMeta, DedupEntry, GroupMeta, Membership, ShardState};

@@ -399,7 +399,8 @@ fn decode_body(body: &[u8]) -> Result<Record, RecordError> {
     if !matches!(tag, TAG_CHAT_CREATED | TAG_MESSAGE | TAG_CURSOR) {
         return Err(RecordError::UnknownTag(tag));
     }
-    let known = version == FORMAT_VERSION || (tag == TAG_MESSAGE && version == MESSAGE_FORMAT_VERSION);
+    let known =
+        version == FORMAT_VERSION || (tag == TAG_MESSAGE && version == MESSAGE_FORMAT_VERSION);
     if !known {
         return Err(RecordError::UnknownVersion(version));
     }

@@ -64,7 +64,10 @@ impl ChatMeta {
     pub fn is_member(&self, user: UserId) -> bool {
         match self.kind {
             ChatKind::Direct => self.members.contains(&user),
-            ChatKind::Group => self.group.as_ref().is_some_and(|g| g.roles.contains_key(&user)),
+            ChatKind::Group => self
+                .group
+                .as_ref()
+                .is_some_and(|g| g.roles.contains_key(&user)),
         }
     }
 
@@ -80,7 +83,10 @@ impl ChatMeta {
     /// `None`: never a member.
     pub fn visible_range(&self, user: UserId) -> Option<(Seq, Seq)> {
         match self.kind {
-            ChatKind::Direct => self.members.contains(&user).then_some((Seq(1), Seq(u64::MAX))),
+            ChatKind::Direct => self
+                .members
+                .contains(&user)
+                .then_some((Seq(1), Seq(u64::MAX))),
             ChatKind::Group => self
                 .memberships
                 .get(&user)
@@ -224,7 +230,9 @@ impl ShardState {
                         }
                         // Only the server writes events, and the record's CRC was valid: this is
                         // a newer server's event. Keep the message; skip its state change.
-                        Err(e) => eprintln!("chat {:?} seq {:?}: undecodable event: {e}", m.chat, m.seq),
+                        Err(e) => {
+                            eprintln!("chat {:?} seq {:?}: undecodable event: {e}", m.chat, m.seq)
+                        }
                     }
                 }
                 let own = meta.member_cursors.entry(m.sender_user).or_default();
@@ -341,10 +349,113 @@ impl ShardState {
     }
 }
 
+/// Applies a group event to the chat's metadata; returns users who became members (for the
+/// user → chats index). Deterministic: recovery replays it identically.
+fn apply_group_event(meta: &mut ChatMeta, actor: UserId, seq: Seq, ev: &ChatEvent) -> Vec<UserId> {
+    let mut added = Vec::new();
+    let join = |meta: &mut ChatMeta, user: UserId, role: MemberRole, added: &mut Vec<UserId>| {
+        let g = meta.group.get_or_insert_with(Default::default);
+        if g.roles.insert(user, role).is_none() {
+            meta.members.push(user);
+            meta.memberships.insert(
+                user,
+                Membership {
+                    joined: seq,
+                    left: None,
+                },
+            );
+            added.push(user);
+        }
+    };
+    let leave = |meta: &mut ChatMeta, user: UserId| {
+        if let Some(g) = meta.group.as_mut() {
+            if g.roles.remove(&user).is_some() {
+                meta.members.retain(|m| *m != user);
+                if let Some(ms) = meta.memberships.get_mut(&user) {
+                    ms.left = Some(seq);
+                }
+            }
+        }
+    };
+    match ev.kind {
+        EventKind::GroupCreated => {
+            let g = meta.group.get_or_insert_with(Default::default);
+            g.name = ev.name.clone().unwrap_or_default();
+            g.description = ev.description.clone().unwrap_or_default();
+            g.avatar_media_id = ev.avatar_media_id.clone().unwrap_or_default();
+            g.admins_only = ev.admins_only;
+            // The ChatCreated record listed the creator first; roles come from here.
+            meta.members.clear();
+            join(meta, actor, MemberRole::Owner, &mut added);
+            for u in &ev.users {
+                join(meta, *u, MemberRole::Member, &mut added);
+            }
+        }
+        EventKind::MembersAdded => {
+            for u in &ev.users {
+                join(meta, *u, MemberRole::Member, &mut added);
+            }
+        }
+        EventKind::MembersRemoved => {
+            for u in &ev.users {
+                leave(meta, *u);
+            }
+        }
+        EventKind::MemberLeft => leave(meta, actor),
+        EventKind::InfoChanged => {
+            let g = meta.group.get_or_insert_with(Default::default);
+            if let Some(n) = &ev.name {
+                g.name = n.clone();
+            }
+            if let Some(d) = &ev.description {
+                g.description = d.clone();
+            }
+            if let Some(a) = &ev.avatar_media_id {
+                g.avatar_media_id = a.clone();
+            }
+        }
+        EventKind::RolesChanged => {
+            if let Some(g) = meta.group.as_mut() {
+                for u in &ev.users {
+                    if let Some(r) = g.roles.get_mut(u) {
+                        // The owner's role only changes by ownership transfer (below).
+                        if *r != MemberRole::Owner {
+                            *r = ev.role;
+                        }
+                    }
+                }
+            }
+        }
+        EventKind::AdminsOnlyChanged => {
+            if let Some(g) = meta.group.as_mut() {
+                g.admins_only = ev.admins_only;
+            }
+        }
+        _ => {}
+    }
+    // A group always has an owner while it has members: if the owner left, the longest-standing
+    // admin (else member) takes over.
+    if let Some(g) = meta.group.as_mut() {
+        if !g.roles.is_empty() && !g.roles.values().any(|r| *r == MemberRole::Owner) {
+            let heir = meta
+                .members
+                .iter()
+                .find(|m| g.roles.get(m) == Some(&MemberRole::Admin))
+                .or_else(|| meta.members.first())
+                .copied();
+            if let Some(h) = heir {
+                g.roles.insert(h, MemberRole::Owner);
+            }
+        }
+    }
+    added
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::record::StoredMessage;
+    use switchboard_wire::MemberRole;
 
     const CHAT: ChatId = ChatId(10);
 
@@ -511,100 +622,57 @@ mod tests {
             Seq(2)
         );
     }
-}
 
-/// Applies a group event to the chat's metadata; returns users who became members (for the
-/// user → chats index). Deterministic: recovery replays it identically.
-fn apply_group_event(meta: &mut ChatMeta, actor: UserId, seq: Seq, ev: &ChatEvent) -> Vec<UserId> {
-    let mut added = Vec::new();
-    let join = |meta: &mut ChatMeta, user: UserId, role: MemberRole, added: &mut Vec<UserId>| {
-        let g = meta.group.get_or_insert_with(Default::default);
-        if g.roles.insert(user, role).is_none() {
-            meta.members.push(user);
-            meta.memberships.insert(user, Membership { joined: seq, left: None });
-            added.push(user);
-        }
-    };
-    let leave = |meta: &mut ChatMeta, user: UserId| {
-        if let Some(g) = meta.group.as_mut() {
-            if g.roles.remove(&user).is_some() {
-                meta.members.retain(|m| *m != user);
-                if let Some(ms) = meta.memberships.get_mut(&user) {
-                    ms.left = Some(seq);
-                }
-            }
-        }
-    };
-    match ev.kind {
-        EventKind::GroupCreated => {
-            let g = meta.group.get_or_insert_with(Default::default);
-            g.name = ev.name.clone().unwrap_or_default();
-            g.description = ev.description.clone().unwrap_or_default();
-            g.avatar_media_id = ev.avatar_media_id.clone().unwrap_or_default();
-            g.admins_only = ev.admins_only;
-            // The ChatCreated record listed the creator first; roles come from here.
-            meta.members.clear();
-            join(meta, actor, MemberRole::Owner, &mut added);
-            for u in &ev.users {
-                join(meta, *u, MemberRole::Member, &mut added);
-            }
-        }
-        EventKind::MembersAdded => {
-            for u in &ev.users {
-                join(meta, *u, MemberRole::Member, &mut added);
-            }
-        }
-        EventKind::MembersRemoved => {
-            for u in &ev.users {
-                leave(meta, *u);
-            }
-        }
-        EventKind::MemberLeft => leave(meta, actor),
-        EventKind::InfoChanged => {
-            let g = meta.group.get_or_insert_with(Default::default);
-            if let Some(n) = &ev.name {
-                g.name = n.clone();
-            }
-            if let Some(d) = &ev.description {
-                g.description = d.clone();
-            }
-            if let Some(a) = &ev.avatar_media_id {
-                g.avatar_media_id = a.clone();
-            }
-        }
-        EventKind::RolesChanged => {
-            if let Some(g) = meta.group.as_mut() {
-                for u in &ev.users {
-                    if let Some(r) = g.roles.get_mut(u) {
-                        // The owner's role only changes by ownership transfer (below).
-                        if *r != MemberRole::Owner {
-                            *r = ev.role;
-                        }
-                    }
-                }
-            }
-        }
-        EventKind::AdminsOnlyChanged => {
-            if let Some(g) = meta.group.as_mut() {
-                g.admins_only = ev.admins_only;
-            }
-        }
-        _ => {}
+    fn event(chat: ChatId, seq: u64, actor: u64, ev: &ChatEvent) -> Record {
+        Record::Message(StoredMessage {
+            chat,
+            seq: Seq(seq),
+            msg_id: MsgId(seq),
+            sender_user: UserId(actor),
+            sender_device: DeviceId(1),
+            timestamp_ms: seq,
+            client_msg_id: ClientMsgId::from_halves(actor, seq),
+            reply_to: Seq(0),
+            content_kind: CONTENT_KIND_EVENT,
+            flags: 0,
+            payload: switchboard_wire::encode_event(ev),
+        })
     }
-    // A group always has an owner while it has members: if the owner left, the longest-standing
-    // admin (else member) takes over.
-    if let Some(g) = meta.group.as_mut() {
-        if !g.roles.is_empty() && !g.roles.values().any(|r| *r == MemberRole::Owner) {
-            let heir = meta
-                .members
-                .iter()
-                .find(|m| g.roles.get(m) == Some(&MemberRole::Admin))
-                .or_else(|| meta.members.first())
-                .copied();
-            if let Some(h) = heir {
-                g.roles.insert(h, MemberRole::Owner);
-            }
-        }
+
+    #[test]
+    fn group_events_drive_members_roles_visibility_and_ownership() {
+        let g = ChatId(1 << 63 | 5);
+        let mut s = ShardState::new(10);
+        s.apply(&Record::ChatCreated { chat: g, kind: ChatKind::Group, members: vec![UserId(1), UserId(2)], created_ms: 1 });
+        let mut created = ChatEvent::new(EventKind::GroupCreated);
+        created.users = vec![UserId(2)];
+        created.name = Some("g".into());
+        s.apply(&event(g, 1, 1, &created));
+        let mut add = ChatEvent::new(EventKind::MembersAdded);
+        add.users = vec![UserId(3)];
+        s.apply(&event(g, 2, 1, &add));
+        let mut promote = ChatEvent::new(EventKind::RolesChanged);
+        promote.users = vec![UserId(3)];
+        promote.role = MemberRole::Admin;
+        s.apply(&event(g, 3, 1, &promote));
+        let mut remove = ChatEvent::new(EventKind::MembersRemoved);
+        remove.users = vec![UserId(2)];
+        s.apply(&event(g, 4, 3, &remove));
+        let meta = s.chat(&g).unwrap();
+        assert_eq!(meta.members, vec![UserId(1), UserId(3)]);
+        assert_eq!(meta.group.as_ref().unwrap().name, "g");
+        assert_eq!(meta.role(UserId(3)), Some(MemberRole::Admin));
+        assert!(!meta.is_member(UserId(2)));
+        assert_eq!(meta.visible_range(UserId(2)), Some((Seq(1), Seq(4))));
+        assert_eq!(meta.visible_range(UserId(3)), Some((Seq(2), Seq(u64::MAX))));
+        assert_eq!(meta.visible_range(UserId(9)), None);
+        assert_eq!(s.chats_of_user(UserId(3)).collect::<Vec<_>>(), vec![g]);
+        // The owner leaves: the admin takes over.
+        s.apply(&event(g, 5, 1, &ChatEvent::new(EventKind::MemberLeft)));
+        let meta = s.chat(&g).unwrap();
+        assert_eq!(meta.members, vec![UserId(3)]);
+        assert_eq!(meta.role(UserId(3)), Some(MemberRole::Owner));
+        // Aggregates: member cursors follow sends and cursor records.
+        assert_eq!(s.member_cursors(g, UserId(1)), (Seq(5), Seq(5)));
     }
-    added
 }
