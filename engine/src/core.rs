@@ -594,21 +594,31 @@ impl Core {
 
     /// Online connections of `users`, grouped by core.
     fn targets(&self, users: &[UserId], skip: Option<ConnRef>) -> Vec<(usize, Vec<u64>)> {
-        let dir = self.directory.borrow();
-        let mut by_core: Vec<(usize, Vec<u64>)> = Vec::new();
-        for user in users {
-            for (_, conn) in dir.devices(*user) {
-                if Some(*conn) == skip {
-                    continue;
-                }
-                match by_core.iter_mut().find(|(c, _)| *c == conn.core) {
-                    Some((_, v)) => v.push(conn.conn),
-                    None => by_core.push((conn.core, vec![conn.conn])),
-                }
+        fanout_targets(&self.directory.borrow(), users, skip)
+    }
+}
+
+/// The fan-out plan of one message: the online connections of `users` (except `skip`), grouped
+/// by core, so each core gets one `Deliver` carrying the encoded frame once. Cores are few, so a
+/// linear scan of the groups beats hashing.
+pub fn fanout_targets(
+    dir: &Directory,
+    users: &[UserId],
+    skip: Option<ConnRef>,
+) -> Vec<(usize, Vec<u64>)> {
+    let mut by_core: Vec<(usize, Vec<u64>)> = Vec::new();
+    for user in users {
+        for (_, conn) in dir.devices(*user) {
+            if Some(*conn) == skip {
+                continue;
+            }
+            match by_core.iter_mut().find(|(c, _)| *c == conn.core) {
+                Some((_, v)) => v.push(conn.conn),
+                None => by_core.push((conn.core, vec![conn.conn])),
             }
         }
-        by_core
     }
+    by_core
 }
 
 pub fn unix_ms() -> u64 {

@@ -14,7 +14,8 @@
 //!            Vec<Record> ──► ShardState::recover
 //!
 //!  delete for everyone: append([.., Deleted event, ..]) ──Ok──► EmbeddedStore::purge(chat, seqs)
-//!        ──rewrite each record in place as a tombstone──► one fdatasync per segment touched
+//!        ──1: mark each record (content_kind byte only)──► one fdatasync per segment touched
+//!        ──2: rewrite each record in place as a tombstone──► one fdatasync per segment touched
 //! ```
 //!
 //! - [`record`]: the on-disk format (pure).
@@ -42,8 +43,8 @@ use std::path::PathBuf;
 use switchboard_wire::ids::{ChatId, Seq};
 
 pub use log::{
-    AppendStats, CompletedPurge, EmbeddedStore, Location, PurgeStats, RecoveryReport, TailDamage,
-    Truncation, PURGE_SEQS_MAX,
+    AppendStats, CompletedPurge, EmbeddedStore, Location, PurgeEvidence, PurgeStats,
+    RecoveryReport, TailDamage, Truncation, PURGE_SEQS_MAX,
 };
 pub use record::{
     decode_one, ChatKind, CursorKind, Record, RecordError, StoredMessage, CHAT_MEMBERS_MAX,
@@ -369,11 +370,14 @@ pub trait MessageStore {
     ) -> Result<(Vec<StoredMessage>, bool), StorageError>;
 
     /// Overwrites the stored payloads of these messages in place with zeros, sets their
-    /// content_kind to CONTENT_KIND_DELETED, re-computes their CRCs, and makes it durable (one
-    /// fdatasync per file touched). Unknown / not-yet-durable seqs are an error. Idempotent.
+    /// content_kind to CONTENT_KIND_DELETED, re-computes their CRCs, and makes it durable. Two
+    /// phases, each ending with one fdatasync per file touched: first only the content_kind
+    /// bytes, then the whole tombstones. Unknown / not-yet-durable seqs are an error. Idempotent.
     ///
-    /// Call it only once the chat's `Deleted` event is durable: recovery completes a purge a
-    /// crash tore only for records a later `Deleted` event names. At most one `purge` may be in
-    /// flight at a time; it may overlap an `append` and reads. See [`EmbeddedStore::purge`].
+    /// A crash part-way leaves records old, or marked by their content_kind byte, which recovery
+    /// completes as torn purges (whether or not an event names them). Call it once the chat's
+    /// `Deleted` event is durable, so content never vanishes without the event that explains it.
+    /// At most one `purge` may be in flight at a time; it may overlap an `append` and reads. See
+    /// [`EmbeddedStore::purge`].
     async fn purge(&self, chat: ChatId, seqs: &[Seq]) -> Result<PurgeStats, StorageError>;
 }

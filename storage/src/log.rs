@@ -21,34 +21,59 @@
 //!
 //! `purge` rewrites complete durable message records *in place*, in any segment: same length and
 //! same bytes except `content_kind` (set to `CONTENT_KIND_DELETED`), the payload (zeroed) and the
-//! CRC, then one `fdatasync` per file touched. The index stays valid. The tombstone's bytes are a
-//! function of the original record's non-content fields only, so rewriting a record that is
-//! already (partly) rewritten always lands the same bytes. The engine makes the chat's `Deleted`
-//! event durable *before* it purges; recovery relies on that (below).
+//! CRC. The index stays valid. The tombstone's bytes are a function of the original record's
+//! non-content fields only, so rewriting a record that is already (partly) rewritten always lands
+//! the same bytes. It runs in two phases, so that every record it may leave half-rewritten
+//! identifies itself on disk:
+//!
+//! 1. **Mark.** For every record to purge, write *only* its `content_kind` byte
+//!    (`CONTENT_KIND_DELETED`) in place, then `fdatasync` every file touched. A one-byte
+//!    positional write cannot tear: the byte is old or new, and the rest of the record is old.
+//! 2. **Rewrite.** Write every whole tombstone (zeroed payload, new CRC, and the `content_kind`
+//!    byte again, with the same value), then `fdatasync` every file touched.
+//!
+//! Once phase 1 is durable, every byte mix phase 2 can leave (sector-granular, old and new) has
+//! `CONTENT_KIND_DELETED` in its `content_kind` byte, since old and new agree on it. The engine
+//! makes the chat's `Deleted` event durable *before* it purges, so the content is known to be
+//! deleted however far the purge got.
 //!
 //! # Recovery
 //!
 //! `open` scans every segment and verifies every CRC. It repairs two kinds of damage:
 //!
 //! - **A torn purge.** A crash in the middle of a purge can leave a record anywhere in the log as
-//!   a sector-granular mix of old and new bytes: its CRC fails but every byte other than
-//!   `content_kind`, the payload and the CRC is unchanged. Such a record is accepted if (a) its
-//!   header is plausible, (b) with `content_kind` and payload replaced by a tombstone's it decodes
-//!   as a message of exactly its length, carrying its chat's next seq, and (c) a later record of
-//!   the log is a `Deleted` chat event of the same chat whose target is that seq. Recovery then
-//!   completes the purge (writes the tombstone, `fdatasync`) and returns the tombstone.
+//!   a mix of old and new bytes: its CRC fails but every byte other than `content_kind`, the
+//!   payload and the CRC is unchanged. Such a record is a *suspect* if (a) its header is
+//!   plausible (`body_len` within limits, the whole frame present) and (b) with `content_kind` and
+//!   payload replaced by a tombstone's it decodes strictly as a message of exactly its length,
+//!   carrying a chat the log created and that chat's next seq. A suspect is a torn purge if
+//!   either
+//!   - (*marked*) its `content_kind` byte on disk already is `CONTENT_KIND_DELETED`: phase 1 of
+//!     its purge was durable (a record that only phase 1 reached, with its old payload and old
+//!     CRC, is one too). This covers every purgeable record, in particular the `Edited` events
+//!     that carried a deleted message's newer content, which no event names; or
+//!   - (*named*) a later record of the log is a `Deleted` chat event of the same chat whose target
+//!     is its seq. This covers records a one-phase purge (an earlier build) tore, whose
+//!     `content_kind` byte may still be the old one.
+//!
+//!   Recovery then completes the purge (writes the tombstone, `fdatasync`), returns the tombstone
+//!   and reports it in [`RecoveryReport::purges_completed`].
 //! - **A torn append.** Damage at the end of the last segment, within the last
 //!   `StoreConfig::sync_round_bytes_max()` bytes, can only be a write that was never
 //!   `fdatasync`ed, of an append that never returned `Ok`, so it is cut off and the truncation
 //!   `fdatasync`ed.
 //!
-//! Damage anywhere else would be acknowledged data and is a hard [`StorageError::Corrupt`].
+//! Damage anywhere else would be acknowledged data and is a hard [`StorageError::Corrupt`]: a CRC
+//! failure that is neither marked nor named, and any damage to the bytes a purge leaves alone
+//! (length, tag, version, chat, seq, ids, payload length...), whatever its `content_kind` byte.
 //!
 //! A torn purge is judged before a torn tail: a purge of one of the last records must not be
-//! mistaken for a torn append, which would cut the acknowledged `Deleted` event after it. The
-//! converse holds too: a damaged record near the end that no later `Deleted` event names is cut as
-//! before, and so is everything after it, including a `Deleted` event that only an unfinished
-//! append wrote.
+//! mistaken for a torn append, which would cut it and the acknowledged records after it (such as
+//! the `Deleted` event). So a marked suspect is never cut as a torn append, nor is a named one
+//! whose `Deleted` event is kept. The converse holds too: a damaged record near the end that is
+//! neither marked nor named is cut as before, and so is everything after it, including a
+//! `Deleted` event or a marked record that only an unfinished append wrote (a purge touches only
+//! durable records, so nothing after a torn append was ever purged).
 //!
 //! # Concurrency
 //!
@@ -57,8 +82,8 @@
 //! task) and one `purge` at a time, which may overlap each other: an append writes only past the
 //! durable end, a purge rewrites only complete durable records. Any number of concurrent reads,
 //! which only see index entries `append` published after its `fdatasync`; a read that overlaps a
-//! purge's writes may see a half-rewritten record, so a read that fails its CRC while a purge is
-//! or was writing is retried.
+//! purge's writes may see a marked or half-rewritten record, so a read that fails its CRC while a
+//! purge is or was writing (from its first phase-1 write to its last phase-2 write) is retried.
 //!
 //! Every segment is opened read+write and `flock`ed at `open`: purges and their completion at
 //! recovery write into sealed segments too, so the one-writer guarantee must cover them (and a
@@ -160,6 +185,17 @@ pub struct Truncation {
     pub reason: TailDamage,
 }
 
+/// Why recovery took a record that failed its CRC for a torn purge (see the module docs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PurgeEvidence {
+    /// Its `content_kind` byte on disk already was `CONTENT_KIND_DELETED`: phase 1 of its purge
+    /// was durable. Wins when both apply.
+    Marked,
+    /// A later `Deleted` event of its chat names it (a purge that tore before it marked the
+    /// record, as a one-phase purge could).
+    DeletedEvent,
+}
+
 /// A purge a crash interrupted, which `open` completed.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CompletedPurge {
@@ -170,6 +206,8 @@ pub struct CompletedPurge {
     pub seq: Seq,
     /// How the torn record failed to decode (always a CRC mismatch).
     pub damage: RecordError,
+    /// Why it was taken for a torn purge.
+    pub evidence: PurgeEvidence,
 }
 
 /// What `open` found.
@@ -195,9 +233,9 @@ pub struct PurgeStats {
     pub purged: usize,
     /// Records that already were tombstones and were left alone (a repeated purge).
     pub already_purged: usize,
-    /// Bytes rewritten (whole frames).
+    /// Bytes rewritten in phase 2 (whole frames; phase 1 adds one byte per record purged).
     pub bytes: usize,
-    /// `fdatasync`s: one per segment file touched, 0 if nothing was rewritten.
+    /// `fdatasync`s: two per segment file touched (one per phase), 0 if nothing was rewritten.
     pub syncs: usize,
     /// Time spent in those `fdatasync`s, in microseconds.
     pub sync_us: u64,
@@ -397,7 +435,8 @@ fn deleted_target(m: &StoredMessage) -> Option<Seq> {
 
 /// Why `purge` refuses to purge `m`, if it does. Only content may go: chat events that
 /// `ShardState` replays (members, roles, settings) would change the state rebuilt at the next
-/// start, and a `Deleted` event is what lets recovery finish its target's purge.
+/// start, and a `Deleted` event records the deletion itself (and is what lets recovery finish a
+/// purge of its target that a one-phase build tore).
 fn purge_refusal(m: &StoredMessage) -> Option<&'static str> {
     if m.content_kind != CONTENT_KIND_EVENT {
         return None;
@@ -417,11 +456,14 @@ enum Scanned {
     /// A CRC-valid record.
     Record(Record),
     /// A complete frame whose CRC fails but whose [`tombstone_of`] is a valid message: maybe a
-    /// purge a crash tore. `tombstone` is the repaired frame, `message` what it decodes to.
+    /// purge a crash tore. `tombstone` is the repaired frame, `message` what it decodes to;
+    /// `marked` says whether its `content_kind` byte on disk already is `CONTENT_KIND_DELETED`
+    /// (phase 1 of a purge).
     Torn {
         tombstone: Vec<u8>,
         message: StoredMessage,
         error: RecordError,
+        marked: bool,
     },
 }
 
@@ -479,18 +521,21 @@ async fn scan_segment(
                         .get(..4)
                         .map(|h| u32::from_le_bytes([h[0], h[1], h[2], h[3]]) as usize)
                         .and_then(|body_len| buf[at..].get(..RECORD_HEADER_BYTES + body_len));
-                    let accepted =
-                        frame
-                            .and_then(tombstone_of)
-                            .is_some_and(|(tombstone, message)| {
-                                let n = tombstone.len();
-                                let torn = Scanned::Torn {
-                                    tombstone,
-                                    message,
-                                    error: error.clone(),
-                                };
-                                on_item(torn, pos, n).is_ok()
-                            });
+                    let accepted = frame.is_some_and(|frame| {
+                        let Some((tombstone, message)) = tombstone_of(frame) else {
+                            return false;
+                        };
+                        // In range: `tombstone_of` checked that the body reaches the payload.
+                        let marked = frame[RECORD_HEADER_BYTES + MESSAGE_CONTENT_KIND_AT]
+                            == CONTENT_KIND_DELETED;
+                        let torn = Scanned::Torn {
+                            tombstone,
+                            message,
+                            error: error.clone(),
+                            marked,
+                        };
+                        on_item(torn, pos, frame.len()).is_ok()
+                    });
                     match frame {
                         Some(frame) if accepted => at += frame.len(),
                         _ => return Ok(damaged(ScanDamage::Bytes(TailDamage::Invalid(error)))),
@@ -517,8 +562,8 @@ async fn scan_segment(
     }
 }
 
-/// A record whose CRC failed but which may be a torn purge, waiting for a later `Deleted` event
-/// to vouch for it.
+/// A record whose CRC failed but which may be a torn purge: vouched for by its own mark, or
+/// waiting for a later `Deleted` event to vouch for it.
 struct Suspect {
     /// Index into the segment list.
     segment: usize,
@@ -534,8 +579,26 @@ struct Suspect {
     bytes_after_if_last: Option<u64>,
     /// Within the last segment's tail window: it may be a torn append instead.
     tail: bool,
+    /// Its `content_kind` byte on disk already is `CONTENT_KIND_DELETED`: it vouches for itself.
+    marked: bool,
     /// Position in the recovered records of the `Deleted` event that names it.
     deleted_at: Option<usize>,
+}
+
+impl Suspect {
+    /// Whether it is a torn purge if the log is kept up to record position `keep`: marked, or
+    /// named by a `Deleted` event that is kept.
+    fn vouched(&self, keep: usize) -> bool {
+        self.marked || self.deleted_at.is_some_and(|at| at < keep)
+    }
+
+    fn evidence(&self) -> PurgeEvidence {
+        if self.marked {
+            PurgeEvidence::Marked
+        } else {
+            PurgeEvidence::DeletedEvent
+        }
+    }
 }
 
 /// Where the scan of one segment is.
@@ -556,7 +619,7 @@ struct Recovered {
     index: HashMap<ChatId, Vec<Location>>,
     /// In log order.
     suspects: Vec<Suspect>,
-    /// Suspects no `Deleted` event named yet: (chat, seq) → index into `suspects`.
+    /// Unmarked suspects no `Deleted` event named yet: (chat, seq) → index into `suspects`.
     pending: HashMap<(ChatId, Seq), usize>,
     /// (position in `records`, chat) of chats the tail window of the last segment created: a
     /// cut there removes their index entries again.
@@ -604,12 +667,16 @@ impl Recovered {
                 tombstone,
                 message,
                 error,
+                marked,
             } => {
                 let (chat, seq) = (message.chat, message.seq);
                 let record = Record::Message(message);
                 // A purge never changes chat or seq: a torn record must fit where it lies.
                 index_record(&mut self.index, &record, loc)?;
-                self.pending.insert((chat, seq), self.suspects.len());
+                // A marked suspect needs no event to vouch for it.
+                if !marked {
+                    self.pending.insert((chat, seq), self.suspects.len());
+                }
                 self.suspects.push(Suspect {
                     segment: seg.index,
                     offset,
@@ -620,6 +687,7 @@ impl Recovered {
                     record_at: self.records.len(),
                     bytes_after_if_last: seg.last_len.map(|l| l - offset),
                     tail: offset >= seg.tail_start,
+                    marked,
                     deleted_at: None,
                 });
                 self.records.push(record);
@@ -628,16 +696,20 @@ impl Recovered {
         Ok(())
     }
 
-    /// The first suspect among the first `keep` records that no `Deleted` event among them names.
+    /// The first suspect among the first `keep` records that is neither marked nor named by a
+    /// `Deleted` event among them.
     fn first_unvouched(&self, keep: usize) -> Option<usize> {
         self.suspects
             .iter()
-            .position(|s| s.record_at < keep && s.deleted_at.is_none_or(|at| at >= keep))
+            .position(|s| s.record_at < keep && !s.vouched(keep))
     }
 
     /// Where the log ends: the number of records kept and the suspect the log is cut at, if any.
-    /// An unvouched suspect in the tail window is a torn append: cut there. Cutting can drop the
-    /// `Deleted` event that vouched for an earlier suspect, so repeat until nothing changes.
+    /// An unvouched suspect in the tail window is a torn append: cut there (with every record
+    /// after it, marked suspects included). Cutting can drop the `Deleted` event that vouched for
+    /// an earlier unmarked suspect, so repeat until nothing changes. A marked suspect is never
+    /// the cut: it vouches for itself, so it is judged a torn purge before it could be judged a
+    /// torn append.
     fn settle(&self) -> (usize, Option<usize>) {
         let mut keep = self.records.len();
         let mut cut = None;
@@ -817,9 +889,10 @@ impl EmbeddedStore {
             }
         }
 
-        // Judge the suspects (records that failed their CRC but may be torn purges): a later
-        // `Deleted` event vouches for one; an unvouched one is a torn append if it lies in the
-        // tail window, else damage to acknowledged data. Suspects all precede `stop`.
+        // Judge the suspects (records that failed their CRC but may be torn purges): its own
+        // `content_kind` byte (phase 1 of a purge) or a later `Deleted` event vouches for one; an
+        // unvouched one is a torn append if it lies in the tail window, else damage to
+        // acknowledged data. Suspects all precede `stop`.
         let (keep, cut) = rec.settle();
         if let Some(k) = rec.first_unvouched(keep) {
             let s = &rec.suspects[k];
@@ -885,8 +958,8 @@ impl EmbeddedStore {
             }
         }
 
-        // Complete the torn purges every remaining suspect is (each has its `Deleted` event):
-        // write the tombstone the purge was writing, then one fdatasync per file touched.
+        // Complete the torn purges every remaining suspect is (each is marked or has its `Deleted`
+        // event): write the tombstone the purge was writing, then one fdatasync per file touched.
         let mut touched: Vec<usize> = Vec::new();
         for s in &rec.suspects {
             let seg = &segments[s.segment];
@@ -900,6 +973,7 @@ impl EmbeddedStore {
                 chat: s.chat,
                 seq: s.seq,
                 damage: s.error.clone(),
+                evidence: s.evidence(),
             });
         }
         for i in touched {
@@ -1390,26 +1464,28 @@ impl EmbeddedStore {
 
     /// Purges ("delete for everyone") the content of messages `seqs` of `chat`: overwrites each
     /// stored record in place with its tombstone (same length and fields, `content_kind`
-    /// [`CONTENT_KIND_DELETED`], all-zero payload of the old length, CRC recomputed), then one
-    /// `fdatasync` per segment file touched. Returns `Ok` once every tombstone is durable. Seqs
-    /// may come in any order and repeat; a record that already is a tombstone is left alone, so a
-    /// repeated purge is a no-op (`already_purged`, no write, no `fdatasync`). Index entries do
-    /// not change: readers see the tombstone at the same seq.
+    /// [`CONTENT_KIND_DELETED`], all-zero payload of the old length, CRC recomputed). Two phases
+    /// (see the module docs): first only each record's `content_kind` byte, then one `fdatasync`
+    /// per segment file touched; then each whole tombstone, then again one `fdatasync` per file.
+    /// Returns `Ok` once every tombstone is durable. Seqs may come in any order and repeat; a
+    /// record that already is a tombstone is left alone, so a repeated purge is a no-op
+    /// (`already_purged`, no write, no `fdatasync`). Index entries do not change: readers see the
+    /// tombstone at the same seq.
     ///
-    /// The chat's `Deleted` event must be durable before this is called: if the process dies
-    /// part-way, a record may be left half-rewritten, and `open` completes its purge only when a
-    /// later `Deleted` event names it as its target (see the module docs). A record no `Deleted`
-    /// event targets (an `Edited` event carrying the deleted message's newer content) is not
-    /// covered: if a crash tears *its* rewrite, `open` finds a CRC failure it cannot vouch for
-    /// and refuses with `Corrupt`. A crash before or after its rewrite is fine (the caller sees
-    /// at the next start whether it still holds content).
+    /// If the process dies part-way, a record may be left marked (phase 1) or half-rewritten
+    /// (phase 2). Either way its `content_kind` byte on disk already is `CONTENT_KIND_DELETED`,
+    /// and `open` completes its purge whether or not any event names it: a deleted message, the
+    /// `Edited` events that carried its newer content, a reaction. A crash during phase 1, before
+    /// its `fdatasync`, leaves each record old and whole or marked. The chat's `Deleted` event
+    /// should still be durable before this is called, so that content never disappears without
+    /// the event that explains it.
     ///
     /// Errors, with nothing written: more than [`PURGE_SEQS_MAX`] seqs (`TooLarge`), an unknown
     /// chat (`UnknownChat`), a seq that is 0 or not durable (`UnknownSeq`), a record that may not
     /// be purged (`NotPurgeable`: chat events other than `Edited` and `Reacted`), a record that
-    /// fails to read back (`Corrupt`, `Io`). An I/O error while writing leaves the records in an
-    /// unknown mix of old and new bytes; the next `open` repairs those a `Deleted` event names, so
-    /// the caller should stop and reopen (the store is not poisoned: appends do not touch them).
+    /// fails to read back (`Corrupt`, `Io`). An I/O error while writing leaves the records old,
+    /// marked or half-rewritten; the next `open` completes every marked one, so the caller should
+    /// stop and reopen (the store is not poisoned: appends do not touch them).
     ///
     /// May run while an `append` is in flight (an append writes only past the durable end, a
     /// purge only rewrites complete durable records) and while reads are in flight (a read that
@@ -1431,14 +1507,6 @@ impl EmbeddedStore {
         wanted.dedup();
 
         // Plan without holding the borrow across an await.
-        struct Target {
-            seq: Seq,
-            segment: u32,
-            file: Rc<BufferedFile>,
-            path: PathBuf,
-            offset: u64,
-            len: usize,
-        }
         let targets = {
             let inner = self.inner.borrow();
             let locs = inner
@@ -1454,7 +1522,7 @@ impl EmbeddedStore {
                     .and_then(|i| locs.get(i))
                     .ok_or(StorageError::UnknownSeq { chat, seq })?;
                 let seg = &inner.segments[loc.segment as usize];
-                targets.push(Target {
+                targets.push(PurgeTarget {
                     seq,
                     segment: loc.segment,
                     file: seg.file.clone(),
@@ -1470,7 +1538,7 @@ impl EmbeddedStore {
         let _purging = PurgeGuard(self);
         let mut stats = PurgeStats::default();
         // Read and check every record before writing any, so a refused purge writes nothing.
-        let mut writes: Vec<(&Target, Vec<u8>)> = Vec::new();
+        let mut writes: Vec<(&PurgeTarget, Vec<u8>)> = Vec::new();
         for t in &targets {
             let bytes = read_exact_at(&t.file, &t.path, t.offset, t.len).await?;
             let corrupt = |reason| StorageError::Corrupt {
@@ -1508,19 +1576,40 @@ impl EmbeddedStore {
             return Ok(stats);
         }
 
-        // Readers racing these writes may see a record half-rewritten; they retry.
+        // Readers racing these writes may see a record marked or half-rewritten; they retry.
         let writing = PurgeWrites::start(self);
+        // Phase 1: mark every record, one byte each (a write that cannot tear), and make the
+        // marks durable before any other byte changes. From here on, whatever phase 2 leaves of
+        // a record identifies itself as a torn purge.
+        for (t, _) in &writes {
+            let at = t.offset + (RECORD_HEADER_BYTES + MESSAGE_CONTENT_KIND_AT) as u64;
+            write_all_at(&t.file, &t.path, &[CONTENT_KIND_DELETED], at).await?;
+        }
+        Self::sync_purged(&writes, &mut stats).await?;
+        // Phase 2: the whole tombstones (their `content_kind` byte is the one already written).
         for (t, tombstone) in &writes {
+            debug_assert_eq!(
+                tombstone[RECORD_HEADER_BYTES + MESSAGE_CONTENT_KIND_AT],
+                CONTENT_KIND_DELETED
+            );
             write_all_at(&t.file, &t.path, tombstone, t.offset).await?;
             stats.purged += 1;
             stats.bytes += tombstone.len();
         }
         // The writes returned: the new bytes are in the page cache, whole.
         drop(writing);
+        Self::sync_purged(&writes, &mut stats).await?;
+        Ok(stats)
+    }
 
+    /// One `fdatasync` per segment file among `writes`, counted in `stats`.
+    async fn sync_purged(
+        writes: &[(&PurgeTarget, Vec<u8>)],
+        stats: &mut PurgeStats,
+    ) -> Result<(), StorageError> {
         let sync_start = Instant::now();
         let mut synced: Vec<u32> = Vec::new();
-        for (t, _) in &writes {
+        for (t, _) in writes {
             if !synced.contains(&t.segment) {
                 t.file
                     .fdatasync()
@@ -1529,9 +1618,9 @@ impl EmbeddedStore {
                 synced.push(t.segment);
             }
         }
-        stats.syncs = synced.len();
-        stats.sync_us = sync_start.elapsed().as_micros() as u64;
-        Ok(stats)
+        stats.syncs += synced.len();
+        stats.sync_us += sync_start.elapsed().as_micros() as u64;
+        Ok(())
     }
 
     /// Closes every file. Dropping the store also releases them, a little later.
@@ -1640,6 +1729,16 @@ async fn create_segment(dir: &Directory, path: &Path) -> Result<BufferedFile, St
         .await
         .map_err(io_err("fdatasync directory", path))?;
     Ok(file)
+}
+
+/// One record a `purge` rewrites, planned from the index.
+struct PurgeTarget {
+    seq: Seq,
+    segment: u32,
+    file: Rc<BufferedFile>,
+    path: PathBuf,
+    offset: u64,
+    len: usize,
 }
 
 /// Clears `purging` when a purge ends, however it ends.

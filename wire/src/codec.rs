@@ -814,12 +814,20 @@ fn send_req(s: fb::Send<'_>) -> Result<SendReq, DecodeError> {
         .ok_or(DecodeError::Invalid("send needs a payload"))?
         .bytes();
     payload_ok(payload.len())?;
+    // Event and Deleted are written by the server only: a client's message claiming to be one
+    // would be misread by every other client (and by storage recovery, for Deleted).
+    let content_kind = s.content_kind();
+    if content_kind == fb::ContentKind::Event || content_kind == fb::ContentKind::Deleted {
+        return Err(DecodeError::Invalid(
+            "content_kind Event and Deleted are server-only",
+        ));
+    }
     Ok(SendReq {
         client_msg_id,
         target,
         payload: payload.to_vec(),
         reply_to: Seq(s.reply_to()),
-        content_kind: s.content_kind(),
+        content_kind,
         forwarded: s.forwarded(),
     })
 }

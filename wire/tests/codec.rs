@@ -1086,6 +1086,24 @@ fn client_rule_violations() {
             ErrorCode::InvalidArgument,
         ),
         (
+            "send claiming a server-only event",
+            enc_client(&ClientFrame::Send(SendReq {
+                content_kind: ContentKind::Event,
+                ..send(Target::Chat(ChatId(1)), vec![1])
+            })),
+            Invalid("content_kind Event and Deleted are server-only"),
+            ErrorCode::InvalidArgument,
+        ),
+        (
+            "send claiming a tombstone",
+            enc_client(&ClientFrame::Send(SendReq {
+                content_kind: ContentKind::Deleted,
+                ..send(Target::Chat(ChatId(1)), vec![1])
+            })),
+            Invalid("content_kind Event and Deleted are server-only"),
+            ErrorCode::InvalidArgument,
+        ),
+        (
             "send payload over the limit",
             enc_client(&ClientFrame::Send(send(
                 Target::Chat(ChatId(1)),
