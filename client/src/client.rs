@@ -10,7 +10,7 @@ use switchboard_wire::limits::SERVER_FRAME_BYTES_MAX;
 use switchboard_wire::{
     decode_server, ChatId, ClientFrame, ClientMsgId, ContentKind, CreateGroupReq, DecodeError,
     Encoder, GroupInfo, GroupUpdateReq, HistoryPage, Message, ReceiptList, SendAck, SendReq, Seq,
-    ServerFrame, Target, UserId,
+    ServerFrame, Target, UserId, Visibility,
 };
 use tungstenite::client::{ClientRequestBuilder, IntoClientRequest};
 use tungstenite::handshake::HandshakeError;
@@ -27,9 +27,9 @@ use crate::msg_id::new_client_msg_id;
 pub const WS_PATH: &str = "/v1/ws";
 
 /// Most server frames kept aside while a call waits for a specific answer (`send_and_wait_ack`,
-/// `sync`, `history`, `ping_pong`, the group and message-action calls); `recv` returns them first. A frame is at most
-/// `SERVER_FRAME_BYTES_MAX` (512 KiB) but almost all are a few hundred bytes, so the usual cost
-/// is well under 1 MiB. A client that never calls `recv` while being pushed messages hits this
+/// `sync`, `history`, `ping_pong`, the group, message-action, blocking and presence calls); `recv`
+/// returns them first. A frame is at most `SERVER_FRAME_BYTES_MAX` (512 KiB) but almost all are a
+/// few hundred bytes, so the usual cost is well under 1 MiB. A client that never calls `recv` while being pushed messages hits this
 /// limit and gets `ClientError::Protocol` (the frame that did not fit is dropped) instead of
 /// growing without bound.
 pub const STASH_FRAMES_MAX: usize = 4096;
@@ -368,7 +368,8 @@ impl Client {
         Ok(())
     }
 
-    /// A fresh non-zero request id for `Sync` / `History` (0 means "none" in `Error` frames).
+    /// A fresh non-zero request id for a request answered by `request_id` (`Sync`, `History`,
+    /// `Block`, ...): 0 means "none" in `Error` frames.
     pub fn new_request_id(&mut self) -> u32 {
         let id = self.next_request_id;
         self.next_request_id = self.next_request_id.checked_add(1).unwrap_or(1);
@@ -648,6 +649,73 @@ impl Client {
             ServerFrame::ReceiptList(list) => Ok(list),
             other => unreachable!("wait_answer returned a frame its predicate rejects: {other:?}"),
         }
+    }
+
+    // ------------------------------------------------------------------ blocking and presence
+
+    /// Blocks (`blocked: true`) or unblocks `user` and waits for the server's `Done`; an `Error`
+    /// for the request becomes [`ClientError::Server`]. While blocked, `user`'s 1:1 messages to
+    /// this user are refused with `ErrorCode::Blocked`, and neither sees the other's presence
+    /// or typing.
+    pub fn block(
+        &mut self,
+        user: UserId,
+        blocked: bool,
+        timeout: Duration,
+    ) -> Result<(), ClientError> {
+        let request_id = self.new_request_id();
+        self.send(&ClientFrame::Block {
+            request_id,
+            user,
+            blocked,
+        })?;
+        self.wait_done(request_id, timeout)
+    }
+
+    /// Replaces this connection's presence subscriptions with `users` (empty: none) and waits for
+    /// the server's `Done`; an `Error` for the request (e.g. `TooManySubscriptions`) becomes
+    /// [`ClientError::Server`]. The current [`switchboard_wire::Presence`] of each user, then
+    /// every change (at most about one per second per user), arrive through [`Client::recv`].
+    pub fn subscribe_presence(
+        &mut self,
+        users: &[UserId],
+        timeout: Duration,
+    ) -> Result<(), ClientError> {
+        let request_id = self.new_request_id();
+        self.send(&ClientFrame::Subscribe {
+            request_id,
+            users: users.to_vec(),
+        })?;
+        self.wait_done(request_id, timeout)
+    }
+
+    /// Sets who may see this user's last-seen time and online status, and waits for the
+    /// server's `Done`; an `Error` for the request becomes [`ClientError::Server`].
+    pub fn set_privacy(
+        &mut self,
+        last_seen: Visibility,
+        online: Visibility,
+        timeout: Duration,
+    ) -> Result<(), ClientError> {
+        let request_id = self.new_request_id();
+        self.send(&ClientFrame::SetPrivacy {
+            request_id,
+            last_seen,
+            online,
+        })?;
+        self.wait_done(request_id, timeout)
+    }
+
+    /// Waits for the `Done` of `request_id` (see [`Client::wait_answer`]).
+    fn wait_done(&mut self, request_id: u32, timeout: Duration) -> Result<(), ClientError> {
+        self.wait_answer(
+            request_id,
+            None,
+            timeout,
+            "Done",
+            |f| matches!(f, ServerFrame::Done { request_id: r } if *r == request_id),
+        )?;
+        Ok(())
     }
 
     // ------------------------------------------------------------------ receiving

@@ -8,7 +8,7 @@ use switchboard_client::{new_client_msg_id, Client, ClientConfig, ClientError};
 use switchboard_wire::{
     decode_event, encode_event, ChatEvent, ChatId, ClientFrame, ClientMsgId, ContentKind, DeviceId,
     ErrorCode, ErrorFrame, EventKind, GroupInfo, GroupOp, GroupUpdateReq, HistoryPage, MemberRole,
-    Message, MsgId, ReceiptList, SendAck, Seq, ServerFrame, Target, UserId,
+    Message, MsgId, Presence, ReceiptList, SendAck, Seq, ServerFrame, Target, UserId, Visibility,
 };
 use util::{serve, serve_raw_401, Out};
 
@@ -601,4 +601,149 @@ fn group_and_message_actions() {
     ));
     c.close().expect("close");
     assert_eq!(server.join().frames.len(), 9);
+}
+
+fn presence(user: u64, online: bool) -> Presence {
+    Presence {
+        user: UserId(user),
+        online,
+        last_seen_ms: if online { 0 } else { 1_700_000_000_000 + user },
+        hidden: false,
+    }
+}
+
+/// Block, Subscribe and SetPrivacy wait for the `Done` of their own request (or an `Error`
+/// naming it); the presence frames that follow a subscription arrive through `recv`, in order,
+/// after anything stashed meanwhile.
+#[test]
+fn block_subscribe_and_privacy_wait_for_done() {
+    let done = |request_id: u32| Out::Frame(ServerFrame::Done { request_id });
+    let error = |code, request_id| {
+        Out::Frame(ServerFrame::Error(ErrorFrame {
+            code,
+            text: "no".into(),
+            client_msg_id: None,
+            request_id,
+        }))
+    };
+    let server = serve(TOKEN, TOKEN, move |frame| match frame {
+        // Blocking oneself (user 1) is refused.
+        ClientFrame::Block {
+            request_id,
+            user: UserId(1),
+            ..
+        } => vec![error(ErrorCode::InvalidArgument, *request_id)],
+        ClientFrame::Block { request_id, .. } => vec![
+            // Another request's Done and a live presence change overtake ours: both stashed.
+            done(request_id + 100),
+            Out::Frame(ServerFrame::Presence(presence(8, true))),
+            done(*request_id),
+        ],
+        // A per-connection cap of 2 users, as a server might configure.
+        ClientFrame::Subscribe { request_id, users } if users.len() > 2 => {
+            vec![error(ErrorCode::TooManySubscriptions, *request_id)]
+        }
+        ClientFrame::Subscribe { request_id, users } => {
+            let mut outs = vec![done(*request_id)];
+            outs.extend(
+                users
+                    .iter()
+                    .map(|u| Out::Frame(ServerFrame::Presence(presence(u.0, u.0 % 2 == 0)))),
+            );
+            outs
+        }
+        ClientFrame::SetPrivacy { request_id, .. } => vec![done(*request_id)],
+        ClientFrame::Ping { nonce } => vec![Out::Frame(ServerFrame::Pong { nonce: *nonce })],
+        _ => Vec::new(),
+    });
+    let mut c = Client::connect(&server.addr, TOKEN).expect("connect");
+
+    c.block(UserId(5), true, T).expect("block");
+    assert_eq!(c.stashed(), 2, "the other Done and the presence change");
+    match c.block(UserId(1), true, T) {
+        Err(ClientError::Server(e)) => assert_eq!(e.code, ErrorCode::InvalidArgument),
+        other => panic!("expected a server error, got {other:?}"),
+    }
+    match c.subscribe_presence(&[UserId(2), UserId(3), UserId(4)], T) {
+        Err(ClientError::Server(e)) => assert_eq!(e.code, ErrorCode::TooManySubscriptions),
+        other => panic!("expected a server error, got {other:?}"),
+    }
+    c.subscribe_presence(&[UserId(2), UserId(3)], T)
+        .expect("subscribe");
+    c.set_privacy(Visibility::Contacts, Visibility::Nobody, T)
+        .expect("privacy");
+    c.block(UserId(5), false, T).expect("unblock");
+    c.ping_pong(1, T).expect("pong");
+
+    // What recv returns: the stash in arrival order (the subscription's presences were read,
+    // and stashed, while set_privacy and the unblock waited for their Done).
+    let mut got = Vec::new();
+    while let Some(f) = c.recv(Duration::ZERO).expect("recv") {
+        got.push(f);
+    }
+    let presences: Vec<(u64, bool)> = got
+        .iter()
+        .filter_map(|f| match f {
+            ServerFrame::Presence(p) => Some((p.user.0, p.online)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(presences, [(8, true), (2, true), (3, false), (8, true)]);
+    assert_eq!(
+        got.iter()
+            .filter(|f| matches!(f, ServerFrame::Done { .. }))
+            .count(),
+        2,
+        "the two Dones of requests nobody waits for"
+    );
+    c.close().expect("close");
+
+    let seen = server.join();
+    let sent: Vec<&ClientFrame> = seen
+        .frames
+        .iter()
+        .filter(|f| !matches!(f, ClientFrame::Ping { .. }))
+        .collect();
+    assert!(matches!(
+        sent[0],
+        ClientFrame::Block {
+            user: UserId(5),
+            blocked: true,
+            ..
+        }
+    ));
+    assert!(matches!(
+        sent[3],
+        ClientFrame::Subscribe { users, .. } if users == &[UserId(2), UserId(3)]
+    ));
+    assert!(matches!(
+        sent[4],
+        ClientFrame::SetPrivacy {
+            last_seen: Visibility::Contacts,
+            online: Visibility::Nobody,
+            ..
+        }
+    ));
+    assert!(matches!(
+        sent[5],
+        ClientFrame::Block {
+            user: UserId(5),
+            blocked: false,
+            ..
+        }
+    ));
+    // Every request carried its own non-zero request id.
+    let mut ids: Vec<u32> = sent
+        .iter()
+        .map(|f| match f {
+            ClientFrame::Block { request_id, .. }
+            | ClientFrame::Subscribe { request_id, .. }
+            | ClientFrame::SetPrivacy { request_id, .. } => *request_id,
+            other => panic!("unexpected {other:?}"),
+        })
+        .collect();
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), 6);
+    assert!(!ids.contains(&0));
 }

@@ -86,6 +86,11 @@ pub struct Config {
     pub typing_group_members_max: usize,
     /// At most one forwarded "typing" per user and chat per this interval, ms. Default 2000.
     pub typing_throttle_ms: u64,
+    /// How long after sending an author may edit a message, seconds. Default 900 (15 min).
+    pub edit_window_secs: u64,
+    /// How long after sending an author may delete a message for everyone, seconds. Default
+    /// 172_800 (48 h).
+    pub delete_window_secs: u64,
     /// Size of the embedded store's log segments. Default 64 MiB.
     pub segment_bytes_max: u64,
     /// Dedup entries (sender, client_msg_id) kept per shard; a retry older than the newest this
@@ -121,6 +126,8 @@ impl Default for Config {
             group_members_max: 1024,
             typing_group_members_max: 20,
             typing_throttle_ms: 2000,
+            edit_window_secs: 900,
+            delete_window_secs: 172_800,
             segment_bytes_max: 64 * 1024 * 1024,
             dedup_entries_max: 1_000_000,
         }

@@ -8,13 +8,13 @@
 
 use crate::core::Core;
 use crate::http::{self, Route};
-use crate::msg::{ConnRef, CoreMsg, Frame, FrameKind, Origin};
+use crate::msg::{Action, ConnRef, CoreMsg, Frame, FrameKind, Origin};
 use crate::notify::Notify;
 use crate::ws::{self, close, WsIo};
 use futures_lite::{AsyncRead, AsyncWriteExt};
 use glommio::net::TcpStream;
 use std::cell::{Cell, RefCell};
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
@@ -54,6 +54,8 @@ pub struct ConnShared {
     closing: Cell<Option<(u16, &'static str)>>,
     sync: RefCell<Option<SyncProgress>>,
     wake: Notify,
+    /// Users whose presence this connection follows (at most `PRESENCE_SUBSCRIPTIONS_MAX`).
+    presence_subs: RefCell<HashSet<UserId>>,
 }
 
 impl ConnShared {
@@ -68,6 +70,7 @@ impl ConnShared {
             closing: Cell::new(None),
             sync: RefCell::new(None),
             wake: Notify::new(),
+            presence_subs: RefCell::new(HashSet::new()),
         }
     }
 
@@ -737,16 +740,121 @@ async fn on_frame(core: &Rc<Core>, conn: &Rc<ConnShared>, bytes: &[u8]) {
             };
             core.route(core.core_of_chat(chat), msg).await
         }
-        ClientFrame::Edit { client_msg_id, .. }
-        | ClientFrame::Delete { client_msg_id, .. }
-        | ClientFrame::React { client_msg_id, .. } => reply_error(
-            core,
-            conn,
-            ErrorCode::UnsupportedFrame,
-            "edit, delete and react are not supported by this server version yet",
-            0,
-            Some(client_msg_id),
-        ),
+        ClientFrame::Edit {
+            client_msg_id,
+            chat,
+            target,
+            payload,
+        } => {
+            let action = Action::Edit {
+                client_msg_id,
+                target,
+                payload,
+            };
+            send_action(core, conn, origin, chat, action).await
+        }
+        ClientFrame::Delete {
+            client_msg_id,
+            chat,
+            target,
+        } => {
+            send_action(
+                core,
+                conn,
+                origin,
+                chat,
+                Action::Delete {
+                    client_msg_id,
+                    target,
+                },
+            )
+            .await
+        }
+        ClientFrame::React {
+            client_msg_id,
+            chat,
+            target,
+            reaction,
+        } => {
+            let action = Action::React {
+                client_msg_id,
+                target,
+                reaction,
+            };
+            send_action(core, conn, origin, chat, action).await
+        }
+        ClientFrame::Block {
+            request_id,
+            user,
+            blocked,
+        } => {
+            if user == conn.user {
+                return reply_error(
+                    core,
+                    conn,
+                    ErrorCode::InvalidArgument,
+                    "cannot block yourself",
+                    request_id,
+                    None,
+                );
+            }
+            let chat = ChatId::direct(conn.user, user);
+            let msg = CoreMsg::Block {
+                origin,
+                request_id,
+                chat,
+                peer: user,
+                blocked,
+            };
+            core.route(core.core_of_chat(chat), msg).await
+        }
+        ClientFrame::Subscribe { request_id, users } => {
+            let wanted: HashSet<UserId> = users.into_iter().filter(|u| *u != conn.user).collect();
+            let (added, removed): (Vec<UserId>, Vec<UserId>) = {
+                let current = conn.presence_subs.borrow();
+                (
+                    wanted.difference(&current).copied().collect(),
+                    current.difference(&wanted).copied().collect(),
+                )
+            };
+            *conn.presence_subs.borrow_mut() = wanted;
+            let done = core.encode(&ServerFrame::Done { request_id });
+            conn.push(
+                core,
+                done,
+                FrameKind::Reply {
+                    completes_send: false,
+                },
+            );
+            for target in removed {
+                let msg = CoreMsg::PresenceUnsub {
+                    conn: origin.conn,
+                    target,
+                };
+                core.route(core.home_core(target), msg).await;
+            }
+            for target in added {
+                let chat = ChatId::direct(conn.user, target);
+                core.route(
+                    core.core_of_chat(chat),
+                    CoreMsg::PresenceCheck { origin, target },
+                )
+                .await;
+            }
+        }
+        ClientFrame::SetPrivacy {
+            request_id,
+            last_seen,
+            online,
+        } => {
+            let msg = CoreMsg::SetPrivacy {
+                origin,
+                request_id,
+                last_seen: last_seen.0,
+                online: online.0,
+            };
+            core.route(core.home_core(conn.user), msg).await
+        }
         ClientFrame::Ping { nonce } => {
             let frame = core.encode(&ServerFrame::Pong { nonce });
             conn.push(
@@ -758,4 +866,24 @@ async fn on_frame(core: &Rc<Core>, conn: &Rc<ConnShared>, bytes: &[u8]) {
             );
         }
     }
+}
+
+/// Routes an edit, delete or reaction to the chat's owner; answered like a `Send`.
+async fn send_action(
+    core: &Rc<Core>,
+    conn: &ConnShared,
+    origin: Origin,
+    chat: ChatId,
+    action: Action,
+) {
+    conn.inflight.set(conn.inflight.get() + 1);
+    core.route(
+        core.core_of_chat(chat),
+        CoreMsg::Action {
+            origin,
+            chat,
+            action,
+        },
+    )
+    .await
 }

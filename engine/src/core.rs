@@ -15,6 +15,7 @@ use crate::mesh::Mesh;
 use crate::metrics::CoreMetrics;
 use crate::msg::{ConnRef, CoreMsg, Frame, FrameKind};
 use crate::owner::Effect;
+use crate::presence::{self, PresenceHub, Subscription};
 use crate::shard::Shard;
 use crate::token::TokenKey;
 use std::cell::{Cell, RefCell};
@@ -72,6 +73,8 @@ pub struct Core {
     encoder: RefCell<Encoder>,
     /// Scratch buffer every connection on this core reads its socket into (see `conn.rs`).
     pub read_scratch: RefCell<Vec<u8>>,
+    /// Presence subscriptions of the users homed on this core.
+    pub presence: RefCell<PresenceHub>,
 }
 
 impl Core {
@@ -105,6 +108,7 @@ impl Core {
             shards,
             encoder: RefCell::new(Encoder::new()),
             read_scratch: RefCell::new(vec![0u8; 64 * 1024]),
+            presence: RefCell::new(PresenceHub::default()),
         }
     }
 
@@ -278,8 +282,23 @@ impl Core {
                     .on_get_receipts(origin, request_id, chat, seq);
                 shard.staged();
             }
+            CoreMsg::Action {
+                origin,
+                chat,
+                action,
+            } => {
+                // Needs the target message from the store first: its own task.
+                let shard = self.owned_shard(chat);
+                glommio::spawn_local(shard.serve_action(self.clone(), origin, chat, action))
+                    .detach();
+            }
             CoreMsg::Online { user, device, conn } => {
                 let replaced = self.directory.borrow_mut().online(user, device, conn);
+                if self.home_core(user) == self.id
+                    && self.directory.borrow().devices(user).len() == 1
+                {
+                    self.presence_changed(user);
+                }
                 if let Some(old) = replaced.filter(|c| c.core == self.id && *c != conn) {
                     if let Some(c) = self.conns.borrow().get(&old.conn) {
                         c.close(
@@ -290,7 +309,100 @@ impl Core {
                 }
             }
             CoreMsg::Offline { user, device, conn } => {
-                self.directory.borrow_mut().offline(user, device, conn)
+                self.directory.borrow_mut().offline(user, device, conn);
+                self.presence.borrow_mut().drop_conn(conn);
+                if self.home_core(user) == self.id
+                    && self.directory.borrow().devices(user).is_empty()
+                {
+                    // The last device left: that is the user's last-seen time (durable).
+                    let shard = self.home_shard(user);
+                    let (_, seen_vis, online_vis) = shard.owner.borrow().state.user_presence(user);
+                    shard.owner.borrow_mut().stage_user_meta(
+                        user,
+                        unix_ms(),
+                        seen_vis,
+                        online_vis,
+                        Vec::new(),
+                    );
+                    shard.staged();
+                    self.presence_changed(user);
+                }
+            }
+            CoreMsg::Block {
+                origin,
+                request_id,
+                chat,
+                peer,
+                blocked,
+            } => {
+                let shard = self.owned_shard(chat);
+                shard.owner.borrow_mut().on_block(
+                    unix_ms(),
+                    origin,
+                    request_id,
+                    chat,
+                    peer,
+                    blocked,
+                );
+                shard.staged();
+            }
+            CoreMsg::PresenceCheck { origin, target } => {
+                let chat = ChatId::direct(origin.user, target);
+                let (contact, blocked) =
+                    match self.owned_shard(chat).owner.borrow().state.chat(&chat) {
+                        Some(m) => (true, !m.blocked_by.is_empty()),
+                        None => (false, false),
+                    };
+                let core = self.clone();
+                let home = self.home_core(target);
+                let msg = CoreMsg::PresenceSub {
+                    origin,
+                    target,
+                    contact,
+                    blocked,
+                };
+                glommio::spawn_local(async move { core.route(home, msg).await }).detach();
+            }
+            CoreMsg::PresenceSub {
+                origin,
+                target,
+                contact,
+                blocked,
+            } => {
+                let sub = Subscription {
+                    conn: origin.conn,
+                    viewer: origin.user,
+                    contact,
+                    blocked,
+                };
+                self.presence.borrow_mut().subscribe(target, sub);
+                self.send_presence(target, &[sub]);
+            }
+            CoreMsg::PresenceUnsub { conn, target } => {
+                self.presence.borrow_mut().unsubscribe(target, conn)
+            }
+            CoreMsg::SetPrivacy {
+                origin,
+                request_id,
+                last_seen,
+                online,
+            } => {
+                let shard = self.home_shard(origin.user);
+                let (seen_ms, _, _) = shard.owner.borrow().state.user_presence(origin.user);
+                let done = Effect::Reply {
+                    to: origin.conn,
+                    frame: ServerFrame::Done { request_id },
+                    completes_send: false,
+                };
+                shard.owner.borrow_mut().stage_user_meta(
+                    origin.user,
+                    seen_ms,
+                    last_seen,
+                    online,
+                    vec![done],
+                );
+                shard.staged();
+                self.presence_changed(origin.user);
             }
             CoreMsg::Deliver {
                 frame,
@@ -333,6 +445,74 @@ impl Core {
                     c.sync_part(self, request_id, more);
                 }
             }
+        }
+    }
+
+    /// The shard holding `user`'s presence state (last seen, privacy).
+    fn home_shard_id(&self, user: UserId) -> u32 {
+        (splitmix64(user.0 ^ 0x7072_6573_656e_6365) % self.shards_total as u64) as u32
+    }
+
+    pub fn home_core(&self, user: UserId) -> usize {
+        self.home_shard_id(user) as usize % self.cores
+    }
+
+    fn home_shard(&self, user: UserId) -> Rc<Shard> {
+        let id = self.home_shard_id(user);
+        self.shards
+            .get(&id)
+            .unwrap_or_else(|| panic!("core {} is not home of shard {id}", self.id))
+            .clone()
+    }
+
+    /// `user`'s presence changed (connected, disconnected, privacy): tell subscribers now, or at
+    /// the end of the coalescing interval.
+    fn presence_changed(self: &Rc<Self>, user: UserId) {
+        if self.presence.borrow_mut().changed(user, unix_ms()) {
+            let subs = self.presence.borrow().subscribers(user).to_vec();
+            self.send_presence(user, &subs);
+        }
+    }
+
+    /// Sends each subscriber its view of `user`'s presence. Only on `user`'s home core.
+    fn send_presence(self: &Rc<Self>, user: UserId, subs: &[Subscription]) {
+        if subs.is_empty() {
+            return;
+        }
+        let online = !self.directory.borrow().devices(user).is_empty();
+        let (seen_ms, seen_vis, online_vis) = self
+            .home_shard(user)
+            .owner
+            .borrow()
+            .state
+            .user_presence(user);
+        let mut out = Vec::with_capacity(subs.len());
+        for sub in subs {
+            let view = presence::view(user, online, seen_ms, seen_vis, online_vis, sub);
+            out.push((sub.conn, self.encode(&ServerFrame::Presence(view))));
+        }
+        let core = self.clone();
+        glommio::spawn_local(async move {
+            for (conn, frame) in out {
+                core.to_conn(
+                    conn,
+                    frame,
+                    FrameKind::Reply {
+                        completes_send: false,
+                    },
+                )
+                .await;
+            }
+        })
+        .detach();
+    }
+
+    /// Sends the coalesced presence updates that are due. Run by a ticker on every core.
+    pub fn flush_presence(self: &Rc<Self>) {
+        let due = self.presence.borrow_mut().due(unix_ms());
+        for user in due {
+            let subs = self.presence.borrow().subscribers(user).to_vec();
+            self.send_presence(user, &subs);
         }
     }
 
@@ -385,6 +565,8 @@ impl Core {
                         .await;
                     }
                 }
+                // Run by the shard's committer before the other effects.
+                Effect::Purge { .. } => unreachable!("purges are run by the shard"),
                 Effect::Broadcast {
                     frame,
                     to_users,
@@ -412,21 +594,31 @@ impl Core {
 
     /// Online connections of `users`, grouped by core.
     fn targets(&self, users: &[UserId], skip: Option<ConnRef>) -> Vec<(usize, Vec<u64>)> {
-        let dir = self.directory.borrow();
-        let mut by_core: Vec<(usize, Vec<u64>)> = Vec::new();
-        for user in users {
-            for (_, conn) in dir.devices(*user) {
-                if Some(*conn) == skip {
-                    continue;
-                }
-                match by_core.iter_mut().find(|(c, _)| *c == conn.core) {
-                    Some((_, v)) => v.push(conn.conn),
-                    None => by_core.push((conn.core, vec![conn.conn])),
-                }
+        fanout_targets(&self.directory.borrow(), users, skip)
+    }
+}
+
+/// The fan-out plan of one message: the online connections of `users` (except `skip`), grouped
+/// by core, so each core gets one `Deliver` carrying the encoded frame once. Cores are few, so a
+/// linear scan of the groups beats hashing.
+pub fn fanout_targets(
+    dir: &Directory,
+    users: &[UserId],
+    skip: Option<ConnRef>,
+) -> Vec<(usize, Vec<u64>)> {
+    let mut by_core: Vec<(usize, Vec<u64>)> = Vec::new();
+    for user in users {
+        for (_, conn) in dir.devices(*user) {
+            if Some(*conn) == skip {
+                continue;
+            }
+            match by_core.iter_mut().find(|(c, _)| *c == conn.core) {
+                Some((_, v)) => v.push(conn.conn),
+                None => by_core.push((conn.core, vec![conn.conn])),
             }
         }
-        by_core
     }
+    by_core
 }
 
 pub fn unix_ms() -> u64 {

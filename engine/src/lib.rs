@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod msg;
 pub mod notify;
 pub mod owner;
+pub mod presence;
 pub mod server;
 pub mod shard;
 pub mod token;

@@ -3,7 +3,45 @@
 
 use std::sync::Arc;
 use switchboard_storage::CursorKind;
-use switchboard_wire::{ChatId, CreateGroupReq, DeviceId, GroupUpdateReq, SendReq, Seq, UserId};
+use switchboard_wire::{
+    ChatId, ClientMsgId, CreateGroupReq, DeviceId, GroupUpdateReq, SendReq, Seq, UserId,
+};
+
+/// A message action. Each becomes a `ChatEvent` in the chat's sequence.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    Edit {
+        client_msg_id: ClientMsgId,
+        target: Seq,
+        payload: Vec<u8>,
+    },
+    Delete {
+        client_msg_id: ClientMsgId,
+        target: Seq,
+    },
+    React {
+        client_msg_id: ClientMsgId,
+        target: Seq,
+        reaction: String,
+    },
+}
+
+impl Action {
+    pub fn client_msg_id(&self) -> ClientMsgId {
+        match self {
+            Action::Edit { client_msg_id, .. }
+            | Action::Delete { client_msg_id, .. }
+            | Action::React { client_msg_id, .. } => *client_msg_id,
+        }
+    }
+    pub fn target(&self) -> Seq {
+        match self {
+            Action::Edit { target, .. }
+            | Action::Delete { target, .. }
+            | Action::React { target, .. } => *target,
+        }
+    }
+}
 
 /// A connection: the core that owns it and its id there (never reused while the process lives).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -109,6 +147,44 @@ pub enum CoreMsg {
         conn: u64,
         frame: Frame,
         kind: FrameKind,
+    },
+    /// Block or unblock, for the owner of the 1:1 chat.
+    Block {
+        origin: Origin,
+        request_id: u32,
+        chat: ChatId,
+        peer: UserId,
+        blocked: bool,
+    },
+    /// Presence subscription, step 1, at the owner of the viewer's 1:1 chat with `target`:
+    /// are they contacts, is either blocked?
+    PresenceCheck {
+        origin: Origin,
+        target: UserId,
+    },
+    /// Presence subscription, step 2, at the target's home core.
+    PresenceSub {
+        origin: Origin,
+        target: UserId,
+        contact: bool,
+        blocked: bool,
+    },
+    PresenceUnsub {
+        conn: ConnRef,
+        target: UserId,
+    },
+    /// New privacy settings, for the user's home core. Visibility: 0 everyone, 1 contacts, 2 nobody.
+    SetPrivacy {
+        origin: Origin,
+        request_id: u32,
+        last_seen: u8,
+        online: u8,
+    },
+    /// An edit, delete or reaction for the chat's owner.
+    Action {
+        origin: Origin,
+        chat: ChatId,
+        action: Action,
     },
     /// One frame (receipt, typing notice) for several local connections.
     Broadcast {

@@ -5,7 +5,7 @@
 //! Call order: `on_*` any number of times, then `take_batch`, make the batch's records durable,
 //! `committed(&batch)`, then run the batch's effects in order.
 
-use crate::msg::{ConnRef, Origin};
+use crate::msg::{Action, ConnRef, Origin};
 use std::collections::{HashMap, VecDeque};
 use switchboard_storage::{
     ChatKind, ChatMeta, CursorKind, Record, ShardState, StoredMessage, CONTENT_KIND_DELETED,
@@ -38,6 +38,19 @@ pub enum Effect {
         to_users: Vec<UserId>,
         skip: Option<ConnRef>,
     },
+    /// Purge the stored content of these messages (a delete for everyone, and the edits that
+    /// carried the message's newer content). Runs after the `Deleted` event is durable.
+    Purge { chat: ChatId, seqs: Vec<Seq> },
+}
+
+/// What the owner needs to know about the target of an edit, delete or reaction (read from the
+/// store by the shard before `on_action`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TargetInfo {
+    pub seq: Seq,
+    pub sender: UserId,
+    pub timestamp_ms: u64,
+    pub content_kind: u8,
 }
 
 /// Owner-side limits (from the server config).
@@ -51,6 +64,10 @@ pub struct OwnerLimits {
     pub typing_group_members_max: usize,
     /// At most one forwarded "typing" per user and chat per this many ms (stops always pass).
     pub typing_throttle_ms: u64,
+    /// Authors may edit for this long after sending, ms.
+    pub edit_window_ms: u64,
+    /// Authors may delete for everyone for this long after sending, ms.
+    pub delete_window_ms: u64,
 }
 
 impl Default for OwnerLimits {
@@ -60,6 +77,8 @@ impl Default for OwnerLimits {
             group_members_max: 1024,
             typing_group_members_max: 20,
             typing_throttle_ms: 2000,
+            edit_window_ms: 15 * 60 * 1000,
+            delete_window_ms: 48 * 3600 * 1000,
         }
     }
 }
@@ -321,6 +340,14 @@ impl Owner {
                         // Two different pairs hashed to one chat id: refuse rather than misdeliver.
                         return self.reply_only(reply(ErrorCode::Internal, "chat id collision"));
                     }
+                }
+                if !meta.blocked_by.is_empty() {
+                    let text = if meta.blocked_by.contains(&origin.user) {
+                        "you blocked this user: unblock to send"
+                    } else {
+                        "the recipient has blocked you"
+                    };
+                    return self.reply_only(reply(ErrorCode::Blocked, text));
                 }
                 if let Some(g) = &meta.group {
                     if g.admins_only && meta.role(origin.user) == Some(MemberRole::Member) {
@@ -813,7 +840,10 @@ impl Owner {
         let Some(meta) = self.state.chat(&chat) else {
             return;
         };
-        if !meta.is_member(origin.user) || meta.members.len() > self.limits.typing_group_members_max
+        // Not for non-members, big groups, or across a block.
+        if !meta.is_member(origin.user)
+            || meta.members.len() > self.limits.typing_group_members_max
+            || !meta.blocked_by.is_empty()
         {
             return;
         }
@@ -848,6 +878,184 @@ impl Owner {
             to_users: others,
             skip: Some(origin.conn),
         });
+    }
+
+    /// An edit, delete or reaction; `target` is the stored target message (`None`: no such
+    /// durable message).
+    pub fn on_action(
+        &mut self,
+        now_ms: u64,
+        origin: Origin,
+        chat: ChatId,
+        action: Action,
+        target: Option<TargetInfo>,
+    ) {
+        let id = action.client_msg_id();
+        let reply = |code, text| error(origin.conn, code, text, Some(id), true);
+        if let Some(answer) = self.retry_answer(origin, chat, id) {
+            return self.reply_only(answer);
+        }
+        if self.overloaded() {
+            return self.reply_only(reply(
+                ErrorCode::Overloaded,
+                "server busy: retry with the same client_msg_id",
+            ));
+        }
+        let Some(meta) = self.state.chat(&chat) else {
+            return self.reply_only(reply(ErrorCode::UnknownChat, "no such chat"));
+        };
+        if !meta.is_member(origin.user) {
+            return self.reply_only(reply(ErrorCode::NotMember, "not a member of this chat"));
+        }
+        let first_visible = meta.visible_range(origin.user).map_or(Seq(1), |r| r.0);
+        let Some(t) = target.filter(|t| t.seq == action.target() && t.seq >= first_visible) else {
+            return self.reply_only(reply(
+                ErrorCode::InvalidArgument,
+                "no such message (or not yet acknowledged)",
+            ));
+        };
+        if t.content_kind == CONTENT_KIND_EVENT {
+            return self.reply_only(reply(
+                ErrorCode::InvalidArgument,
+                "chat events cannot be edited, deleted or reacted to",
+            ));
+        }
+        if t.content_kind == CONTENT_KIND_DELETED || self.state.is_deleted(chat, t.seq) {
+            return self.reply_only(reply(ErrorCode::InvalidArgument, "the message was deleted"));
+        }
+        let age_ms = now_ms.saturating_sub(t.timestamp_ms);
+        let mut purge = None;
+        let ev = match action {
+            Action::Edit { payload, .. } => {
+                if t.sender != origin.user {
+                    return self.reply_only(reply(
+                        ErrorCode::NotAllowed,
+                        "only the author may edit a message",
+                    ));
+                }
+                if age_ms > self.limits.edit_window_ms {
+                    return self
+                        .reply_only(reply(ErrorCode::NotAllowed, "the edit window has passed"));
+                }
+                let mut ev = ChatEvent::new(EventKind::Edited);
+                ev.payload = payload;
+                ev
+            }
+            Action::Delete { .. } => {
+                if t.sender != origin.user {
+                    return self.reply_only(reply(
+                        ErrorCode::NotAllowed,
+                        "only the author may delete a message for everyone",
+                    ));
+                }
+                if age_ms > self.limits.delete_window_ms {
+                    return self
+                        .reply_only(reply(ErrorCode::NotAllowed, "the delete window has passed"));
+                }
+                let mut seqs = vec![t.seq];
+                seqs.extend_from_slice(self.state.edits_of(chat, t.seq));
+                purge = Some(seqs);
+                ChatEvent::new(EventKind::Deleted)
+            }
+            Action::React { reaction, .. } => {
+                let mut ev = ChatEvent::new(EventKind::Reacted);
+                ev.reaction = reaction;
+                ev
+            }
+        };
+        let mut ev = ev;
+        ev.target = t.seq;
+        let recipients = meta.members.clone();
+        let m = NewMessage {
+            client_msg_id: id,
+            reply_to: Seq(0),
+            content_kind: CONTENT_KIND_EVENT,
+            flags: 0,
+            payload: encode_event(&ev),
+        };
+        self.stage_message(
+            now_ms,
+            origin,
+            chat,
+            m,
+            Fanout {
+                extra: Vec::new(),
+                recipients,
+                ack_frame: None,
+            },
+        );
+        if let Some(seqs) = purge {
+            // Only after the Deleted event is durable: a crash before the purge is completed at
+            // the next start (see `Shard::open`), a crash during it by storage recovery.
+            self.pending
+                .back_mut()
+                .expect("just staged")
+                .effects
+                .push(Effect::Purge { chat, seqs });
+        }
+    }
+
+    /// Block or unblock `peer` in their 1:1 chat with the requester (created if needed, so the
+    /// block has a home). Answered with `Done`.
+    pub fn on_block(
+        &mut self,
+        now_ms: u64,
+        origin: Origin,
+        request_id: u32,
+        chat: ChatId,
+        peer: UserId,
+        blocked: bool,
+    ) {
+        let done = Effect::Reply {
+            to: origin.conn,
+            frame: ServerFrame::Done { request_id },
+            completes_send: false,
+        };
+        let mut records = Vec::new();
+        match self.state.chat(&chat) {
+            Some(meta) if !(meta.is_member(origin.user) && meta.is_member(peer)) => {
+                let frame = error_frame(ErrorCode::Internal, "chat id collision", None, request_id);
+                return self.reply_only(Effect::Reply {
+                    to: origin.conn,
+                    frame,
+                    completes_send: false,
+                });
+            }
+            Some(meta) if meta.blocked_by.contains(&origin.user) == blocked => {
+                return self.reply_only(done)
+            }
+            Some(_) => {}
+            None => records.push(Record::ChatCreated {
+                chat,
+                kind: ChatKind::Direct,
+                members: vec![origin.user, peer],
+                created_ms: now_ms,
+            }),
+        }
+        records.push(Record::Block {
+            chat,
+            blocker: origin.user,
+            blocked,
+        });
+        self.push(records, vec![done]);
+    }
+
+    /// Stages a user's presence state (home shard): last seen and visibilities.
+    pub fn stage_user_meta(
+        &mut self,
+        user: UserId,
+        last_seen_ms: u64,
+        last_seen_vis: u8,
+        online_vis: u8,
+        effects: Vec<Effect>,
+    ) {
+        let record = Record::UserMeta {
+            user,
+            last_seen_ms,
+            last_seen_visibility: last_seen_vis,
+            online_visibility: online_vis,
+        };
+        self.push(vec![record], effects);
     }
 
     /// Takes staged work for one group commit: whole items, up to about `records_max` records.

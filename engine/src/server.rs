@@ -182,6 +182,17 @@ pub fn run(mut cfg: Config) -> Result<(), String> {
                     metrics,
                     shards,
                 ));
+                {
+                    // Coalesced presence updates go out on a ticker.
+                    let c = core.clone();
+                    glommio::spawn_local(async move {
+                        loop {
+                            glommio::timer::sleep(Duration::from_millis(250)).await;
+                            c.flush_presence();
+                        }
+                    })
+                    .detach();
+                }
                 for shard in core.shards.values() {
                     glommio::spawn_local(shard.clone().run_committer(core.clone())).detach();
                 }

@@ -7,15 +7,18 @@
 //! ```
 
 use crate::core::Core;
+use crate::msg::Action;
 use crate::msg::{CoreMsg, FrameKind, Origin};
 use crate::notify::Notify;
-use crate::owner::{message_frame, Batch, Owner, OwnerLimits};
+use crate::owner::{message_frame, Batch, Effect, Owner, OwnerLimits, TargetInfo};
 use std::cell::RefCell;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
+use switchboard_storage::CONTENT_KIND_DELETED;
 use switchboard_storage::{EmbeddedStore, Record, ShardState, StorageError, StoreConfig};
 use switchboard_wire::limits::HISTORY_PAGE_BYTES_MAX;
 use switchboard_wire::{ChatId, ErrorCode, ErrorFrame, HistoryPage, MsgId, Seq, ServerFrame};
@@ -52,12 +55,34 @@ impl Shard {
             .max()
             .unwrap_or(MsgId(0));
         let state = ShardState::recover(cfg.dedup_entries_max, records.iter());
+        // Finish purges a crash interrupted: deleted messages (and their edits) whose content is
+        // still on disk. The Deleted event was durable before the purge started.
+        let mut purge_targets: HashSet<(ChatId, Seq)> = HashSet::new();
+        for (chat, seq) in state.deleted() {
+            purge_targets.insert((chat, seq));
+            purge_targets.extend(state.edits_of(chat, seq).iter().map(|s| (chat, *s)));
+        }
+        let mut unpurged: HashMap<ChatId, Vec<Seq>> = HashMap::new();
+        for r in &records {
+            if let Record::Message(m) = r {
+                if m.content_kind != CONTENT_KIND_DELETED
+                    && purge_targets.contains(&(m.chat, m.seq))
+                {
+                    unpurged.entry(m.chat).or_default().push(m.seq);
+                }
+            }
+        }
         drop(records);
+        for (chat, seqs) in unpurged {
+            store.purge(chat, &seqs).await?;
+        }
         let limits = OwnerLimits {
             pending_records_max: cfg.shard_pending_records_max,
             group_members_max: cfg.group_members_max,
             typing_group_members_max: cfg.typing_group_members_max,
             typing_throttle_ms: cfg.typing_throttle_ms,
+            edit_window_ms: cfg.edit_window_secs.saturating_mul(1000),
+            delete_window_ms: cfg.delete_window_secs.saturating_mul(1000),
         };
         let owner = Owner::new(id, state, highest, limits);
         Ok(Shard {
@@ -113,7 +138,23 @@ impl Shard {
                 m.messages_persisted.fetch_add(msgs as u64, Relaxed);
                 self.owner.borrow_mut().committed(&batch);
             }
-            core.run_effects(batch.effects).await;
+            let (purges, effects): (Vec<_>, Vec<_>) = batch
+                .effects
+                .into_iter()
+                .partition(|e| matches!(e, Effect::Purge { .. }));
+            for p in purges {
+                if let Effect::Purge { chat, seqs } = p {
+                    if let Err(e) = self.store.purge(chat, &seqs).await {
+                        // The Deleted event is durable; the next start completes the purge.
+                        eprintln!(
+                            "FATAL: shard {}: purge failed: {e}; exiting so recovery can run",
+                            self.id
+                        );
+                        std::process::abort();
+                    }
+                }
+            }
+            core.run_effects(effects).await;
         }
     }
 
@@ -290,5 +331,35 @@ impl Shard {
             },
         )
         .await;
+    }
+
+    /// Reads the target of an edit, delete or reaction, then lets the owner decide.
+    pub async fn serve_action(
+        self: Rc<Self>,
+        _core: Rc<Core>,
+        origin: Origin,
+        chat: ChatId,
+        action: Action,
+    ) {
+        let target = action.target();
+        let info = match self.store.read_messages(chat, target, target, 1).await {
+            Ok(msgs) => msgs.first().map(|m| TargetInfo {
+                seq: m.seq,
+                sender: m.sender_user,
+                timestamp_ms: m.timestamp_ms,
+                content_kind: m.content_kind,
+            }),
+            Err(e) => {
+                eprintln!(
+                    "shard {}: reading action target {:?}/{:?} failed: {e}",
+                    self.id, chat, target
+                );
+                None
+            }
+        };
+        self.owner
+            .borrow_mut()
+            .on_action(crate::core::unix_ms(), origin, chat, action, info);
+        self.staged();
     }
 }

@@ -10,8 +10,12 @@
 //!        ▼                                   ▼                                    ▼
 //!  ShardState::mark_durable          <data_dir>/shard-<k>/seg-<first offset>.log   acks, delivery
 //!
-//!  start-up: EmbeddedStore::open ──scan, verify CRCs, cut torn tail──► Vec<Record>
-//!                                                                        └─► ShardState::recover
+//!  start-up: EmbeddedStore::open ──scan, verify CRCs, finish torn purges, cut torn tail──►
+//!            Vec<Record> ──► ShardState::recover
+//!
+//!  delete for everyone: append([.., Deleted event, ..]) ──Ok──► EmbeddedStore::purge(chat, seqs)
+//!        ──1: mark each record (content_kind byte only)──► one fdatasync per segment touched
+//!        ──2: rewrite each record in place as a tombstone──► one fdatasync per segment touched
 //! ```
 //!
 //! - [`record`]: the on-disk format (pure).
@@ -24,6 +28,9 @@
 //! **Invariant:** the store never sees protocol frames or sockets; it stores [`Record`]s.
 //! **Invariant:** `append` returns `Ok` only after `fdatasync` of every byte it wrote (and of the
 //! directory when it created a segment).
+//! **Invariant:** records are only ever appended, except that `purge` (and recovery completing a
+//! torn purge) rewrites a message's `content_kind`, payload and CRC in place; its length, seq and
+//! every other field never change, so index entries stay valid.
 
 pub mod log;
 pub mod record;
@@ -35,7 +42,10 @@ use std::path::PathBuf;
 
 use switchboard_wire::ids::{ChatId, Seq};
 
-pub use log::{AppendStats, EmbeddedStore, Location, RecoveryReport, TailDamage, Truncation};
+pub use log::{
+    AppendStats, CompletedPurge, EmbeddedStore, Location, PurgeEvidence, PurgeStats,
+    RecoveryReport, TailDamage, Truncation, PURGE_SEQS_MAX,
+};
 pub use record::{
     decode_one, ChatKind, CursorKind, Record, RecordError, StoredMessage, CHAT_MEMBERS_MAX,
     CONTENT_KIND_DELETED, CONTENT_KIND_EVENT, MESSAGE_FLAG_FORWARDED, MESSAGE_FORMAT_VERSION,
@@ -239,8 +249,18 @@ pub enum StorageError {
         expected: Seq,
         got: Seq,
     },
-    /// A message for a chat that has no `ChatCreated` record (durable or earlier in the batch).
+    /// A message for a chat that has no `ChatCreated` record (durable or earlier in the batch),
+    /// or a purge in such a chat.
     UnknownChat(ChatId),
+    /// A purge names a seq that is 0 or not durable (yet).
+    UnknownSeq { chat: ChatId, seq: Seq },
+    /// A purge names a record that must keep its content: a chat event other than `Edited` and
+    /// `Reacted` (`why` says which rule).
+    NotPurgeable {
+        chat: ChatId,
+        seq: Seq,
+        why: &'static str,
+    },
     /// An invalid [`StoreConfig`].
     Config(String),
     /// Another process (or a killed one whose I/O is still draining) holds the shard's active
@@ -285,6 +305,12 @@ impl fmt::Display for StorageError {
                 chat.0, expected.0, got.0
             ),
             StorageError::UnknownChat(chat) => write!(f, "append to uncreated chat {}", chat.0),
+            StorageError::UnknownSeq { chat, seq } => {
+                write!(f, "chat {} has no durable seq {}", chat.0, seq.0)
+            }
+            StorageError::NotPurgeable { chat, seq, why } => {
+                write!(f, "chat {} seq {} cannot be purged: {why}", chat.0, seq.0)
+            }
             StorageError::Config(why) => write!(f, "invalid store config: {why}"),
             StorageError::Locked { path } => write!(
                 f,
@@ -342,4 +368,16 @@ pub trait MessageStore {
         limit: usize,
         bytes_max: usize,
     ) -> Result<(Vec<StoredMessage>, bool), StorageError>;
+
+    /// Overwrites the stored payloads of these messages in place with zeros, sets their
+    /// content_kind to CONTENT_KIND_DELETED, re-computes their CRCs, and makes it durable. Two
+    /// phases, each ending with one fdatasync per file touched: first only the content_kind
+    /// bytes, then the whole tombstones. Unknown / not-yet-durable seqs are an error. Idempotent.
+    ///
+    /// A crash part-way leaves records old, or marked by their content_kind byte, which recovery
+    /// completes as torn purges (whether or not an event names them). Call it once the chat's
+    /// `Deleted` event is durable, so content never vanishes without the event that explains it.
+    /// At most one `purge` may be in flight at a time; it may overlap an `append` and reads. See
+    /// [`EmbeddedStore::purge`].
+    async fn purge(&self, chat: ChatId, seqs: &[Seq]) -> Result<PurgeStats, StorageError>;
 }

@@ -6,7 +6,7 @@
 //! is the 16-digit zero-padded *global byte offset* of the segment's first byte in the shard's
 //! log. Segments are therefore contiguous: each one starts where the previous one ends, which
 //! `open` checks (a missing or cut segment is detected). A segment is a plain concatenation of
-//! framed records (see [`crate::record`]); only the last one is ever written.
+//! framed records (see [`crate::record`]); only the last one is ever appended to.
 //!
 //! # Durability
 //!
@@ -17,19 +17,77 @@
 //! and its directory `fdatasync`ed before any record goes into it. Only then does the in-memory
 //! index change, so readers never see a record that is not durable.
 //!
+//! # Purge ("delete for everyone")
+//!
+//! `purge` rewrites complete durable message records *in place*, in any segment: same length and
+//! same bytes except `content_kind` (set to `CONTENT_KIND_DELETED`), the payload (zeroed) and the
+//! CRC. The index stays valid. The tombstone's bytes are a function of the original record's
+//! non-content fields only, so rewriting a record that is already (partly) rewritten always lands
+//! the same bytes. It runs in two phases, so that every record it may leave half-rewritten
+//! identifies itself on disk:
+//!
+//! 1. **Mark.** For every record to purge, write *only* its `content_kind` byte
+//!    (`CONTENT_KIND_DELETED`) in place, then `fdatasync` every file touched. A one-byte
+//!    positional write cannot tear: the byte is old or new, and the rest of the record is old.
+//! 2. **Rewrite.** Write every whole tombstone (zeroed payload, new CRC, and the `content_kind`
+//!    byte again, with the same value), then `fdatasync` every file touched.
+//!
+//! Once phase 1 is durable, every byte mix phase 2 can leave (sector-granular, old and new) has
+//! `CONTENT_KIND_DELETED` in its `content_kind` byte, since old and new agree on it. The engine
+//! makes the chat's `Deleted` event durable *before* it purges, so the content is known to be
+//! deleted however far the purge got.
+//!
 //! # Recovery
 //!
-//! `open` scans every segment and verifies every CRC. The only damage it repairs is at the end of
-//! the last segment, within the last `StoreConfig::sync_round_bytes_max()` bytes: that can only be
-//! a write that was never `fdatasync`ed, of an append that never returned `Ok` (a torn write), so it is cut off and the truncation `fdatasync`ed. Damage
-//! anywhere else would be acknowledged data and is a hard [`StorageError::Corrupt`].
+//! `open` scans every segment and verifies every CRC. It repairs two kinds of damage:
+//!
+//! - **A torn purge.** A crash in the middle of a purge can leave a record anywhere in the log as
+//!   a mix of old and new bytes: its CRC fails but every byte other than `content_kind`, the
+//!   payload and the CRC is unchanged. Such a record is a *suspect* if (a) its header is
+//!   plausible (`body_len` within limits, the whole frame present) and (b) with `content_kind` and
+//!   payload replaced by a tombstone's it decodes strictly as a message of exactly its length,
+//!   carrying a chat the log created and that chat's next seq. A suspect is a torn purge if
+//!   either
+//!   - (*marked*) its `content_kind` byte on disk already is `CONTENT_KIND_DELETED`: phase 1 of
+//!     its purge was durable (a record that only phase 1 reached, with its old payload and old
+//!     CRC, is one too). This covers every purgeable record, in particular the `Edited` events
+//!     that carried a deleted message's newer content, which no event names; or
+//!   - (*named*) a later record of the log is a `Deleted` chat event of the same chat whose target
+//!     is its seq. This covers records a one-phase purge (an earlier build) tore, whose
+//!     `content_kind` byte may still be the old one.
+//!
+//!   Recovery then completes the purge (writes the tombstone, `fdatasync`), returns the tombstone
+//!   and reports it in [`RecoveryReport::purges_completed`].
+//! - **A torn append.** Damage at the end of the last segment, within the last
+//!   `StoreConfig::sync_round_bytes_max()` bytes, can only be a write that was never
+//!   `fdatasync`ed, of an append that never returned `Ok`, so it is cut off and the truncation
+//!   `fdatasync`ed.
+//!
+//! Damage anywhere else would be acknowledged data and is a hard [`StorageError::Corrupt`]: a CRC
+//! failure that is neither marked nor named, and any damage to the bytes a purge leaves alone
+//! (length, tag, version, chat, seq, ids, payload length...), whatever its `content_kind` byte.
+//!
+//! A torn purge is judged before a torn tail: a purge of one of the last records must not be
+//! mistaken for a torn append, which would cut it and the acknowledged records after it (such as
+//! the `Deleted` event). So a marked suspect is never cut as a torn append, nor is a named one
+//! whose `Deleted` event is kept. The converse holds too: a damaged record near the end that is
+//! neither marked nor named is cut as before, and so is everything after it, including a
+//! `Deleted` event or a marked record that only an unfinished append wrote (a purge touches only
+//! durable records, so nothing after a torn append was ever purged).
 //!
 //! # Concurrency
 //!
 //! All methods take `&self`. State lives in a `RefCell` that is borrowed only between awaits;
 //! files are `Rc`s cloned out of it before an await. One `append` at a time (the committer
-//! task); any number of concurrent reads, which only see index entries `append` published after
-//! its `fdatasync`.
+//! task) and one `purge` at a time, which may overlap each other: an append writes only past the
+//! durable end, a purge rewrites only complete durable records. Any number of concurrent reads,
+//! which only see index entries `append` published after its `fdatasync`; a read that overlaps a
+//! purge's writes may see a marked or half-rewritten record, so a read that fails its CRC while a
+//! purge is or was writing (from its first phase-1 write to its last phase-2 write) is retried.
+//!
+//! Every segment is opened read+write and `flock`ed at `open`: purges and their completion at
+//! recovery write into sealed segments too, so the one-writer guarantee must cover them (and a
+//! killed process's in-flight purge writes are waited out like its appends).
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -40,10 +98,12 @@ use std::time::Instant;
 
 use glommio::io::{BufferedFile, Directory, OpenOptions, ReadResult};
 use switchboard_wire::ids::{ChatId, Seq};
+use switchboard_wire::EventKind;
 
 use crate::record::{
-    decode_one, Record, RecordError, StoredMessage, CHAT_MEMBERS_MAX, MESSAGE_FRAME_OVERHEAD_BYTES,
-    PAYLOAD_BYTES_MAX,
+    decode_one, Record, RecordError, StoredMessage, CHAT_MEMBERS_MAX, CONTENT_KIND_DELETED,
+    CONTENT_KIND_EVENT, FORMAT_VERSION, MESSAGE_FORMAT_VERSION, MESSAGE_FRAME_OVERHEAD_BYTES,
+    PAYLOAD_BYTES_MAX, RECORD_HEADER_BYTES,
 };
 use crate::{Corruption, MessageStore, StorageError, StoreConfig};
 
@@ -56,8 +116,25 @@ pub const READ_MESSAGES_MAX: usize = 1024;
 /// small enough not to pin much memory per reader.
 pub const READ_COALESCE_BYTES_MAX: usize = 256 * 1024;
 
+/// Most seqs one `purge` call takes. The purge reads every record before it writes any (a refused
+/// purge writes nothing), so this bounds its memory like [`READ_MESSAGES_MAX`] bounds a read's
+/// (1024 × 68 KiB frames = 68 MiB at worst); a deleted message and its edits are a handful.
+pub const PURGE_SEQS_MAX: usize = 1024;
+
+/// How often a read that failed a CRC check while a purge was rewriting records is retried. One
+/// retry after the purge's writes finished suffices; more only cover back-to-back purges.
+const READ_PURGE_RETRIES_MAX: usize = 4;
+
 /// Bytes read per request while scanning segments at start-up.
 const SCAN_CHUNK_BYTES: usize = 1024 * 1024;
+
+/// Byte offset of `content_kind` inside a `Message` body: after tag, version, chat, seq, msg_id,
+/// sender_user, sender_device, timestamp_ms, client_msg_id and reply_to (see [`crate::record`]).
+const MESSAGE_CONTENT_KIND_AT: usize = 2 + 8 + 8 + 8 + 8 + 4 + 8 + 16 + 8;
+/// Where the payload starts in a version-2 `Message` body: after `content_kind`, `flags` and the
+/// `u32` payload length. Version 1 had no `flags` byte.
+const MESSAGE_PAYLOAD_AT: usize = MESSAGE_CONTENT_KIND_AT + 1 + 1 + 4;
+const _: () = assert!(MESSAGE_PAYLOAD_AT == MESSAGE_FRAME_OVERHEAD_BYTES - RECORD_HEADER_BYTES);
 
 const _: () = assert!(READ_COALESCE_BYTES_MAX >= crate::record::RECORD_BYTES_MAX + 8);
 const _: () = assert!(SCAN_CHUNK_BYTES >= crate::record::RECORD_BYTES_MAX + 8);
@@ -108,6 +185,31 @@ pub struct Truncation {
     pub reason: TailDamage,
 }
 
+/// Why recovery took a record that failed its CRC for a torn purge (see the module docs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PurgeEvidence {
+    /// Its `content_kind` byte on disk already was `CONTENT_KIND_DELETED`: phase 1 of its purge
+    /// was durable. Wins when both apply.
+    Marked,
+    /// A later `Deleted` event of its chat names it (a purge that tore before it marked the
+    /// record, as a one-phase purge could).
+    DeletedEvent,
+}
+
+/// A purge a crash interrupted, which `open` completed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CompletedPurge {
+    pub segment: PathBuf,
+    /// Byte offset of the record inside `segment`.
+    pub offset: u64,
+    pub chat: ChatId,
+    pub seq: Seq,
+    /// How the torn record failed to decode (always a CRC mismatch).
+    pub damage: RecordError,
+    /// Why it was taken for a torn purge.
+    pub evidence: PurgeEvidence,
+}
+
 /// What `open` found.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RecoveryReport {
@@ -119,6 +221,24 @@ pub struct RecoveryReport {
     pub bytes: u64,
     /// The torn tail that was cut, if any.
     pub truncation: Option<Truncation>,
+    /// Torn purges that were completed (rewritten as tombstones and `fdatasync`ed), in log order.
+    /// The records `open` returned hold the tombstones.
+    pub purges_completed: Vec<CompletedPurge>,
+}
+
+/// What one `purge` did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PurgeStats {
+    /// Records rewritten as tombstones.
+    pub purged: usize,
+    /// Records that already were tombstones and were left alone (a repeated purge).
+    pub already_purged: usize,
+    /// Bytes rewritten in phase 2 (whole frames; phase 1 adds one byte per record purged).
+    pub bytes: usize,
+    /// `fdatasync`s: two per segment file touched (one per phase), 0 if nothing was rewritten.
+    pub syncs: usize,
+    /// Time spent in those `fdatasync`s, in microseconds.
+    pub sync_us: u64,
 }
 
 impl RecoveryReport {
@@ -159,6 +279,14 @@ pub struct EmbeddedStore {
     appending: Cell<bool>,
     /// Set when an `append` failed or was cancelled after it started writing.
     poisoned: Cell<bool>,
+    /// Set while a `purge` is in flight.
+    purging: Cell<bool>,
+    /// Set while a `purge` is rewriting records (between its first write and its last one's
+    /// completion): a read that fails a CRC check meanwhile may have seen a half-rewritten record.
+    purge_writing: Cell<bool>,
+    /// Bumped when a purge starts and when it stops rewriting records, so a reader can tell
+    /// whether a purge wrote while it read.
+    purge_generation: Cell<u64>,
     report: RecoveryReport,
 }
 
@@ -234,20 +362,138 @@ async fn read_exact_at(
     Ok(ReadBytes::Joined(joined))
 }
 
+/// Writes all of `buf` at `pos`, continuing a short write.
+async fn write_all_at(
+    file: &BufferedFile,
+    path: &Path,
+    buf: &[u8],
+    pos: u64,
+) -> Result<(), StorageError> {
+    let mut done = 0;
+    while done < buf.len() {
+        // glommio takes the buffer by value; purges and their completion are rare and small, so
+        // the copy is cheaper than keeping a second encoding around for a short write.
+        let n = file
+            .write_at(buf[done..].to_vec(), pos + done as u64)
+            .await
+            .map_err(io_err("write segment", path))?;
+        if n == 0 {
+            return Err(StorageError::Io {
+                op: "write segment",
+                path: path.to_path_buf(),
+                source: std::io::ErrorKind::WriteZero.into(),
+            });
+        }
+        done += n;
+    }
+    Ok(())
+}
+
+/// The tombstone of a complete `Message` frame: the same bytes with `content_kind` set to
+/// `CONTENT_KIND_DELETED`, the payload zeroed and the CRC recomputed, together with the message
+/// it decodes to. `None` unless that result is a valid message of exactly `frame.len()` bytes.
+///
+/// The CRC of `frame` itself is not checked, so this also reads a record whose purge was torn:
+/// the bytes a purge changes are exactly the ones replaced here, and every other byte (length,
+/// tag, version, chat, seq, ids, sender, payload length...) must still parse. It is also how
+/// `purge` builds what it writes, so both agree byte for byte. Version-1 messages (no `flags`
+/// byte) keep their version and length.
+fn tombstone_of(frame: &[u8]) -> Option<(Vec<u8>, StoredMessage)> {
+    let body = frame.get(RECORD_HEADER_BYTES..)?;
+    let payload_at = match *body.get(1)? {
+        MESSAGE_FORMAT_VERSION => MESSAGE_PAYLOAD_AT,
+        FORMAT_VERSION => MESSAGE_PAYLOAD_AT - 1,
+        _ => return None,
+    };
+    if body.len() < payload_at {
+        return None;
+    }
+    let mut out = frame.to_vec();
+    out[RECORD_HEADER_BYTES + MESSAGE_CONTENT_KIND_AT] = CONTENT_KIND_DELETED;
+    out[RECORD_HEADER_BYTES + payload_at..].fill(0);
+    let crc = crc32c::crc32c(&out[RECORD_HEADER_BYTES..]);
+    out[4..RECORD_HEADER_BYTES].copy_from_slice(&crc.to_le_bytes());
+    match decode_one(&out) {
+        Ok(Some((Record::Message(m), n))) if n == out.len() => Some((out, m)),
+        _ => None,
+    }
+}
+
+/// Whether `m` is already what `purge` makes of a message.
+fn is_tombstone(m: &StoredMessage) -> bool {
+    m.content_kind == CONTENT_KIND_DELETED && m.payload.iter().all(|b| *b == 0)
+}
+
+/// The seq a `Deleted` chat event removes, if `m` is one.
+fn deleted_target(m: &StoredMessage) -> Option<Seq> {
+    if m.content_kind != CONTENT_KIND_EVENT {
+        return None;
+    }
+    let ev = switchboard_wire::decode_event(&m.payload).ok()?;
+    (ev.kind == EventKind::Deleted).then_some(ev.target)
+}
+
+/// Why `purge` refuses to purge `m`, if it does. Only content may go: chat events that
+/// `ShardState` replays (members, roles, settings) would change the state rebuilt at the next
+/// start, and a `Deleted` event records the deletion itself (and is what lets recovery finish a
+/// purge of its target that a one-phase build tore).
+fn purge_refusal(m: &StoredMessage) -> Option<&'static str> {
+    if m.content_kind != CONTENT_KIND_EVENT {
+        return None;
+    }
+    match switchboard_wire::decode_event(&m.payload) {
+        Ok(ev) if matches!(ev.kind, EventKind::Edited | EventKind::Reacted) => None,
+        Ok(ev) if ev.kind == EventKind::Deleted => {
+            Some("a Deleted event is what makes its target's purge recoverable")
+        }
+        Ok(_) => Some("group events rebuild the chat's state at start-up"),
+        Err(_) => Some("an undecodable event cannot be shown to be only content"),
+    }
+}
+
+/// One thing a segment scan found.
+enum Scanned {
+    /// A CRC-valid record.
+    Record(Record),
+    /// A complete frame whose CRC fails but whose [`tombstone_of`] is a valid message: maybe a
+    /// purge a crash tore. `tombstone` is the repaired frame, `message` what it decodes to;
+    /// `marked` says whether its `content_kind` byte on disk already is `CONTENT_KIND_DELETED`
+    /// (phase 1 of a purge).
+    Torn {
+        tombstone: Vec<u8>,
+        message: StoredMessage,
+        error: RecordError,
+        marked: bool,
+    },
+}
+
+/// What stopped a segment scan before the end of the file.
+enum ScanDamage {
+    /// Bytes that are not a (complete) record, or a torn message the caller refused: repairable
+    /// at the tail of the last segment, a hard error elsewhere.
+    Bytes(TailDamage),
+    /// A CRC-valid record that contradicts the log before it (seq gap, unknown chat): always a
+    /// hard error.
+    Record(Corruption),
+}
+
 /// How the scan of one segment ended.
 struct ScanEnd {
     /// End of the last good record.
     good_len: u64,
     /// What stopped the scan before the end of the file, if anything.
-    damage: Option<TailDamage>,
+    damage: Option<ScanDamage>,
 }
 
-/// Decodes every record of a segment in order, calling `on_record(record, offset, len)`.
+/// Decodes every record of a segment in order, calling `on_item(item, offset, len)`. A
+/// [`Scanned::Torn`] frame is skipped over when `on_item` accepts it (`Ok`) and ends the scan as
+/// damaged bytes (its CRC error) when it refuses it; an `Err` for a [`Scanned::Record`] ends the
+/// scan as [`ScanDamage::Record`].
 async fn scan_segment(
     file: &BufferedFile,
     path: &Path,
     file_len: u64,
-    mut on_record: impl FnMut(Record, u64, usize) -> Result<(), StorageError>,
+    mut on_item: impl FnMut(Scanned, u64, usize) -> Result<(), Corruption>,
 ) -> Result<ScanEnd, StorageError> {
     let mut buf: Vec<u8> = Vec::with_capacity(SCAN_CHUNK_BYTES * 2);
     // File offset of buf[0].
@@ -256,24 +502,52 @@ async fn scan_segment(
     loop {
         let mut at = 0usize;
         loop {
+            let pos = buf_pos + at as u64;
+            let damaged = |damage| ScanEnd {
+                good_len: pos,
+                damage: Some(damage),
+            };
             match decode_one(&buf[at..]) {
                 Ok(Some((record, n))) => {
-                    on_record(record, buf_pos + at as u64, n)?;
+                    if let Err(c) = on_item(Scanned::Record(record), pos, n) {
+                        return Ok(damaged(ScanDamage::Record(c)));
+                    }
                     at += n;
                 }
                 Ok(None) => break,
-                Err(e) => {
-                    return Ok(ScanEnd {
-                        good_len: buf_pos + at as u64,
-                        damage: Some(TailDamage::Invalid(e)),
+                Err(error @ RecordError::Crc { .. }) => {
+                    // `decode_one` checks the CRC only once the whole frame is there.
+                    let frame = buf[at..]
+                        .get(..4)
+                        .map(|h| u32::from_le_bytes([h[0], h[1], h[2], h[3]]) as usize)
+                        .and_then(|body_len| buf[at..].get(..RECORD_HEADER_BYTES + body_len));
+                    let accepted = frame.is_some_and(|frame| {
+                        let Some((tombstone, message)) = tombstone_of(frame) else {
+                            return false;
+                        };
+                        // In range: `tombstone_of` checked that the body reaches the payload.
+                        let marked = frame[RECORD_HEADER_BYTES + MESSAGE_CONTENT_KIND_AT]
+                            == CONTENT_KIND_DELETED;
+                        let torn = Scanned::Torn {
+                            tombstone,
+                            message,
+                            error: error.clone(),
+                            marked,
+                        };
+                        on_item(torn, pos, frame.len()).is_ok()
                     });
+                    match frame {
+                        Some(frame) if accepted => at += frame.len(),
+                        _ => return Ok(damaged(ScanDamage::Bytes(TailDamage::Invalid(error)))),
+                    }
                 }
+                Err(e) => return Ok(damaged(ScanDamage::Bytes(TailDamage::Invalid(e)))),
             }
         }
         buf.drain(..at);
         buf_pos += at as u64;
         if read_pos == file_len {
-            let damage = (!buf.is_empty()).then_some(TailDamage::Incomplete);
+            let damage = (!buf.is_empty()).then_some(ScanDamage::Bytes(TailDamage::Incomplete));
             return Ok(ScanEnd {
                 good_len: buf_pos,
                 damage,
@@ -286,6 +560,203 @@ async fn scan_segment(
         // Recovery of a large shard is long CPU work; let other tasks of this core run.
         glommio::yield_if_needed().await;
     }
+}
+
+/// A record whose CRC failed but which may be a torn purge: vouched for by its own mark, or
+/// waiting for a later `Deleted` event to vouch for it.
+struct Suspect {
+    /// Index into the segment list.
+    segment: usize,
+    offset: u64,
+    chat: ChatId,
+    seq: Seq,
+    error: RecordError,
+    /// The frame to write to complete the purge.
+    tombstone: Vec<u8>,
+    /// Position of its (tombstone) record in the recovered records.
+    record_at: usize,
+    /// In the last segment: bytes from the record to the end of the file.
+    bytes_after_if_last: Option<u64>,
+    /// Within the last segment's tail window: it may be a torn append instead.
+    tail: bool,
+    /// Its `content_kind` byte on disk already is `CONTENT_KIND_DELETED`: it vouches for itself.
+    marked: bool,
+    /// Position in the recovered records of the `Deleted` event that names it.
+    deleted_at: Option<usize>,
+}
+
+impl Suspect {
+    /// Whether it is a torn purge if the log is kept up to record position `keep`: marked, or
+    /// named by a `Deleted` event that is kept.
+    fn vouched(&self, keep: usize) -> bool {
+        self.marked || self.deleted_at.is_some_and(|at| at < keep)
+    }
+
+    fn evidence(&self) -> PurgeEvidence {
+        if self.marked {
+            PurgeEvidence::Marked
+        } else {
+            PurgeEvidence::DeletedEvent
+        }
+    }
+}
+
+/// Where the scan of one segment is.
+struct SegmentScan {
+    /// Index into the segment list.
+    index: usize,
+    /// Records at or after this offset are within the tail window of the last segment
+    /// (`u64::MAX` for older segments).
+    tail_start: u64,
+    /// The file's length if it is the last segment.
+    last_len: Option<u64>,
+}
+
+/// What recovery has accumulated over the segments scanned so far.
+#[derive(Default)]
+struct Recovered {
+    records: Vec<Record>,
+    index: HashMap<ChatId, Vec<Location>>,
+    /// In log order.
+    suspects: Vec<Suspect>,
+    /// Unmarked suspects no `Deleted` event named yet: (chat, seq) → index into `suspects`.
+    pending: HashMap<(ChatId, Seq), usize>,
+    /// (position in `records`, chat) of chats the tail window of the last segment created: a
+    /// cut there removes their index entries again.
+    tail_created: Vec<(usize, ChatId)>,
+}
+
+impl Recovered {
+    fn on_item(
+        &mut self,
+        seg: &SegmentScan,
+        item: Scanned,
+        offset: u64,
+        len: usize,
+    ) -> Result<(), Corruption> {
+        let loc = Location {
+            segment: seg.index as u32,
+            offset: offset as u32,
+            len: len as u32,
+        };
+        match item {
+            Scanned::Record(record) => {
+                let created = match &record {
+                    Record::ChatCreated { chat, .. } if !self.index.contains_key(chat) => {
+                        Some(*chat)
+                    }
+                    _ => None,
+                };
+                index_record(&mut self.index, &record, loc)?;
+                if let Some(chat) = created.filter(|_| offset >= seg.tail_start) {
+                    self.tail_created.push((self.records.len(), chat));
+                }
+                // Events are decoded only while a suspect waits for one.
+                if !self.pending.is_empty() {
+                    if let Record::Message(m) = &record {
+                        let vouched = deleted_target(m)
+                            .and_then(|target| self.pending.remove(&(m.chat, target)));
+                        if let Some(k) = vouched {
+                            self.suspects[k].deleted_at = Some(self.records.len());
+                        }
+                    }
+                }
+                self.records.push(record);
+            }
+            Scanned::Torn {
+                tombstone,
+                message,
+                error,
+                marked,
+            } => {
+                let (chat, seq) = (message.chat, message.seq);
+                let record = Record::Message(message);
+                // A purge never changes chat or seq: a torn record must fit where it lies.
+                index_record(&mut self.index, &record, loc)?;
+                // A marked suspect needs no event to vouch for it.
+                if !marked {
+                    self.pending.insert((chat, seq), self.suspects.len());
+                }
+                self.suspects.push(Suspect {
+                    segment: seg.index,
+                    offset,
+                    chat,
+                    seq,
+                    error,
+                    tombstone,
+                    record_at: self.records.len(),
+                    bytes_after_if_last: seg.last_len.map(|l| l - offset),
+                    tail: offset >= seg.tail_start,
+                    marked,
+                    deleted_at: None,
+                });
+                self.records.push(record);
+            }
+        }
+        Ok(())
+    }
+
+    /// The first suspect among the first `keep` records that is neither marked nor named by a
+    /// `Deleted` event among them.
+    fn first_unvouched(&self, keep: usize) -> Option<usize> {
+        self.suspects
+            .iter()
+            .position(|s| s.record_at < keep && !s.vouched(keep))
+    }
+
+    /// Where the log ends: the number of records kept and the suspect the log is cut at, if any.
+    /// An unvouched suspect in the tail window is a torn append: cut there (with every record
+    /// after it, marked suspects included). Cutting can drop the `Deleted` event that vouched for
+    /// an earlier unmarked suspect, so repeat until nothing changes. A marked suspect is never
+    /// the cut: it vouches for itself, so it is judged a torn purge before it could be judged a
+    /// torn append.
+    fn settle(&self) -> (usize, Option<usize>) {
+        let mut keep = self.records.len();
+        let mut cut = None;
+        while let Some(k) = self.first_unvouched(keep) {
+            if !self.suspects[k].tail {
+                break;
+            }
+            keep = self.suspects[k].record_at;
+            cut = Some(k);
+        }
+        (keep, cut)
+    }
+
+    /// Forgets the records from position `keep` on (all in the last segment's tail window).
+    fn cut(&mut self, keep: usize) {
+        for r in self.records.drain(keep..).rev() {
+            if let Record::Message(m) = r {
+                self.index
+                    .get_mut(&m.chat)
+                    .and_then(Vec::pop)
+                    .expect("a recovered message has its index entry");
+            }
+        }
+        for &(_, chat) in self.tail_created.iter().filter(|(at, _)| *at >= keep) {
+            let removed = self.index.remove(&chat);
+            debug_assert!(removed.is_some_and(|v| v.is_empty()));
+        }
+        self.suspects.retain(|s| s.record_at < keep);
+        self.pending.clear();
+    }
+}
+
+/// What ended the scan of the segments early.
+struct Stop {
+    path: PathBuf,
+    offset: u64,
+    kind: StopKind,
+}
+
+enum StopKind {
+    /// Damaged bytes; `bytes_after_if_last` as in [`Suspect`].
+    Bytes {
+        damage: TailDamage,
+        bytes_after_if_last: Option<u64>,
+    },
+    /// Always a hard error.
+    Hard(Corruption),
 }
 
 impl EmbeddedStore {
@@ -332,10 +803,13 @@ impl EmbeddedStore {
         }
         bases.sort_unstable();
 
+        let window = cfg.sync_round_bytes_max() as u64;
         let mut report = RecoveryReport::default();
-        let mut records = Vec::new();
-        let mut index: HashMap<ChatId, Vec<Location>> = HashMap::new();
+        let mut rec = Recovered::default();
         let mut segments: Vec<Segment> = Vec::with_capacity(bases.len() + 1);
+        let mut stop: Option<Stop> = None;
+        // Length of the last segment's file as found (before any cut).
+        let mut last_file_len = 0;
         let segment_count = bases.len();
         for (i, base) in bases.into_iter().enumerate() {
             let path = dir.join(segment_name(base));
@@ -343,93 +817,173 @@ impl EmbeddedStore {
             if let Some(prev) = segments.last() {
                 let expected_base = prev.base + prev.len;
                 if base != expected_base {
-                    return Err(StorageError::Corrupt {
-                        segment: path,
+                    let reason = Corruption::SegmentGap { expected_base };
+                    stop = Some(Stop {
+                        path,
                         offset: 0,
-                        reason: Corruption::SegmentGap { expected_base },
+                        kind: StopKind::Hard(reason),
                     });
+                    break;
                 }
             }
+            // Read+write even when sealed: a purge (or its completion below) may rewrite a record
+            // in any segment.
             let file = OpenOptions::new()
                 .read(true)
-                .write(is_last)
+                .write(true)
                 .buffered_open(&path)
                 .await
                 .map_err(io_err("open segment", &path))?;
-            if is_last {
-                // Before reading (and maybe truncating) the tail another process may still write.
-                lock_segment(&file, &path).await?;
-            }
+            // Before reading (and maybe repairing or truncating) what another process may still
+            // write.
+            lock_segment(&file, &path).await?;
             let file_len = file
                 .file_size()
                 .await
                 .map_err(io_err("stat segment", &path))?;
             if file_len > u32::MAX as u64 {
-                return Err(StorageError::Corrupt {
-                    segment: path,
+                let reason = Corruption::SegmentTooLarge { len: file_len };
+                stop = Some(Stop {
+                    path,
                     offset: 0,
-                    reason: Corruption::SegmentTooLarge { len: file_len },
+                    kind: StopKind::Hard(reason),
                 });
+                break;
             }
-            let segment = i as u32;
-            let end = scan_segment(&file, &path, file_len, |record, offset, len| {
-                let loc = Location {
-                    segment,
-                    offset: offset as u32,
-                    len: len as u32,
-                };
-                index_record(&mut index, &record, loc).map_err(|reason| StorageError::Corrupt {
-                    segment: path.clone(),
-                    offset,
-                    reason,
-                })?;
-                report.bytes += len as u64;
-                records.push(record);
-                Ok(())
+            let seg = SegmentScan {
+                index: i,
+                tail_start: if is_last {
+                    file_len.saturating_sub(window)
+                } else {
+                    u64::MAX
+                },
+                last_len: is_last.then_some(file_len),
+            };
+            let end = scan_segment(&file, &path, file_len, |item, offset, len| {
+                rec.on_item(&seg, item, offset, len)
             })
             .await?;
-            let mut len = file_len;
-            if let Some(damage) = end.damage {
-                let bytes_after = file_len - end.good_len;
-                if !is_last {
-                    let reason = match damage {
-                        TailDamage::Incomplete => Corruption::Incomplete,
-                        TailDamage::Invalid(e) => Corruption::Record(e),
-                    };
-                    return Err(StorageError::Corrupt {
-                        segment: path,
-                        offset: end.good_len,
-                        reason,
-                    });
-                }
-                if bytes_after > cfg.sync_round_bytes_max() as u64 {
-                    return Err(StorageError::Corrupt {
-                        segment: path,
-                        offset: end.good_len,
-                        reason: Corruption::DamageBeforeTail { bytes_after },
-                    });
-                }
-                file.truncate(end.good_len)
-                    .await
-                    .map_err(io_err("truncate segment", &path))?;
-                file.fdatasync()
-                    .await
-                    .map_err(io_err("fdatasync segment", &path))?;
-                len = end.good_len;
-                report.truncation = Some(Truncation {
-                    segment: path.clone(),
-                    offset: end.good_len,
-                    bytes: bytes_after,
-                    reason: damage,
-                });
+            if is_last {
+                last_file_len = file_len;
             }
             segments.push(Segment {
-                path,
+                path: path.clone(),
                 base,
-                len,
+                len: end.good_len,
                 file: Rc::new(file),
             });
+            if let Some(damage) = end.damage {
+                let kind = match damage {
+                    ScanDamage::Bytes(damage) => StopKind::Bytes {
+                        damage,
+                        bytes_after_if_last: is_last.then_some(file_len - end.good_len),
+                    },
+                    ScanDamage::Record(reason) => StopKind::Hard(reason),
+                };
+                stop = Some(Stop {
+                    path,
+                    offset: end.good_len,
+                    kind,
+                });
+                break;
+            }
         }
+
+        // Judge the suspects (records that failed their CRC but may be torn purges): its own
+        // `content_kind` byte (phase 1 of a purge) or a later `Deleted` event vouches for one; an
+        // unvouched one is a torn append if it lies in the tail window, else damage to
+        // acknowledged data. Suspects all precede `stop`.
+        let (keep, cut) = rec.settle();
+        if let Some(k) = rec.first_unvouched(keep) {
+            let s = &rec.suspects[k];
+            let reason = match s.bytes_after_if_last {
+                Some(bytes_after) => Corruption::DamageBeforeTail { bytes_after },
+                None => Corruption::Record(s.error.clone()),
+            };
+            return Err(StorageError::Corrupt {
+                segment: segments[s.segment].path.clone(),
+                offset: s.offset,
+                reason,
+            });
+        }
+        if let Some(k) = cut {
+            // Whatever stopped the scan lies after the cut and goes with it.
+            let (offset, error) = (rec.suspects[k].offset, rec.suspects[k].error.clone());
+            rec.cut(keep);
+            let last = segments
+                .last_mut()
+                .expect("a tail suspect lies in the last segment");
+            cut_tail(last, offset).await?;
+            report.truncation = Some(Truncation {
+                segment: last.path.clone(),
+                offset,
+                bytes: last_file_len - offset,
+                reason: TailDamage::Invalid(error),
+            });
+        } else if let Some(stop) = stop {
+            let (damage, bytes_after) = match stop.kind {
+                StopKind::Hard(reason) => {
+                    return Err(StorageError::Corrupt {
+                        segment: stop.path,
+                        offset: stop.offset,
+                        reason,
+                    })
+                }
+                StopKind::Bytes {
+                    damage,
+                    bytes_after_if_last,
+                } => (damage, bytes_after_if_last),
+            };
+            let corrupt = |reason| StorageError::Corrupt {
+                segment: stop.path.clone(),
+                offset: stop.offset,
+                reason,
+            };
+            match (bytes_after, damage) {
+                (Some(bytes_after), damage) if bytes_after <= window => {
+                    let last = segments.last_mut().expect("the last segment was scanned");
+                    cut_tail(last, stop.offset).await?;
+                    report.truncation = Some(Truncation {
+                        segment: last.path.clone(),
+                        offset: stop.offset,
+                        bytes: bytes_after,
+                        reason: damage,
+                    });
+                }
+                (Some(bytes_after), _) => {
+                    return Err(corrupt(Corruption::DamageBeforeTail { bytes_after }))
+                }
+                (None, TailDamage::Incomplete) => return Err(corrupt(Corruption::Incomplete)),
+                (None, TailDamage::Invalid(e)) => return Err(corrupt(Corruption::Record(e))),
+            }
+        }
+
+        // Complete the torn purges every remaining suspect is (each is marked or has its `Deleted`
+        // event): write the tombstone the purge was writing, then one fdatasync per file touched.
+        let mut touched: Vec<usize> = Vec::new();
+        for s in &rec.suspects {
+            let seg = &segments[s.segment];
+            write_all_at(&seg.file, &seg.path, &s.tombstone, s.offset).await?;
+            if !touched.contains(&s.segment) {
+                touched.push(s.segment);
+            }
+            report.purges_completed.push(CompletedPurge {
+                segment: seg.path.clone(),
+                offset: s.offset,
+                chat: s.chat,
+                seq: s.seq,
+                damage: s.error.clone(),
+                evidence: s.evidence(),
+            });
+        }
+        for i in touched {
+            let seg = &segments[i];
+            seg.file
+                .fdatasync()
+                .await
+                .map_err(io_err("fdatasync segment", &seg.path))?;
+        }
+
         if segments.is_empty() {
             let path = dir.join(segment_name(0));
             let file = create_segment(&dir_handle, &path).await?;
@@ -440,8 +994,11 @@ impl EmbeddedStore {
                 file: Rc::new(file),
             });
         }
+        let Recovered { records, index, .. } = rec;
         report.segments = segments.len();
         report.records = records.len();
+        // Every byte of a segment up to its length is a recovered record.
+        report.bytes = segments.iter().map(|s| s.len).sum();
 
         let store = EmbeddedStore {
             dir: dir.to_path_buf(),
@@ -450,6 +1007,9 @@ impl EmbeddedStore {
             inner: RefCell::new(Inner { segments, index }),
             appending: Cell::new(false),
             poisoned: Cell::new(false),
+            purging: Cell::new(false),
+            purge_writing: Cell::new(false),
+            purge_generation: Cell::new(0),
             report,
         };
         Ok((store, records))
@@ -591,7 +1151,7 @@ impl EmbeddedStore {
             match r {
                 Record::Message(m) => messages.push((m.chat, at, len)),
                 Record::ChatCreated { chat, .. } => created.push(*chat),
-                Record::Cursor { .. } => {}
+                Record::Cursor { .. } | Record::Block { .. } | Record::UserMeta { .. } => {}
             }
         }
         assert_eq!(buf.len(), bytes);
@@ -723,7 +1283,7 @@ impl EmbeddedStore {
                     }
                     next.insert(m.chat, expected + 1);
                 }
-                Record::Cursor { .. } => {}
+                Record::Cursor { .. } | Record::Block { .. } | Record::UserMeta { .. } => {}
             }
         }
         Ok(bytes)
@@ -798,8 +1358,37 @@ impl EmbeddedStore {
         Ok((page, lowest > 1))
     }
 
-    /// Reads durable seqs `first..=last` (all must be durable), coalescing adjacent records.
+    /// Reads durable seqs `first..=last` (all must be durable), coalescing adjacent records. A
+    /// CRC failure while a purge was rewriting records may be a half-rewritten record seen
+    /// mid-write, not damage: it is retried once the purge's writes are done.
     async fn read_range(
+        &self,
+        chat: ChatId,
+        first: u64,
+        last: u64,
+    ) -> Result<Vec<StoredMessage>, StorageError> {
+        let mut retries = 0;
+        loop {
+            let generation = self.purge_generation.get();
+            let result = self.read_range_once(chat, first, last).await;
+            let raced = self.purge_writing.get() || self.purge_generation.get() != generation;
+            match result {
+                Err(StorageError::Corrupt {
+                    reason: Corruption::Record(_),
+                    ..
+                }) if raced && retries < READ_PURGE_RETRIES_MAX => {
+                    retries += 1;
+                    while self.purge_writing.get() {
+                        glommio::timer::sleep(std::time::Duration::from_millis(1)).await;
+                    }
+                }
+                result => return result,
+            }
+        }
+    }
+
+    /// One attempt of [`EmbeddedStore::read_range`].
+    async fn read_range_once(
         &self,
         chat: ChatId,
         first: u64,
@@ -873,6 +1462,167 @@ impl EmbeddedStore {
         Ok(out)
     }
 
+    /// Purges ("delete for everyone") the content of messages `seqs` of `chat`: overwrites each
+    /// stored record in place with its tombstone (same length and fields, `content_kind`
+    /// [`CONTENT_KIND_DELETED`], all-zero payload of the old length, CRC recomputed). Two phases
+    /// (see the module docs): first only each record's `content_kind` byte, then one `fdatasync`
+    /// per segment file touched; then each whole tombstone, then again one `fdatasync` per file.
+    /// Returns `Ok` once every tombstone is durable. Seqs may come in any order and repeat; a
+    /// record that already is a tombstone is left alone, so a repeated purge is a no-op
+    /// (`already_purged`, no write, no `fdatasync`). Index entries do not change: readers see the
+    /// tombstone at the same seq.
+    ///
+    /// If the process dies part-way, a record may be left marked (phase 1) or half-rewritten
+    /// (phase 2). Either way its `content_kind` byte on disk already is `CONTENT_KIND_DELETED`,
+    /// and `open` completes its purge whether or not any event names it: a deleted message, the
+    /// `Edited` events that carried its newer content, a reaction. A crash during phase 1, before
+    /// its `fdatasync`, leaves each record old and whole or marked. The chat's `Deleted` event
+    /// should still be durable before this is called, so that content never disappears without
+    /// the event that explains it.
+    ///
+    /// Errors, with nothing written: more than [`PURGE_SEQS_MAX`] seqs (`TooLarge`), an unknown
+    /// chat (`UnknownChat`), a seq that is 0 or not durable (`UnknownSeq`), a record that may not
+    /// be purged (`NotPurgeable`: chat events other than `Edited` and `Reacted`), a record that
+    /// fails to read back (`Corrupt`, `Io`). An I/O error while writing leaves the records old,
+    /// marked or half-rewritten; the next `open` completes every marked one, so the caller should
+    /// stop and reopen (the store is not poisoned: appends do not touch them).
+    ///
+    /// May run while an `append` is in flight (an append writes only past the durable end, a
+    /// purge only rewrites complete durable records) and while reads are in flight (a read that
+    /// sees a half-rewritten record retries).
+    ///
+    /// # Panics
+    /// If another `purge` is in flight: the engine runs purges from its committer task.
+    pub async fn purge(&self, chat: ChatId, seqs: &[Seq]) -> Result<PurgeStats, StorageError> {
+        if seqs.len() > PURGE_SEQS_MAX {
+            return Err(StorageError::TooLarge {
+                what: "purge seqs",
+                len: seqs.len(),
+                max: PURGE_SEQS_MAX,
+            });
+        }
+        assert!(!self.purging.get(), "concurrent EmbeddedStore::purge");
+        let mut wanted = seqs.to_vec();
+        wanted.sort_unstable();
+        wanted.dedup();
+
+        // Plan without holding the borrow across an await.
+        let targets = {
+            let inner = self.inner.borrow();
+            let locs = inner
+                .index
+                .get(&chat)
+                .ok_or(StorageError::UnknownChat(chat))?;
+            let mut targets = Vec::with_capacity(wanted.len());
+            for seq in wanted {
+                let loc = seq
+                    .0
+                    .checked_sub(1)
+                    .and_then(|i| usize::try_from(i).ok())
+                    .and_then(|i| locs.get(i))
+                    .ok_or(StorageError::UnknownSeq { chat, seq })?;
+                let seg = &inner.segments[loc.segment as usize];
+                targets.push(PurgeTarget {
+                    seq,
+                    segment: loc.segment,
+                    file: seg.file.clone(),
+                    path: seg.path.clone(),
+                    offset: loc.offset as u64,
+                    len: loc.len as usize,
+                });
+            }
+            targets
+        };
+
+        self.purging.set(true);
+        let _purging = PurgeGuard(self);
+        let mut stats = PurgeStats::default();
+        // Read and check every record before writing any, so a refused purge writes nothing.
+        let mut writes: Vec<(&PurgeTarget, Vec<u8>)> = Vec::new();
+        for t in &targets {
+            let bytes = read_exact_at(&t.file, &t.path, t.offset, t.len).await?;
+            let corrupt = |reason| StorageError::Corrupt {
+                segment: t.path.clone(),
+                offset: t.offset,
+                reason,
+            };
+            let m = match decode_one(&bytes) {
+                Ok(Some((Record::Message(m), n)))
+                    if n == t.len && m.chat == chat && m.seq == t.seq =>
+                {
+                    m
+                }
+                Ok(Some(_)) => return Err(corrupt(Corruption::IndexMismatch { chat, seq: t.seq })),
+                Ok(None) => return Err(corrupt(Corruption::Incomplete)),
+                Err(e) => return Err(corrupt(Corruption::Record(e))),
+            };
+            if is_tombstone(&m) {
+                stats.already_purged += 1;
+                continue;
+            }
+            if let Some(why) = purge_refusal(&m) {
+                return Err(StorageError::NotPurgeable {
+                    chat,
+                    seq: t.seq,
+                    why,
+                });
+            }
+            // A valid message stays one with another content kind and other payload bytes.
+            let (tombstone, _) =
+                tombstone_of(&bytes).expect("the tombstone of a valid message is valid");
+            writes.push((t, tombstone));
+        }
+        if writes.is_empty() {
+            return Ok(stats);
+        }
+
+        // Readers racing these writes may see a record marked or half-rewritten; they retry.
+        let writing = PurgeWrites::start(self);
+        // Phase 1: mark every record, one byte each (a write that cannot tear), and make the
+        // marks durable before any other byte changes. From here on, whatever phase 2 leaves of
+        // a record identifies itself as a torn purge.
+        for (t, _) in &writes {
+            let at = t.offset + (RECORD_HEADER_BYTES + MESSAGE_CONTENT_KIND_AT) as u64;
+            write_all_at(&t.file, &t.path, &[CONTENT_KIND_DELETED], at).await?;
+        }
+        Self::sync_purged(&writes, &mut stats).await?;
+        // Phase 2: the whole tombstones (their `content_kind` byte is the one already written).
+        for (t, tombstone) in &writes {
+            debug_assert_eq!(
+                tombstone[RECORD_HEADER_BYTES + MESSAGE_CONTENT_KIND_AT],
+                CONTENT_KIND_DELETED
+            );
+            write_all_at(&t.file, &t.path, tombstone, t.offset).await?;
+            stats.purged += 1;
+            stats.bytes += tombstone.len();
+        }
+        // The writes returned: the new bytes are in the page cache, whole.
+        drop(writing);
+        Self::sync_purged(&writes, &mut stats).await?;
+        Ok(stats)
+    }
+
+    /// One `fdatasync` per segment file among `writes`, counted in `stats`.
+    async fn sync_purged(
+        writes: &[(&PurgeTarget, Vec<u8>)],
+        stats: &mut PurgeStats,
+    ) -> Result<(), StorageError> {
+        let sync_start = Instant::now();
+        let mut synced: Vec<u32> = Vec::new();
+        for (t, _) in writes {
+            if !synced.contains(&t.segment) {
+                t.file
+                    .fdatasync()
+                    .await
+                    .map_err(io_err("fdatasync segment", &t.path))?;
+                synced.push(t.segment);
+            }
+        }
+        stats.syncs += synced.len();
+        stats.sync_us += sync_start.elapsed().as_micros() as u64;
+        Ok(())
+    }
+
     /// Closes every file. Dropping the store also releases them, a little later.
     pub async fn close(self) -> Result<(), StorageError> {
         let inner = self.inner.into_inner();
@@ -889,6 +1639,20 @@ impl EmbeddedStore {
             .map_err(io_err("close directory", &self.dir))?;
         Ok(())
     }
+}
+
+/// Cuts the torn tail of the last segment at `offset` and makes the cut durable.
+async fn cut_tail(seg: &mut Segment, offset: u64) -> Result<(), StorageError> {
+    seg.file
+        .truncate(offset)
+        .await
+        .map_err(io_err("truncate segment", &seg.path))?;
+    seg.file
+        .fdatasync()
+        .await
+        .map_err(io_err("fdatasync segment", &seg.path))?;
+    seg.len = offset;
+    Ok(())
 }
 
 /// Adds one recovered record to the index, checking what `append` guarantees.
@@ -915,7 +1679,7 @@ fn index_record(
             }
             locs.push(loc);
         }
-        Record::Cursor { .. } => {}
+        Record::Cursor { .. } | Record::Block { .. } | Record::UserMeta { .. } => {}
     }
     Ok(())
 }
@@ -967,6 +1731,46 @@ async fn create_segment(dir: &Directory, path: &Path) -> Result<BufferedFile, St
     Ok(file)
 }
 
+/// One record a `purge` rewrites, planned from the index.
+struct PurgeTarget {
+    seq: Seq,
+    segment: u32,
+    file: Rc<BufferedFile>,
+    path: PathBuf,
+    offset: u64,
+    len: usize,
+}
+
+/// Clears `purging` when a purge ends, however it ends.
+struct PurgeGuard<'a>(&'a EmbeddedStore);
+
+impl Drop for PurgeGuard<'_> {
+    fn drop(&mut self) {
+        self.0.purging.set(false);
+    }
+}
+
+/// The span in which a purge rewrites records, for readers (see `read_range`): starts on
+/// creation, ends on drop, both bumping the purge generation.
+struct PurgeWrites<'a>(&'a EmbeddedStore);
+
+impl<'a> PurgeWrites<'a> {
+    fn start(store: &'a EmbeddedStore) -> Self {
+        store.purge_writing.set(true);
+        store.purge_generation.set(store.purge_generation.get() + 1);
+        PurgeWrites(store)
+    }
+}
+
+impl Drop for PurgeWrites<'_> {
+    fn drop(&mut self) {
+        self.0.purge_writing.set(false);
+        self.0
+            .purge_generation
+            .set(self.0.purge_generation.get() + 1);
+    }
+}
+
 /// Clears `appending` when an append ends, and poisons the store unless it finished: an error or
 /// a dropped future after writing started leaves unknown bytes after the durable prefix.
 struct AppendGuard<'a> {
@@ -1012,5 +1816,108 @@ impl MessageStore for EmbeddedStore {
         bytes_max: usize,
     ) -> Result<(Vec<StoredMessage>, bool), StorageError> {
         EmbeddedStore::read_messages_before(self, chat, before, limit, bytes_max).await
+    }
+
+    async fn purge(&self, chat: ChatId, seqs: &[Seq]) -> Result<PurgeStats, StorageError> {
+        EmbeddedStore::purge(self, chat, seqs).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use switchboard_wire::ids::{ClientMsgId, DeviceId, MsgId, UserId};
+
+    fn message(payload: &[u8]) -> StoredMessage {
+        StoredMessage {
+            chat: ChatId(7),
+            seq: Seq(3),
+            msg_id: MsgId(99),
+            sender_user: UserId(1),
+            sender_device: DeviceId(2),
+            timestamp_ms: 1_700_000_000_000,
+            client_msg_id: ClientMsgId::from_halves(5, 6),
+            reply_to: Seq(1),
+            content_kind: 1,
+            flags: 1,
+            payload: payload.to_vec(),
+        }
+    }
+
+    fn encode(r: &Record) -> Vec<u8> {
+        let mut out = Vec::new();
+        r.encode_into(&mut out);
+        out
+    }
+
+    #[test]
+    fn tombstone_keeps_every_field_but_content() {
+        let m = message(b"secret content");
+        let frame = encode(&Record::Message(m.clone()));
+        let (tombstone, back) = tombstone_of(&frame).unwrap();
+        let expected = StoredMessage {
+            content_kind: CONTENT_KIND_DELETED,
+            payload: vec![0; m.payload.len()],
+            ..m
+        };
+        assert_eq!(back, expected);
+        assert_eq!(tombstone, encode(&Record::Message(expected)));
+        // A tombstone's tombstone is itself, and a torn frame (bad CRC, half-zeroed payload)
+        // gives the same tombstone.
+        assert_eq!(tombstone_of(&tombstone).unwrap().0, tombstone);
+        let mut torn = frame.clone();
+        let end = torn.len();
+        torn[end - 5..].fill(0);
+        assert!(decode_one(&torn).is_err());
+        assert_eq!(tombstone_of(&torn).unwrap().0, tombstone);
+    }
+
+    /// Version-1 messages (no flags byte) keep their version and length.
+    #[test]
+    fn tombstone_of_a_version_1_message() {
+        let m = StoredMessage {
+            flags: 0,
+            ..message(b"old format")
+        };
+        let mut frame = encode(&Record::Message(m.clone()));
+        // Drop the flags byte, set version 1, re-frame.
+        frame.remove(RECORD_HEADER_BYTES + MESSAGE_CONTENT_KIND_AT + 1);
+        frame[RECORD_HEADER_BYTES + 1] = FORMAT_VERSION;
+        let body_len = (frame.len() - RECORD_HEADER_BYTES) as u32;
+        frame[..4].copy_from_slice(&body_len.to_le_bytes());
+        let crc = crc32c::crc32c(&frame[RECORD_HEADER_BYTES..]);
+        frame[4..8].copy_from_slice(&crc.to_le_bytes());
+        assert_eq!(decode_one(&frame).unwrap().unwrap().0, Record::Message(m));
+        let (tombstone, back) = tombstone_of(&frame).unwrap();
+        assert_eq!(tombstone.len(), frame.len());
+        assert_eq!(tombstone[RECORD_HEADER_BYTES + 1], FORMAT_VERSION);
+        assert_eq!(back.content_kind, CONTENT_KIND_DELETED);
+        assert_eq!(back.payload, vec![0; 10]);
+    }
+
+    #[test]
+    fn only_messages_have_tombstones() {
+        let created = encode(&Record::ChatCreated {
+            chat: ChatId(7),
+            kind: crate::ChatKind::Group,
+            members: (1..=20).map(UserId).collect(),
+            created_ms: 1,
+        });
+        assert_eq!(tombstone_of(&created), None);
+        let cursor = encode(&Record::Cursor {
+            chat: ChatId(7),
+            user: UserId(1),
+            device: DeviceId(1),
+            kind: crate::CursorKind::Read,
+            seq: Seq(1),
+        });
+        assert_eq!(tombstone_of(&cursor), None);
+        // A message frame whose length fields disagree is not one either.
+        let mut frame = encode(&Record::Message(message(b"abc")));
+        let plen_at = RECORD_HEADER_BYTES + MESSAGE_PAYLOAD_AT - 4;
+        frame[plen_at] = 4;
+        assert_eq!(tombstone_of(&frame), None);
+        assert_eq!(tombstone_of(&frame[..frame.len() - 1]), None);
+        assert_eq!(tombstone_of(&[]), None);
     }
 }

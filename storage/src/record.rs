@@ -17,6 +17,8 @@
 //! | 1   | `ChatCreated` | `chat u64, kind u8, created_ms u64, members_len u32, members [u64]`                |
 //! | 2   | `Message`     | `chat u64, seq u64, msg_id u64, sender_user u64, sender_device u32, timestamp_ms u64, client_msg_id [u8;16], reply_to u64, content_kind u8, flags u8 (version 2 only), payload_len u32, payload [u8]` |
 //! | 3   | `Cursor`      | `chat u64, user u64, device u32, kind u8, seq u64`                                 |
+//! | 4   | `Block`       | `chat u64, blocker u64, blocked u8 (0/1)`                                          |
+//! | 5   | `UserMeta`    | `user u64, last_seen_ms u64, last_seen_visibility u8, online_visibility u8`        |
 //!
 //! Decoding is strict: the CRC must match, the tag and version must be known, every length is
 //! bounded (`RECORD_BYTES_MAX`, `CHAT_MEMBERS_MAX`, `PAYLOAD_BYTES_MAX`) and a body must be consumed
@@ -71,6 +73,10 @@ pub const CONTENT_KIND_DELETED: u8 = 254;
 const TAG_CHAT_CREATED: u8 = 1;
 const TAG_MESSAGE: u8 = 2;
 const TAG_CURSOR: u8 = 3;
+const TAG_BLOCK: u8 = 4;
+const TAG_USER_META: u8 = 5;
+const BLOCK_BODY_BYTES: usize = 2 + 8 + 8 + 1;
+const USER_META_BODY_BYTES: usize = 2 + 8 + 8 + 1 + 1;
 
 const CHAT_CREATED_FIXED_BYTES: usize = 2 + 8 + 1 + 8 + 4;
 const CURSOR_BODY_BYTES: usize = 2 + 8 + 8 + 4 + 1 + 8;
@@ -170,6 +176,21 @@ pub enum Record {
     },
     /// A message was appended to a chat.
     Message(StoredMessage),
+    /// In the 1:1 chat `chat`, `blocker` blocked (or unblocked) the other member.
+    Block {
+        chat: ChatId,
+        blocker: UserId,
+        blocked: bool,
+    },
+    /// A user's presence state, stored in the user's home shard: the whole state each time it
+    /// changes (last seen time, and who may see last seen / online: 0 everyone, 1 contacts,
+    /// 2 nobody).
+    UserMeta {
+        user: UserId,
+        last_seen_ms: u64,
+        last_seen_visibility: u8,
+        online_visibility: u8,
+    },
     /// A device's delivered or read cursor moved.
     Cursor {
         chat: ChatId,
@@ -272,6 +293,8 @@ impl Record {
                 MESSAGE_FRAME_OVERHEAD_BYTES - RECORD_HEADER_BYTES + m.payload.len()
             }
             Record::Cursor { .. } => CURSOR_BODY_BYTES,
+            Record::Block { .. } => BLOCK_BODY_BYTES,
+            Record::UserMeta { .. } => USER_META_BODY_BYTES,
         }
     }
 
@@ -341,6 +364,30 @@ impl Record {
                 out.push(kind.tag());
                 out.extend_from_slice(&seq.0.to_le_bytes());
             }
+            Record::Block {
+                chat,
+                blocker,
+                blocked,
+            } => {
+                out.push(TAG_BLOCK);
+                out.push(FORMAT_VERSION);
+                out.extend_from_slice(&chat.0.to_le_bytes());
+                out.extend_from_slice(&blocker.0.to_le_bytes());
+                out.push(u8::from(*blocked));
+            }
+            Record::UserMeta {
+                user,
+                last_seen_ms,
+                last_seen_visibility,
+                online_visibility,
+            } => {
+                out.push(TAG_USER_META);
+                out.push(FORMAT_VERSION);
+                out.extend_from_slice(&user.0.to_le_bytes());
+                out.extend_from_slice(&last_seen_ms.to_le_bytes());
+                out.push(*last_seen_visibility);
+                out.push(*online_visibility);
+            }
         }
         assert_eq!(
             out.len() - body_start,
@@ -351,11 +398,14 @@ impl Record {
         out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
     }
 
-    /// The chat this record belongs to.
-    pub fn chat(&self) -> ChatId {
+    /// The chat this record belongs to (`None` for user records).
+    pub fn chat(&self) -> Option<ChatId> {
         match self {
-            Record::ChatCreated { chat, .. } | Record::Cursor { chat, .. } => *chat,
-            Record::Message(m) => m.chat,
+            Record::ChatCreated { chat, .. }
+            | Record::Cursor { chat, .. }
+            | Record::Block { chat, .. } => Some(*chat),
+            Record::Message(m) => Some(m.chat),
+            Record::UserMeta { .. } => None,
         }
     }
 }
@@ -396,7 +446,10 @@ fn decode_body(body: &[u8]) -> Result<Record, RecordError> {
     let mut r = Reader::new(body);
     let tag = r.u8()?;
     let version = r.u8()?;
-    if !matches!(tag, TAG_CHAT_CREATED | TAG_MESSAGE | TAG_CURSOR) {
+    if !matches!(
+        tag,
+        TAG_CHAT_CREATED | TAG_MESSAGE | TAG_CURSOR | TAG_BLOCK | TAG_USER_META
+    ) {
         return Err(RecordError::UnknownTag(tag));
     }
     let known =
@@ -460,6 +513,26 @@ fn decode_body(body: &[u8]) -> Result<Record, RecordError> {
                 payload,
             })
         }
+        TAG_BLOCK => {
+            let chat = ChatId(r.u64()?);
+            let blocker = UserId(r.u64()?);
+            let blocked = match r.u8()? {
+                0 => false,
+                1 => true,
+                _ => return Err(RecordError::Truncated),
+            };
+            Record::Block {
+                chat,
+                blocker,
+                blocked,
+            }
+        }
+        TAG_USER_META => Record::UserMeta {
+            user: UserId(r.u64()?),
+            last_seen_ms: r.u64()?,
+            last_seen_visibility: r.u8()?,
+            online_visibility: r.u8()?,
+        },
         _ => {
             let chat = ChatId(r.u64()?);
             let user = UserId(r.u64()?);
@@ -687,7 +760,7 @@ mod tests {
         let mut bad_tag = body(&good_msg);
         bad_tag[0] = 9;
         let mut bad_version = body(&good_msg);
-        bad_version[1] = 2;
+        bad_version[1] = 3;
         let mut trailing = body(&good_msg);
         trailing.push(0);
         let mut short_payload = body(&good_msg);
@@ -755,7 +828,7 @@ mod tests {
             (
                 "bad version",
                 frame(&bad_version),
-                Err(RecordError::UnknownVersion(2)),
+                Err(RecordError::UnknownVersion(3)),
             ),
             (
                 "trailing",
@@ -878,5 +951,45 @@ mod tests {
             decoded_ok < 40_000 / 2,
             "{decoded_ok} mutated inputs decoded"
         );
+    }
+
+    #[test]
+    fn block_and_user_meta_round_trip() {
+        for r in [
+            Record::Block {
+                chat: ChatId(7),
+                blocker: UserId(3),
+                blocked: true,
+            },
+            Record::Block {
+                chat: ChatId(7),
+                blocker: UserId(3),
+                blocked: false,
+            },
+            Record::UserMeta {
+                user: UserId(9),
+                last_seen_ms: 123,
+                last_seen_visibility: 1,
+                online_visibility: 2,
+            },
+        ] {
+            let mut out = Vec::new();
+            r.encode_into(&mut out);
+            assert_eq!(out.len(), r.encoded_len());
+            assert_eq!(decode_one(&out).unwrap(), Some((r.clone(), out.len())));
+        }
+        // A blocked flag other than 0/1 is invalid.
+        let mut out = Vec::new();
+        Record::Block {
+            chat: ChatId(7),
+            blocker: UserId(3),
+            blocked: true,
+        }
+        .encode_into(&mut out);
+        let last = out.len() - 1;
+        out[last] = 2;
+        let crc = crc32c::crc32c(&out[8..]);
+        out[4..8].copy_from_slice(&crc.to_le_bytes());
+        assert!(decode_one(&out).is_err());
     }
 }

@@ -12,7 +12,7 @@
 //! ```
 
 use std::collections::hash_map::Entry;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 
 use switchboard_wire::ids::{ChatId, ClientMsgId, DeviceId, MsgId, Seq, UserId};
 
@@ -57,6 +57,8 @@ pub struct ChatMeta {
     /// Per member: the highest (delivered, read) over their devices, raised also by their own
     /// sends (a sender has its own message). Drives the aggregated receipts.
     pub member_cursors: HashMap<UserId, (Seq, Seq)>,
+    /// 1:1 only: members who blocked the other member.
+    pub blocked_by: Vec<UserId>,
 }
 
 impl ChatMeta {
@@ -134,6 +136,14 @@ pub struct ShardState {
     dedup_fifo: VecDeque<(UserId, ClientMsgId)>,
     /// See [`crate::StoreConfig::dedup_entries_max`].
     dedup_entries_max: usize,
+    /// Presence state of the users whose home is this shard: (last_seen_ms, last-seen visibility,
+    /// online visibility).
+    users: HashMap<UserId, (u64, u8, u8)>,
+    /// Messages deleted for everyone (from `Deleted` events). Grows with deletions only.
+    deleted: HashSet<(ChatId, Seq)>,
+    /// For each edited message, the seqs of the `Edited` events carrying its newer contents, so a
+    /// deletion can purge those too. Grows with edits only.
+    edits: HashMap<(ChatId, Seq), Vec<Seq>>,
 }
 
 impl ShardState {
@@ -150,6 +160,9 @@ impl ShardState {
             dedup: HashMap::new(),
             dedup_fifo: VecDeque::new(),
             dedup_entries_max,
+            deleted: HashSet::new(),
+            edits: HashMap::new(),
+            users: HashMap::new(),
         }
     }
 
@@ -197,6 +210,7 @@ impl ShardState {
                     group: None,
                     memberships: HashMap::new(),
                     member_cursors: HashMap::new(),
+                    blocked_by: Vec::new(),
                 });
                 for user in members {
                     let list = self.user_chats.entry(*user).or_default();
@@ -217,17 +231,29 @@ impl ShardState {
                     m.chat
                 );
                 meta.next_seq = Seq(m.seq.0 + 1);
-                if meta.kind == ChatKind::Group && m.content_kind == CONTENT_KIND_EVENT {
+                if m.content_kind == CONTENT_KIND_EVENT {
                     match switchboard_wire::decode_event(&m.payload) {
-                        Ok(ev) => {
-                            let added = apply_group_event(meta, m.sender_user, m.seq, &ev);
-                            for user in added {
-                                let list = self.user_chats.entry(user).or_default();
-                                if !list.contains(&m.chat) {
-                                    list.push(m.chat);
+                        Ok(ev) => match ev.kind {
+                            EventKind::Edited => self
+                                .edits
+                                .entry((m.chat, ev.target))
+                                .or_default()
+                                .push(m.seq),
+                            EventKind::Deleted => {
+                                self.deleted.insert((m.chat, ev.target));
+                            }
+                            EventKind::Reacted => {}
+                            _ if meta.kind == ChatKind::Group => {
+                                let added = apply_group_event(meta, m.sender_user, m.seq, &ev);
+                                for user in added {
+                                    let list = self.user_chats.entry(user).or_default();
+                                    if !list.contains(&m.chat) {
+                                        list.push(m.chat);
+                                    }
                                 }
                             }
-                        }
+                            _ => {}
+                        },
                         // Only the server writes events, and the record's CRC was valid: this is
                         // a newer server's event. Keep the message; skip its state change.
                         Err(e) => {
@@ -249,6 +275,29 @@ impl ShardState {
                         },
                     );
                 }
+            }
+            Record::Block {
+                chat,
+                blocker,
+                blocked,
+            } => {
+                if let Some(meta) = self.chats.get_mut(chat) {
+                    meta.blocked_by.retain(|u| u != blocker);
+                    if *blocked {
+                        meta.blocked_by.push(*blocker);
+                    }
+                }
+            }
+            Record::UserMeta {
+                user,
+                last_seen_ms,
+                last_seen_visibility,
+                online_visibility,
+            } => {
+                self.users.insert(
+                    *user,
+                    (*last_seen_ms, *last_seen_visibility, *online_visibility),
+                );
             }
             Record::Cursor {
                 chat,
@@ -272,6 +321,37 @@ impl ShardState {
                 }
             }
         }
+    }
+
+    /// Whether `blocker` blocked the other member of the 1:1 chat `chat`.
+    pub fn is_blocked_by(&self, chat: ChatId, blocker: UserId) -> bool {
+        self.chats
+            .get(&chat)
+            .is_some_and(|m| m.blocked_by.contains(&blocker))
+    }
+
+    /// Presence state of a user homed here: (last_seen_ms, last-seen visibility, online
+    /// visibility); visibility 0 = everyone, 1 = contacts, 2 = nobody.
+    pub fn user_presence(&self, user: UserId) -> (u64, u8, u8) {
+        self.users.get(&user).copied().unwrap_or((0, 0, 0))
+    }
+
+    /// Whether message `seq` of `chat` was deleted for everyone.
+    pub fn is_deleted(&self, chat: ChatId, seq: Seq) -> bool {
+        self.deleted.contains(&(chat, seq))
+    }
+
+    /// Every deleted message, for re-running purges that a crash interrupted.
+    pub fn deleted(&self) -> impl Iterator<Item = (ChatId, Seq)> + '_ {
+        self.deleted.iter().copied()
+    }
+
+    /// Seqs of the `Edited` events whose content replaced message `seq` of `chat`.
+    pub fn edits_of(&self, chat: ChatId, seq: Seq) -> &[Seq] {
+        self.edits
+            .get(&(chat, seq))
+            .map(Vec::as_slice)
+            .unwrap_or(&[])
     }
 
     /// `(delivered, read)` of a member over all their devices (and their own sends).
@@ -643,7 +723,12 @@ mod tests {
     fn group_events_drive_members_roles_visibility_and_ownership() {
         let g = ChatId(1 << 63 | 5);
         let mut s = ShardState::new(10);
-        s.apply(&Record::ChatCreated { chat: g, kind: ChatKind::Group, members: vec![UserId(1), UserId(2)], created_ms: 1 });
+        s.apply(&Record::ChatCreated {
+            chat: g,
+            kind: ChatKind::Group,
+            members: vec![UserId(1), UserId(2)],
+            created_ms: 1,
+        });
         let mut created = ChatEvent::new(EventKind::GroupCreated);
         created.users = vec![UserId(2)];
         created.name = Some("g".into());

@@ -23,15 +23,16 @@ use flatbuffers::{FlatBufferBuilder, UnionWIPOffset, VerifierOptions, WIPOffset}
 use crate::fb;
 use crate::frames::{
     ChatEvent, ClientFrame, CreateGroupReq, ErrorCode, ErrorFrame, EventKind, GroupInfo, GroupOp,
-    GroupUpdateReq, HistoryPage, Message, Receipt, ReceiptKind, ReceiptList, SendAck, SendReq,
-    ServerFrame, Target,
+    GroupUpdateReq, HistoryPage, Message, Presence, Receipt, ReceiptKind, ReceiptList, SendAck,
+    SendReq, ServerFrame, Target,
 };
 use crate::ids::{ChatId, ClientMsgId, DeviceId, MsgId, Seq, UserId};
 use crate::limits::{
     EDIT_PAYLOAD_BYTES_MAX, ERROR_TEXT_BYTES_MAX, FRAME_BYTES_MAX, GROUP_DESCRIPTION_BYTES_MAX,
     GROUP_NAME_BYTES_MAX, GROUP_USERS_MAX, HISTORY_PAGE_MESSAGES_DEFAULT,
-    HISTORY_PAGE_MESSAGES_MAX, MEDIA_ID_BYTES_MAX, PAYLOAD_BYTES_MAX, REACTION_BYTES_MAX,
-    SERVER_FRAME_BYTES_MAX, SYNC_CURSORS_MAX, VERIFIER_DEPTH_MAX, VERIFIER_TABLES_MAX,
+    HISTORY_PAGE_MESSAGES_MAX, MEDIA_ID_BYTES_MAX, PAYLOAD_BYTES_MAX, PRESENCE_SUBSCRIPTIONS_MAX,
+    REACTION_BYTES_MAX, SERVER_FRAME_BYTES_MAX, SYNC_CURSORS_MAX, VERIFIER_DEPTH_MAX,
+    VERIFIER_TABLES_MAX,
 };
 
 /// The file identifier of a [`ChatEvent`] buffer (the payload of a `Message` whose content kind
@@ -78,6 +79,9 @@ pub enum DecodeError {
     PayloadTooLarge { len: usize, max: usize },
     /// A `Sync` with more than [`SYNC_CURSORS_MAX`] cursors. → [`ErrorCode::TooManyCursors`].
     TooManyCursors { n: usize },
+    /// A `Subscribe` naming more than [`PRESENCE_SUBSCRIPTIONS_MAX`] users.
+    /// → [`ErrorCode::TooManySubscriptions`].
+    TooManySubscriptions { n: usize },
     /// Any other field rule broken (a zero id, a missing field, …); the text names the rule.
     /// → [`ErrorCode::InvalidArgument`].
     Invalid(&'static str),
@@ -96,6 +100,7 @@ impl DecodeError {
             }
             DecodeError::PayloadTooLarge { .. } => ErrorCode::PayloadTooLarge,
             DecodeError::TooManyCursors { .. } => ErrorCode::TooManyCursors,
+            DecodeError::TooManySubscriptions { .. } => ErrorCode::TooManySubscriptions,
             DecodeError::Invalid(_) => ErrorCode::InvalidArgument,
         }
     }
@@ -124,6 +129,12 @@ impl fmt::Display for DecodeError {
                 write!(
                     f,
                     "{n} sync cursors is over the limit of {SYNC_CURSORS_MAX}"
+                )
+            }
+            DecodeError::TooManySubscriptions { n } => {
+                write!(
+                    f,
+                    "{n} presence subscriptions is over the limit of {PRESENCE_SUBSCRIPTIONS_MAX}"
                 )
             }
             DecodeError::Invalid(rule) => write!(f, "invalid frame: {rule}"),
@@ -185,6 +196,12 @@ const REACTION_TOO_LONG: &str = "reaction is longer than REACTION_BYTES_MAX byte
 /// `React` need a non-nil `client_msg_id`, a chat and a target seq; an `Edit` payload is present
 /// and at most [`EDIT_PAYLOAD_BYTES_MAX`]; a reaction is at most [`REACTION_BYTES_MAX`] (empty
 /// removes it). `Typing` and `GetGroupInfo` need a chat, `GetReceipts` a chat and a seq.
+///
+/// Blocking and presence: `Block` needs a non-zero user. `Subscribe` names at most
+/// [`PRESENCE_SUBSCRIPTIONS_MAX`] users ([`DecodeError::TooManySubscriptions`]), all non-zero;
+/// duplicates pass through (the server removes them) and an empty list clears the
+/// subscriptions. `SetPrivacy` needs known `Visibility` values: unlike the kinds that pass
+/// through, a setting the server does not understand cannot be enforced.
 pub fn decode_client(bytes: &[u8]) -> Result<ClientFrame, DecodeError> {
     let env = envelope(bytes, FRAME_BYTES_MAX, &CLIENT_VERIFIER)?;
     match env.body_type() {
@@ -308,6 +325,30 @@ pub fn decode_client(bytes: &[u8]) -> Result<ClientFrame, DecodeError> {
                 seq,
             })
         }
+        fb::Body::Block => {
+            let b = member(env.body_as_block())?;
+            let user = nonzero(b.user(), "block needs a user")?;
+            Ok(ClientFrame::Block {
+                request_id: b.request_id(),
+                user: UserId(user),
+                blocked: b.blocked(),
+            })
+        }
+        fb::Body::Subscribe => subscribe(member(env.body_as_subscribe())?),
+        fb::Body::SetPrivacy => {
+            let p = member(env.body_as_set_privacy())?;
+            if p.last_seen().variant_name().is_none() {
+                return Err(DecodeError::Invalid("set_privacy last_seen is unknown"));
+            }
+            if p.online().variant_name().is_none() {
+                return Err(DecodeError::Invalid("set_privacy online is unknown"));
+            }
+            Ok(ClientFrame::SetPrivacy {
+                request_id: p.request_id(),
+                last_seen: p.last_seen(),
+                online: p.online(),
+            })
+        }
         other => Err(unexpected_body(other)),
     }
 }
@@ -327,7 +368,7 @@ pub fn decode_client(bytes: &[u8]) -> Result<ClientFrame, DecodeError> {
 /// has a non-zero chat and at most [`GROUP_USERS_MAX`] members, none of them user 0 (unknown
 /// `MemberRole` values pass through); a `TypingNotice` has a non-zero chat and user; a
 /// `ReceiptList` has a non-zero chat and seq and at most [`GROUP_USERS_MAX`] non-zero users in
-/// each list.
+/// each list. A `Presence` has a non-zero user.
 pub fn decode_server(bytes: &[u8]) -> Result<ServerFrame, DecodeError> {
     let env = envelope(bytes, SERVER_FRAME_BYTES_MAX, &SERVER_VERIFIER)?;
     match env.body_type() {
@@ -407,6 +448,19 @@ pub fn decode_server(bytes: &[u8]) -> Result<ServerFrame, DecodeError> {
             })
         }
         fb::Body::ReceiptList => receipt_list(member(env.body_as_receipt_list())?),
+        fb::Body::Done => Ok(ServerFrame::Done {
+            request_id: member(env.body_as_done())?.request_id(),
+        }),
+        fb::Body::Presence => {
+            let p = member(env.body_as_presence())?;
+            let user = nonzero(p.user(), "presence needs a user")?;
+            Ok(ServerFrame::Presence(Presence {
+                user: UserId(user),
+                online: p.online(),
+                last_seen_ms: p.last_seen_ms(),
+                hidden: p.hidden(),
+            }))
+        }
         other => Err(unexpected_body(other)),
     }
 }
@@ -760,12 +814,20 @@ fn send_req(s: fb::Send<'_>) -> Result<SendReq, DecodeError> {
         .ok_or(DecodeError::Invalid("send needs a payload"))?
         .bytes();
     payload_ok(payload.len())?;
+    // Event and Deleted are written by the server only: a client's message claiming to be one
+    // would be misread by every other client (and by storage recovery, for Deleted).
+    let content_kind = s.content_kind();
+    if content_kind == fb::ContentKind::Event || content_kind == fb::ContentKind::Deleted {
+        return Err(DecodeError::Invalid(
+            "content_kind Event and Deleted are server-only",
+        ));
+    }
     Ok(SendReq {
         client_msg_id,
         target,
         payload: payload.to_vec(),
         reply_to: Seq(s.reply_to()),
-        content_kind: s.content_kind(),
+        content_kind,
         forwarded: s.forwarded(),
     })
 }
@@ -789,6 +851,27 @@ fn sync(s: fb::Sync<'_>) -> Result<ClientFrame, DecodeError> {
     Ok(ClientFrame::Sync {
         request_id: s.request_id(),
         cursors,
+    })
+}
+
+fn subscribe(s: fb::Subscribe<'_>) -> Result<ClientFrame, DecodeError> {
+    let users = match s.users() {
+        None => Vec::new(),
+        Some(v) => {
+            // Checked before allocating: the verifier has bounded `len` by the frame size only.
+            if v.len() > PRESENCE_SUBSCRIPTIONS_MAX {
+                return Err(DecodeError::TooManySubscriptions { n: v.len() });
+            }
+            let mut out = Vec::with_capacity(v.len());
+            for u in v.iter() {
+                out.push(UserId(nonzero(u, "subscribe user ids must be non-zero")?));
+            }
+            out
+        }
+    };
+    Ok(ClientFrame::Subscribe {
+        request_id: s.request_id(),
+        users,
     })
 }
 
@@ -1109,6 +1192,47 @@ impl Encoder {
                     fb::GetReceipts::create(fbb, &args).as_union_value(),
                 )
             }
+            ClientFrame::Block {
+                request_id,
+                user,
+                blocked,
+            } => {
+                let args = fb::BlockArgs {
+                    request_id: *request_id,
+                    user: user.0,
+                    blocked: *blocked,
+                };
+                (
+                    fb::Body::Block,
+                    fb::Block::create(fbb, &args).as_union_value(),
+                )
+            }
+            ClientFrame::Subscribe { request_id, users } => {
+                let users = user_vector(fbb, users);
+                let args = fb::SubscribeArgs {
+                    request_id: *request_id,
+                    users,
+                };
+                (
+                    fb::Body::Subscribe,
+                    fb::Subscribe::create(fbb, &args).as_union_value(),
+                )
+            }
+            ClientFrame::SetPrivacy {
+                request_id,
+                last_seen,
+                online,
+            } => {
+                let args = fb::SetPrivacyArgs {
+                    request_id: *request_id,
+                    last_seen: *last_seen,
+                    online: *online,
+                };
+                (
+                    fb::Body::SetPrivacy,
+                    fb::SetPrivacy::create(fbb, &args).as_union_value(),
+                )
+            }
         };
         finish(fbb, body_type, body)
     }
@@ -1256,6 +1380,27 @@ impl Encoder {
                 (
                     fb::Body::ReceiptList,
                     fb::ReceiptList::create(fbb, &args).as_union_value(),
+                )
+            }
+            ServerFrame::Done { request_id } => {
+                let args = fb::DoneArgs {
+                    request_id: *request_id,
+                };
+                (
+                    fb::Body::Done,
+                    fb::Done::create(fbb, &args).as_union_value(),
+                )
+            }
+            ServerFrame::Presence(p) => {
+                let args = fb::PresenceArgs {
+                    user: p.user.0,
+                    online: p.online,
+                    last_seen_ms: p.last_seen_ms,
+                    hidden: p.hidden,
+                };
+                (
+                    fb::Body::Presence,
+                    fb::Presence::create(fbb, &args).as_union_value(),
                 )
             }
         };

@@ -73,6 +73,28 @@ pub enum ClientFrame {
         chat: ChatId,
         seq: Seq,
     },
+    /// Block (`blocked: true`) or unblock `user`: a blocked user's 1:1 messages are refused with
+    /// `Blocked`, and neither side sees the other's presence or typing. Answered with
+    /// [`ServerFrame::Done`] of the same `request_id`.
+    Block {
+        request_id: u32,
+        user: UserId,
+        blocked: bool,
+    },
+    /// Replace this connection's presence subscriptions with `users` (empty: none; duplicates
+    /// are allowed, the server removes them). Answered with [`ServerFrame::Done`] of the same
+    /// `request_id`, then a [`ServerFrame::Presence`] for each user, then one per change.
+    Subscribe {
+        request_id: u32,
+        users: Vec<UserId>,
+    },
+    /// Who may see this user's last-seen time and online status. Answered with
+    /// [`ServerFrame::Done`] of the same `request_id`.
+    SetPrivacy {
+        request_id: u32,
+        last_seen: Visibility,
+        online: Visibility,
+    },
 }
 
 /// Where a `Send` goes.
@@ -120,6 +142,12 @@ pub enum ServerFrame {
     },
     /// The answer to `GetReceipts`.
     ReceiptList(ReceiptList),
+    /// A request without other results (`Block`, `Subscribe`, `SetPrivacy`) succeeded.
+    Done {
+        request_id: u32,
+    },
+    /// A subscribed user's presence: the current state after `Subscribe`'s `Done`, then changes.
+    Presence(Presence),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -171,7 +199,8 @@ pub struct ErrorFrame {
     pub text: String,
     /// Set when the error answers a `Send`.
     pub client_msg_id: Option<ClientMsgId>,
-    /// Non-zero when the error answers a `Sync` or `History`.
+    /// Non-zero when the error answers a request with a `request_id` (`Sync`, `History`,
+    /// `CreateGroup`, `GetGroupInfo`, `GetReceipts`, `Block`, `Subscribe`, `SetPrivacy`).
     pub request_id: u32,
 }
 
@@ -277,4 +306,20 @@ impl ChatEvent {
             reaction: String::new(),
         }
     }
+}
+
+// ------------------------------------------------------------------ blocking and presence
+
+pub use crate::fb::Visibility;
+
+/// `user`'s presence as this connection's user may see it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Presence {
+    pub user: UserId,
+    pub online: bool,
+    /// When the user was last online, Unix ms; 0 when hidden or unknown.
+    pub last_seen_ms: u64,
+    /// The user's privacy settings, or a block between the two users, hide (part of) their
+    /// presence from this viewer; what is hidden reads as `online: false` / `last_seen_ms: 0`.
+    pub hidden: bool,
 }

@@ -68,3 +68,9 @@ const _: () = assert!(
         + 1024
         <= PAYLOAD_BYTES_MAX
 );
+
+/// Most users one `Subscribe` may name; also the per-connection cap (a `Subscribe` replaces the
+/// connection's whole subscription set).
+pub const PRESENCE_SUBSCRIPTIONS_MAX: usize = 256;
+
+const _: () = assert!(PRESENCE_SUBSCRIPTIONS_MAX * 8 + 1024 <= FRAME_BYTES_MAX);

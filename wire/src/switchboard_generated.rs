@@ -215,7 +215,7 @@ pub const ENUM_MIN_ERROR_CODE: u16 = 0;
 pub const ENUM_MAX_ERROR_CODE: u16 = 503;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_ERROR_CODE: [ErrorCode; 16] = [
+pub const ENUM_VALUES_ERROR_CODE: [ErrorCode; 18] = [
   ErrorCode::Unknown,
   ErrorCode::MalformedFrame,
   ErrorCode::UnsupportedFrame,
@@ -229,6 +229,8 @@ pub const ENUM_VALUES_ERROR_CODE: [ErrorCode; 16] = [
   ErrorCode::SelfChat,
   ErrorCode::NotAllowed,
   ErrorCode::GroupFull,
+  ErrorCode::Blocked,
+  ErrorCode::TooManySubscriptions,
   ErrorCode::RateLimited,
   ErrorCode::Internal,
   ErrorCode::Overloaded,
@@ -257,6 +259,10 @@ impl ErrorCode {
   pub const NotAllowed: Self = Self(204);
   /// The group would exceed the server's member limit.
   pub const GroupFull: Self = Self(205);
+  /// The recipient has blocked the sender (1:1).
+  pub const Blocked: Self = Self(206);
+  /// Too many presence subscriptions on this connection.
+  pub const TooManySubscriptions: Self = Self(207);
   pub const RateLimited: Self = Self(429);
   pub const Internal: Self = Self(500);
   pub const Overloaded: Self = Self(503);
@@ -277,6 +283,8 @@ impl ErrorCode {
     Self::SelfChat,
     Self::NotAllowed,
     Self::GroupFull,
+    Self::Blocked,
+    Self::TooManySubscriptions,
     Self::RateLimited,
     Self::Internal,
     Self::Overloaded,
@@ -297,6 +305,8 @@ impl ErrorCode {
       Self::SelfChat => Some("SelfChat"),
       Self::NotAllowed => Some("NotAllowed"),
       Self::GroupFull => Some("GroupFull"),
+      Self::Blocked => Some("Blocked"),
+      Self::TooManySubscriptions => Some("TooManySubscriptions"),
       Self::RateLimited => Some("RateLimited"),
       Self::Internal => Some("Internal"),
       Self::Overloaded => Some("Overloaded"),
@@ -357,10 +367,10 @@ impl ::flatbuffers::SimpleToVerifyInSlice for ErrorCode {}
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 pub const ENUM_MIN_BODY: u8 = 0;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MAX_BODY: u8 = 24;
+pub const ENUM_MAX_BODY: u8 = 29;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_BODY: [Body; 25] = [
+pub const ENUM_VALUES_BODY: [Body; 30] = [
   Body::NONE,
   Body::Send,
   Body::Delivered,
@@ -386,6 +396,11 @@ pub const ENUM_VALUES_BODY: [Body; 25] = [
   Body::TypingNotice,
   Body::GetReceipts,
   Body::ReceiptList,
+  Body::Block,
+  Body::Done,
+  Body::Subscribe,
+  Body::Presence,
+  Body::SetPrivacy,
 ];
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -418,9 +433,14 @@ impl Body {
   pub const TypingNotice: Self = Self(22);
   pub const GetReceipts: Self = Self(23);
   pub const ReceiptList: Self = Self(24);
+  pub const Block: Self = Self(25);
+  pub const Done: Self = Self(26);
+  pub const Subscribe: Self = Self(27);
+  pub const Presence: Self = Self(28);
+  pub const SetPrivacy: Self = Self(29);
 
   pub const ENUM_MIN: u8 = 0;
-  pub const ENUM_MAX: u8 = 24;
+  pub const ENUM_MAX: u8 = 29;
   pub const ENUM_VALUES: &'static [Self] = &[
     Self::NONE,
     Self::Send,
@@ -447,6 +467,11 @@ impl Body {
     Self::TypingNotice,
     Self::GetReceipts,
     Self::ReceiptList,
+    Self::Block,
+    Self::Done,
+    Self::Subscribe,
+    Self::Presence,
+    Self::SetPrivacy,
   ];
   /// Returns the variant's name or "" if unknown.
   pub fn variant_name(self) -> Option<&'static str> {
@@ -476,6 +501,11 @@ impl Body {
       Self::TypingNotice => Some("TypingNotice"),
       Self::GetReceipts => Some("GetReceipts"),
       Self::ReceiptList => Some("ReceiptList"),
+      Self::Block => Some("Block"),
+      Self::Done => Some("Done"),
+      Self::Subscribe => Some("Subscribe"),
+      Self::Presence => Some("Presence"),
+      Self::SetPrivacy => Some("SetPrivacy"),
       _ => None,
     }
   }
@@ -840,6 +870,94 @@ impl<'a> ::flatbuffers::Verifiable for EventKind {
 }
 
 impl ::flatbuffers::SimpleToVerifyInSlice for EventKind {}
+#[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
+pub const ENUM_MIN_VISIBILITY: u8 = 0;
+#[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
+pub const ENUM_MAX_VISIBILITY: u8 = 2;
+#[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
+#[allow(non_camel_case_types)]
+pub const ENUM_VALUES_VISIBILITY: [Visibility; 3] = [
+  Visibility::Everyone,
+  Visibility::Contacts,
+  Visibility::Nobody,
+];
+
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+#[repr(transparent)]
+pub struct Visibility(pub u8);
+#[allow(non_upper_case_globals)]
+impl Visibility {
+  pub const Everyone: Self = Self(0);
+  pub const Contacts: Self = Self(1);
+  pub const Nobody: Self = Self(2);
+
+  pub const ENUM_MIN: u8 = 0;
+  pub const ENUM_MAX: u8 = 2;
+  pub const ENUM_VALUES: &'static [Self] = &[
+    Self::Everyone,
+    Self::Contacts,
+    Self::Nobody,
+  ];
+  /// Returns the variant's name or "" if unknown.
+  pub fn variant_name(self) -> Option<&'static str> {
+    match self {
+      Self::Everyone => Some("Everyone"),
+      Self::Contacts => Some("Contacts"),
+      Self::Nobody => Some("Nobody"),
+      _ => None,
+    }
+  }
+}
+impl ::core::fmt::Debug for Visibility {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter) -> ::core::fmt::Result {
+    if let Some(name) = self.variant_name() {
+      f.write_str(name)
+    } else {
+      f.write_fmt(format_args!("<UNKNOWN {:?}>", self.0))
+    }
+  }
+}
+impl<'a> ::flatbuffers::Follow<'a> for Visibility {
+  type Inner = Self;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    let b = unsafe { ::flatbuffers::read_scalar_at::<u8>(buf, loc) };
+    Self(b)
+  }
+}
+
+impl ::flatbuffers::Push for Visibility {
+    type Output = Visibility;
+    #[inline]
+    unsafe fn push(&self, dst: &mut [u8], _written_len: usize) {
+        unsafe { ::flatbuffers::emplace_scalar::<u8>(dst, self.0) };
+    }
+}
+
+impl ::flatbuffers::EndianScalar for Visibility {
+  type Scalar = u8;
+  #[inline]
+  fn to_little_endian(self) -> u8 {
+    self.0.to_le()
+  }
+  #[inline]
+  #[allow(clippy::wrong_self_convention)]
+  fn from_little_endian(v: u8) -> Self {
+    let b = u8::from_le(v);
+    Self(b)
+  }
+}
+
+impl<'a> ::flatbuffers::Verifiable for Visibility {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    u8::run_verifier(v, pos)
+  }
+}
+
+impl ::flatbuffers::SimpleToVerifyInSlice for Visibility {}
 /// A 16-byte client-chosen message id, stored as two little-endian u64 halves.
 // struct Uuid, aligned to 8
 #[repr(transparent)]
@@ -3555,6 +3673,81 @@ impl<'a> Envelope<'a> {
     }
   }
 
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_block(&self) -> Option<Block<'a>> {
+    if self.body_type() == Body::Block {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { Block::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_done(&self) -> Option<Done<'a>> {
+    if self.body_type() == Body::Done {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { Done::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_subscribe(&self) -> Option<Subscribe<'a>> {
+    if self.body_type() == Body::Subscribe {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { Subscribe::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_presence(&self) -> Option<Presence<'a>> {
+    if self.body_type() == Body::Presence {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { Presence::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_set_privacy(&self) -> Option<SetPrivacy<'a>> {
+    if self.body_type() == Body::SetPrivacy {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { SetPrivacy::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
 }
 
 impl ::flatbuffers::Verifiable for Envelope<'_> {
@@ -3589,6 +3782,11 @@ impl ::flatbuffers::Verifiable for Envelope<'_> {
           Body::TypingNotice => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<TypingNotice>>("Body::TypingNotice", pos),
           Body::GetReceipts => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<GetReceipts>>("Body::GetReceipts", pos),
           Body::ReceiptList => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<ReceiptList>>("Body::ReceiptList", pos),
+          Body::Block => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Block>>("Body::Block", pos),
+          Body::Done => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Done>>("Body::Done", pos),
+          Body::Subscribe => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Subscribe>>("Body::Subscribe", pos),
+          Body::Presence => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Presence>>("Body::Presence", pos),
+          Body::SetPrivacy => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<SetPrivacy>>("Body::SetPrivacy", pos),
           _ => Ok(()),
         }
      })?
@@ -3806,6 +4004,41 @@ impl ::core::fmt::Debug for Envelope<'_> {
         },
         Body::ReceiptList => {
           if let Some(x) = self.body_as_receipt_list() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Body::Block => {
+          if let Some(x) = self.body_as_block() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Body::Done => {
+          if let Some(x) = self.body_as_done() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Body::Subscribe => {
+          if let Some(x) = self.body_as_subscribe() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Body::Presence => {
+          if let Some(x) = self.body_as_presence() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Body::SetPrivacy => {
+          if let Some(x) = self.body_as_set_privacy() {
             ds.field("body", &x)
           } else {
             ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
@@ -5813,6 +6046,630 @@ impl ::core::fmt::Debug for ChatEvent<'_> {
       ds.field("target_seq", &self.target_seq());
       ds.field("payload", &self.payload());
       ds.field("reaction", &self.reaction());
+      ds.finish()
+  }
+}
+pub enum BlockOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Block (or unblock) `user`: their 1:1 messages to you are refused with `Blocked`, and neither
+/// of you sees the other's presence or typing. Answered with `Done`.
+pub struct Block<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for Block<'a> {
+  type Inner = Block<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> Block<'a> {
+  pub const VT_REQUEST_ID: ::flatbuffers::VOffsetT = 4;
+  pub const VT_USER: ::flatbuffers::VOffsetT = 6;
+  pub const VT_BLOCKED: ::flatbuffers::VOffsetT = 8;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    Block { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args BlockArgs
+  ) -> ::flatbuffers::WIPOffset<Block<'bldr>> {
+    let mut builder = BlockBuilder::new(_fbb);
+    builder.add_user(args.user);
+    builder.add_request_id(args.request_id);
+    builder.add_blocked(args.blocked);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn request_id(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(Block::VT_REQUEST_ID, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn user(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(Block::VT_USER, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn blocked(&self) -> bool {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<bool>(Block::VT_BLOCKED, Some(true)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for Block<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u32>("request_id", Self::VT_REQUEST_ID, false)?
+     .visit_field::<u64>("user", Self::VT_USER, false)?
+     .visit_field::<bool>("blocked", Self::VT_BLOCKED, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct BlockArgs {
+    pub request_id: u32,
+    pub user: u64,
+    pub blocked: bool,
+}
+impl<'a> Default for BlockArgs {
+  #[inline]
+  fn default() -> Self {
+    BlockArgs {
+      request_id: 0,
+      user: 0,
+      blocked: true,
+    }
+  }
+}
+
+pub struct BlockBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> BlockBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_request_id(&mut self, request_id: u32) {
+    self.fbb_.push_slot::<u32>(Block::VT_REQUEST_ID, request_id, 0);
+  }
+  #[inline]
+  pub fn add_user(&mut self, user: u64) {
+    self.fbb_.push_slot::<u64>(Block::VT_USER, user, 0);
+  }
+  #[inline]
+  pub fn add_blocked(&mut self, blocked: bool) {
+    self.fbb_.push_slot::<bool>(Block::VT_BLOCKED, blocked, true);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> BlockBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    BlockBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<Block<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for Block<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("Block");
+      ds.field("request_id", &self.request_id());
+      ds.field("user", &self.user());
+      ds.field("blocked", &self.blocked());
+      ds.finish()
+  }
+}
+pub enum DoneOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// A request without other results succeeded.
+pub struct Done<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for Done<'a> {
+  type Inner = Done<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> Done<'a> {
+  pub const VT_REQUEST_ID: ::flatbuffers::VOffsetT = 4;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    Done { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args DoneArgs
+  ) -> ::flatbuffers::WIPOffset<Done<'bldr>> {
+    let mut builder = DoneBuilder::new(_fbb);
+    builder.add_request_id(args.request_id);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn request_id(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(Done::VT_REQUEST_ID, Some(0)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for Done<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u32>("request_id", Self::VT_REQUEST_ID, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct DoneArgs {
+    pub request_id: u32,
+}
+impl<'a> Default for DoneArgs {
+  #[inline]
+  fn default() -> Self {
+    DoneArgs {
+      request_id: 0,
+    }
+  }
+}
+
+pub struct DoneBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> DoneBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_request_id(&mut self, request_id: u32) {
+    self.fbb_.push_slot::<u32>(Done::VT_REQUEST_ID, request_id, 0);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> DoneBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    DoneBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<Done<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for Done<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("Done");
+      ds.field("request_id", &self.request_id());
+      ds.finish()
+  }
+}
+pub enum SubscribeOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Replace this connection's presence subscriptions with `users` (at most the server's
+/// per-connection limit). The server answers `Done`, then a `Presence` for each user it may show,
+/// then further `Presence` frames as they change (at most about one per second per user).
+pub struct Subscribe<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for Subscribe<'a> {
+  type Inner = Subscribe<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> Subscribe<'a> {
+  pub const VT_REQUEST_ID: ::flatbuffers::VOffsetT = 4;
+  pub const VT_USERS: ::flatbuffers::VOffsetT = 6;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    Subscribe { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args SubscribeArgs<'args>
+  ) -> ::flatbuffers::WIPOffset<Subscribe<'bldr>> {
+    let mut builder = SubscribeBuilder::new(_fbb);
+    if let Some(x) = args.users { builder.add_users(x); }
+    builder.add_request_id(args.request_id);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn request_id(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(Subscribe::VT_REQUEST_ID, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn users(&self) -> Option<::flatbuffers::Vector<'a, u64>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, u64>>>(Subscribe::VT_USERS, None)}
+  }
+}
+
+impl ::flatbuffers::Verifiable for Subscribe<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u32>("request_id", Self::VT_REQUEST_ID, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, u64>>>("users", Self::VT_USERS, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct SubscribeArgs<'a> {
+    pub request_id: u32,
+    pub users: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, u64>>>,
+}
+impl<'a> Default for SubscribeArgs<'a> {
+  #[inline]
+  fn default() -> Self {
+    SubscribeArgs {
+      request_id: 0,
+      users: None,
+    }
+  }
+}
+
+pub struct SubscribeBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> SubscribeBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_request_id(&mut self, request_id: u32) {
+    self.fbb_.push_slot::<u32>(Subscribe::VT_REQUEST_ID, request_id, 0);
+  }
+  #[inline]
+  pub fn add_users(&mut self, users: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , u64>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Subscribe::VT_USERS, users);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> SubscribeBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    SubscribeBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<Subscribe<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for Subscribe<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("Subscribe");
+      ds.field("request_id", &self.request_id());
+      ds.field("users", &self.users());
+      ds.finish()
+  }
+}
+pub enum PresenceOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// `user`'s presence as this viewer may see it. `last_seen_ms` is 0 when hidden or unknown.
+pub struct Presence<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for Presence<'a> {
+  type Inner = Presence<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> Presence<'a> {
+  pub const VT_USER: ::flatbuffers::VOffsetT = 4;
+  pub const VT_ONLINE: ::flatbuffers::VOffsetT = 6;
+  pub const VT_LAST_SEEN_MS: ::flatbuffers::VOffsetT = 8;
+  pub const VT_HIDDEN: ::flatbuffers::VOffsetT = 10;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    Presence { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args PresenceArgs
+  ) -> ::flatbuffers::WIPOffset<Presence<'bldr>> {
+    let mut builder = PresenceBuilder::new(_fbb);
+    builder.add_last_seen_ms(args.last_seen_ms);
+    builder.add_user(args.user);
+    builder.add_hidden(args.hidden);
+    builder.add_online(args.online);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn user(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(Presence::VT_USER, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn online(&self) -> bool {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<bool>(Presence::VT_ONLINE, Some(false)).unwrap()}
+  }
+  #[inline]
+  pub fn last_seen_ms(&self) -> u64 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u64>(Presence::VT_LAST_SEEN_MS, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn hidden(&self) -> bool {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<bool>(Presence::VT_HIDDEN, Some(false)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for Presence<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u64>("user", Self::VT_USER, false)?
+     .visit_field::<bool>("online", Self::VT_ONLINE, false)?
+     .visit_field::<u64>("last_seen_ms", Self::VT_LAST_SEEN_MS, false)?
+     .visit_field::<bool>("hidden", Self::VT_HIDDEN, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct PresenceArgs {
+    pub user: u64,
+    pub online: bool,
+    pub last_seen_ms: u64,
+    pub hidden: bool,
+}
+impl<'a> Default for PresenceArgs {
+  #[inline]
+  fn default() -> Self {
+    PresenceArgs {
+      user: 0,
+      online: false,
+      last_seen_ms: 0,
+      hidden: false,
+    }
+  }
+}
+
+pub struct PresenceBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> PresenceBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_user(&mut self, user: u64) {
+    self.fbb_.push_slot::<u64>(Presence::VT_USER, user, 0);
+  }
+  #[inline]
+  pub fn add_online(&mut self, online: bool) {
+    self.fbb_.push_slot::<bool>(Presence::VT_ONLINE, online, false);
+  }
+  #[inline]
+  pub fn add_last_seen_ms(&mut self, last_seen_ms: u64) {
+    self.fbb_.push_slot::<u64>(Presence::VT_LAST_SEEN_MS, last_seen_ms, 0);
+  }
+  #[inline]
+  pub fn add_hidden(&mut self, hidden: bool) {
+    self.fbb_.push_slot::<bool>(Presence::VT_HIDDEN, hidden, false);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> PresenceBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    PresenceBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<Presence<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for Presence<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("Presence");
+      ds.field("user", &self.user());
+      ds.field("online", &self.online());
+      ds.field("last_seen_ms", &self.last_seen_ms());
+      ds.field("hidden", &self.hidden());
+      ds.finish()
+  }
+}
+pub enum SetPrivacyOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Who may see your last-seen time and your online status. Answered with `Done`.
+pub struct SetPrivacy<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for SetPrivacy<'a> {
+  type Inner = SetPrivacy<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> SetPrivacy<'a> {
+  pub const VT_REQUEST_ID: ::flatbuffers::VOffsetT = 4;
+  pub const VT_LAST_SEEN: ::flatbuffers::VOffsetT = 6;
+  pub const VT_ONLINE: ::flatbuffers::VOffsetT = 8;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    SetPrivacy { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args SetPrivacyArgs
+  ) -> ::flatbuffers::WIPOffset<SetPrivacy<'bldr>> {
+    let mut builder = SetPrivacyBuilder::new(_fbb);
+    builder.add_request_id(args.request_id);
+    builder.add_online(args.online);
+    builder.add_last_seen(args.last_seen);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn request_id(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(SetPrivacy::VT_REQUEST_ID, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn last_seen(&self) -> Visibility {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<Visibility>(SetPrivacy::VT_LAST_SEEN, Some(Visibility::Everyone)).unwrap()}
+  }
+  #[inline]
+  pub fn online(&self) -> Visibility {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<Visibility>(SetPrivacy::VT_ONLINE, Some(Visibility::Everyone)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for SetPrivacy<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u32>("request_id", Self::VT_REQUEST_ID, false)?
+     .visit_field::<Visibility>("last_seen", Self::VT_LAST_SEEN, false)?
+     .visit_field::<Visibility>("online", Self::VT_ONLINE, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct SetPrivacyArgs {
+    pub request_id: u32,
+    pub last_seen: Visibility,
+    pub online: Visibility,
+}
+impl<'a> Default for SetPrivacyArgs {
+  #[inline]
+  fn default() -> Self {
+    SetPrivacyArgs {
+      request_id: 0,
+      last_seen: Visibility::Everyone,
+      online: Visibility::Everyone,
+    }
+  }
+}
+
+pub struct SetPrivacyBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> SetPrivacyBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_request_id(&mut self, request_id: u32) {
+    self.fbb_.push_slot::<u32>(SetPrivacy::VT_REQUEST_ID, request_id, 0);
+  }
+  #[inline]
+  pub fn add_last_seen(&mut self, last_seen: Visibility) {
+    self.fbb_.push_slot::<Visibility>(SetPrivacy::VT_LAST_SEEN, last_seen, Visibility::Everyone);
+  }
+  #[inline]
+  pub fn add_online(&mut self, online: Visibility) {
+    self.fbb_.push_slot::<Visibility>(SetPrivacy::VT_ONLINE, online, Visibility::Everyone);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> SetPrivacyBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    SetPrivacyBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<SetPrivacy<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for SetPrivacy<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("SetPrivacy");
+      ds.field("request_id", &self.request_id());
+      ds.field("last_seen", &self.last_seen());
+      ds.field("online", &self.online());
       ds.finish()
   }
 }

@@ -6,15 +6,15 @@ use flatbuffers::FlatBufferBuilder;
 use switchboard_wire::limits::{
     EDIT_PAYLOAD_BYTES_MAX, ERROR_TEXT_BYTES_MAX, FRAME_BYTES_MAX, GROUP_DESCRIPTION_BYTES_MAX,
     GROUP_NAME_BYTES_MAX, GROUP_USERS_MAX, HISTORY_PAGE_MESSAGES_DEFAULT,
-    HISTORY_PAGE_MESSAGES_MAX, MEDIA_ID_BYTES_MAX, PAYLOAD_BYTES_MAX, REACTION_BYTES_MAX,
-    SERVER_FRAME_BYTES_MAX, SYNC_CURSORS_MAX,
+    HISTORY_PAGE_MESSAGES_MAX, MEDIA_ID_BYTES_MAX, PAYLOAD_BYTES_MAX, PRESENCE_SUBSCRIPTIONS_MAX,
+    REACTION_BYTES_MAX, SERVER_FRAME_BYTES_MAX, SYNC_CURSORS_MAX,
 };
 use switchboard_wire::{
     decode_client, decode_event, decode_server, encode_event, fb, ChatEvent, ChatId, ClientFrame,
     ClientMsgId, ContentKind, CreateGroupReq, DecodeError, DeviceId, Encoder, ErrorCode,
     ErrorFrame, EventKind, GroupInfo, GroupOp, GroupUpdateReq, HistoryPage, MemberRole, Message,
-    MsgId, Receipt, ReceiptKind, ReceiptList, SendAck, SendReq, Seq, ServerFrame, Target, UserId,
-    EVENT_IDENTIFIER,
+    MsgId, Presence, Receipt, ReceiptKind, ReceiptList, SendAck, SendReq, Seq, ServerFrame, Target,
+    UserId, Visibility, EVENT_IDENTIFIER,
 };
 
 // ------------------------------------------------------------------------------ test harness
@@ -321,6 +321,45 @@ fn client_frames() -> Vec<ClientFrame> {
             chat: ChatId(u64::MAX),
             seq: Seq(u64::MAX),
         },
+        ClientFrame::Block {
+            request_id: 6,
+            user: UserId(9),
+            blocked: true,
+        },
+        ClientFrame::Block {
+            request_id: 0,
+            user: UserId(u64::MAX),
+            blocked: false,
+        },
+        // Empty: clears the subscriptions.
+        ClientFrame::Subscribe {
+            request_id: 7,
+            users: Vec::new(),
+        },
+        // Duplicates pass through; the server removes them.
+        ClientFrame::Subscribe {
+            request_id: 8,
+            users: vec![UserId(3), UserId(u64::MAX), UserId(3)],
+        },
+        ClientFrame::Subscribe {
+            request_id: u32::MAX,
+            users: users(1..=PRESENCE_SUBSCRIPTIONS_MAX as u64),
+        },
+        ClientFrame::SetPrivacy {
+            request_id: 9,
+            last_seen: Visibility::Everyone,
+            online: Visibility::Everyone,
+        },
+        ClientFrame::SetPrivacy {
+            request_id: 10,
+            last_seen: Visibility::Contacts,
+            online: Visibility::Nobody,
+        },
+        ClientFrame::SetPrivacy {
+            request_id: 0,
+            last_seen: Visibility::Nobody,
+            online: Visibility::Contacts,
+        },
     ]
 }
 
@@ -476,6 +515,35 @@ fn server_frames() -> Vec<ServerFrame> {
             read: users(1..=GROUP_USERS_MAX as u64),
             pending: users(1..=GROUP_USERS_MAX as u64),
             ..receipt_list()
+        }),
+        ServerFrame::Done { request_id: 0 },
+        ServerFrame::Done {
+            request_id: u32::MAX,
+        },
+        ServerFrame::Presence(Presence {
+            user: UserId(9),
+            online: true,
+            last_seen_ms: 1_700_000_000_000,
+            hidden: false,
+        }),
+        ServerFrame::Presence(Presence {
+            user: UserId(u64::MAX),
+            online: false,
+            last_seen_ms: u64::MAX,
+            hidden: false,
+        }),
+        // Online shown, last seen hidden.
+        ServerFrame::Presence(Presence {
+            user: UserId(9),
+            online: true,
+            last_seen_ms: 0,
+            hidden: true,
+        }),
+        ServerFrame::Presence(Presence {
+            user: UserId(1),
+            online: false,
+            last_seen_ms: 0,
+            hidden: true,
         }),
     ]
 }
@@ -701,6 +769,16 @@ mod raw {
         })
     }
 
+    /// A `Block` without its `blocked` field: the schema default (`true`) applies.
+    pub fn block_without_flag(user: u64) -> Vec<u8> {
+        envelope(fb::Body::Block, |fbb| {
+            let mut b = fb::BlockBuilder::new(fbb);
+            b.add_request_id(4);
+            b.add_user(user);
+            Some(b.finish().as_union_value())
+        })
+    }
+
     /// `bytes` with the first byte of the first occurrence of `needle` (a string in it) replaced
     /// by 0xff, which is never valid UTF-8.
     pub fn break_utf8(mut bytes: Vec<u8>, needle: &str) -> Vec<u8> {
@@ -833,6 +911,16 @@ fn normalised_on_decode() {
     for (name, input, expect) in client_cases {
         check(name, decode_client, &enc_client(&input), Expect::Ok(expect));
     }
+    check(
+        "block without the blocked field blocks (the schema default)",
+        decode_client,
+        &raw::block_without_flag(9),
+        Expect::Ok(ClientFrame::Block {
+            request_id: 4,
+            user: UserId(9),
+            blocked: true,
+        }),
+    );
 
     let error = |text: String, client_msg_id| {
         ServerFrame::Error(ErrorFrame {
@@ -928,6 +1016,26 @@ fn client_rule_violations() {
             reaction: reaction.into(),
         })
     };
+    let block = |user| {
+        enc_client(&ClientFrame::Block {
+            request_id: 1,
+            user: UserId(user),
+            blocked: true,
+        })
+    };
+    let subscribe = |users| {
+        enc_client(&ClientFrame::Subscribe {
+            request_id: 1,
+            users,
+        })
+    };
+    let privacy = |last_seen, online| {
+        enc_client(&ClientFrame::SetPrivacy {
+            request_id: 1,
+            last_seen,
+            online,
+        })
+    };
     let cases: Vec<(&str, Vec<u8>, DecodeError, ErrorCode)> = vec![
         (
             "send to chat 0",
@@ -975,6 +1083,24 @@ fn client_rule_violations() {
                 ..raw::ok_send()
             }),
             Invalid("send needs a payload"),
+            ErrorCode::InvalidArgument,
+        ),
+        (
+            "send claiming a server-only event",
+            enc_client(&ClientFrame::Send(SendReq {
+                content_kind: ContentKind::Event,
+                ..send(Target::Chat(ChatId(1)), vec![1])
+            })),
+            Invalid("content_kind Event and Deleted are server-only"),
+            ErrorCode::InvalidArgument,
+        ),
+        (
+            "send claiming a tombstone",
+            enc_client(&ClientFrame::Send(SendReq {
+                content_kind: ContentKind::Deleted,
+                ..send(Target::Chat(ChatId(1)), vec![1])
+            })),
+            Invalid("content_kind Event and Deleted are server-only"),
             ErrorCode::InvalidArgument,
         ),
         (
@@ -1339,6 +1465,62 @@ fn client_rule_violations() {
             ErrorCode::InvalidArgument,
         ),
         (
+            "block user 0",
+            block(0),
+            Invalid("block needs a user"),
+            ErrorCode::InvalidArgument,
+        ),
+        (
+            "unblock user 0",
+            enc_client(&ClientFrame::Block {
+                request_id: 1,
+                user: UserId(0),
+                blocked: false,
+            }),
+            Invalid("block needs a user"),
+            ErrorCode::InvalidArgument,
+        ),
+        (
+            "block without user",
+            raw::block_without_flag(0),
+            Invalid("block needs a user"),
+            ErrorCode::InvalidArgument,
+        ),
+        (
+            "subscribe to too many users",
+            subscribe(users(1..=PRESENCE_SUBSCRIPTIONS_MAX as u64 + 1)),
+            TooManySubscriptions {
+                n: PRESENCE_SUBSCRIPTIONS_MAX + 1,
+            },
+            ErrorCode::TooManySubscriptions,
+        ),
+        (
+            "subscribe to too many duplicates",
+            subscribe(vec![UserId(5); PRESENCE_SUBSCRIPTIONS_MAX + 1]),
+            TooManySubscriptions {
+                n: PRESENCE_SUBSCRIPTIONS_MAX + 1,
+            },
+            ErrorCode::TooManySubscriptions,
+        ),
+        (
+            "subscribe to user 0",
+            subscribe(vec![UserId(1), UserId(0)]),
+            Invalid("subscribe user ids must be non-zero"),
+            ErrorCode::InvalidArgument,
+        ),
+        (
+            "set_privacy with the next last_seen visibility",
+            privacy(Visibility(Visibility::ENUM_MAX + 1), Visibility::Everyone),
+            Invalid("set_privacy last_seen is unknown"),
+            ErrorCode::InvalidArgument,
+        ),
+        (
+            "set_privacy with online visibility 255",
+            privacy(Visibility::Nobody, Visibility(255)),
+            Invalid("set_privacy online is unknown"),
+            ErrorCode::InvalidArgument,
+        ),
+        (
             "envelope without body",
             raw::envelope(fb::Body::NONE, |_| None),
             MissingBody,
@@ -1513,6 +1695,16 @@ fn server_rule_violations() {
                 ..receipt_list()
             })),
             Invalid("receipt_list user ids must be non-zero"),
+        ),
+        (
+            "presence user 0",
+            enc_server(&ServerFrame::Presence(Presence {
+                user: UserId(0),
+                online: true,
+                last_seen_ms: 1,
+                hidden: false,
+            })),
+            Invalid("presence needs a user"),
         ),
         (
             "unknown body type",
@@ -1754,6 +1946,10 @@ fn decode_error_codes() {
             ErrorCode::PayloadTooLarge,
         ),
         (TooManyCursors { n: 1 }, ErrorCode::TooManyCursors),
+        (
+            TooManySubscriptions { n: 1 },
+            ErrorCode::TooManySubscriptions,
+        ),
         (Invalid("rule"), ErrorCode::InvalidArgument),
     ];
     for (err, code) in cases {
@@ -2137,9 +2333,20 @@ fn decoders_never_panic_on_mutated_or_random_input() {
         has_more: true,
     });
     corpus.push(enc.encode_server(&three).to_vec());
+    corpus.push(raw::block_without_flag(3));
+    // Rejected as they are; a mutation or two away from frames that decode.
+    corpus.push(enc_client(&ClientFrame::SetPrivacy {
+        request_id: 1,
+        last_seen: Visibility(3),
+        online: Visibility::Contacts,
+    }));
+    corpus.push(enc_client(&ClientFrame::Subscribe {
+        request_id: 2,
+        users: vec![UserId(4), UserId(0), UserId(4)],
+    }));
     corpus.extend(events().iter().map(encode_event));
     corpus.retain(|c| c.len() <= 2048);
-    assert!(corpus.len() >= 80);
+    assert!(corpus.len() >= 96);
 
     let mut rng = Rng(0x5eed_0f5b_1c0d_ec00);
     let (mut ok_client, mut ok_server, mut ok_event) = (0usize, 0usize, 0usize);

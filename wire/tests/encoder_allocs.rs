@@ -5,12 +5,12 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 
-use switchboard_wire::limits::GROUP_USERS_MAX;
+use switchboard_wire::limits::{GROUP_USERS_MAX, PRESENCE_SUBSCRIPTIONS_MAX};
 use switchboard_wire::{
     ChatEvent, ChatId, ClientFrame, ClientMsgId, ContentKind, CreateGroupReq, DeviceId, Encoder,
     ErrorCode, ErrorFrame, EventKind, GroupInfo, GroupOp, GroupUpdateReq, HistoryPage, MemberRole,
-    Message, MsgId, Receipt, ReceiptKind, ReceiptList, SendAck, SendReq, Seq, ServerFrame, Target,
-    UserId,
+    Message, MsgId, Presence, Receipt, ReceiptKind, ReceiptList, SendAck, SendReq, Seq,
+    ServerFrame, Target, UserId, Visibility,
 };
 
 /// Counts allocations made by the current thread while counting is on, so other test-harness
@@ -146,6 +146,22 @@ fn encoding_does_not_allocate_after_warm_up() {
             chat: ChatId(1),
             seq: Seq(1),
         },
+        ClientFrame::Block {
+            request_id: 6,
+            user: UserId(2),
+            blocked: false,
+        },
+        ClientFrame::Subscribe {
+            request_id: 7,
+            users: (1..=PRESENCE_SUBSCRIPTIONS_MAX as u64)
+                .map(UserId)
+                .collect(),
+        },
+        ClientFrame::SetPrivacy {
+            request_id: 8,
+            last_seen: Visibility::Contacts,
+            online: Visibility::Nobody,
+        },
     ];
     let server = [
         ServerFrame::SendAck(SendAck {
@@ -207,6 +223,13 @@ fn encoding_does_not_allocate_after_warm_up() {
             delivered: (1..=10).map(UserId).collect(),
             read: (11..=20).map(UserId).collect(),
             pending: (21..=30).map(UserId).collect(),
+        }),
+        ServerFrame::Done { request_id: 6 },
+        ServerFrame::Presence(Presence {
+            user: UserId(2),
+            online: false,
+            last_seen_ms: 1_700_000_000_000,
+            hidden: false,
         }),
     ];
     let events = [
