@@ -78,6 +78,9 @@ pub struct Config {
     pub mesh_batch_items_max: usize,
     /// Items waiting in a core's outbox towards one other core before producers wait. Default 8192.
     pub mesh_outbox_items_max: usize,
+    /// Devices of one user connected at once. Default 5. A further device's upgrade is answered
+    /// 409; a device that reconnects replaces its own older connection and does not count twice.
+    pub devices_per_user_max: usize,
     /// Largest group, members (creator included). Default 1024, at most the protocol's
     /// `GROUP_USERS_MAX` and the store's `CHAT_MEMBERS_MAX`. Fan-out work per message grows with it.
     pub group_members_max: usize,
@@ -123,6 +126,7 @@ impl Default for Config {
             mesh_channel_batches_max: 128,
             mesh_batch_items_max: 256,
             mesh_outbox_items_max: 8192,
+            devices_per_user_max: 5,
             group_members_max: 1024,
             typing_group_members_max: 20,
             typing_throttle_ms: 2000,
@@ -191,6 +195,9 @@ impl Config {
             || self.mesh_outbox_items_max == 0
         {
             return err("mesh_* limits must be positive");
+        }
+        if self.devices_per_user_max == 0 {
+            return err("devices_per_user_max must be positive");
         }
         if self.group_members_max < 2
             || self.group_members_max > switchboard_wire::limits::GROUP_USERS_MAX

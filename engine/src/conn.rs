@@ -280,6 +280,25 @@ pub async fn serve(core: Rc<Core>, mut stream: TcpStream) {
                 let _ = stream.write_all(&http::error_response(&e)).await;
                 return;
             }
+            // Devices per user: counted in this core's directory replica (other devices of the
+            // same user; a reconnecting device replaces its old connection instead).
+            let other_devices = core
+                .directory
+                .borrow()
+                .devices(claims.user)
+                .iter()
+                .filter(|(d, _)| *d != claims.device)
+                .count();
+            if other_devices >= core.cfg.devices_per_user_max {
+                core.metrics().connections_rejected.fetch_add(1, Relaxed);
+                let e = http::HttpError {
+                    status: 409,
+                    reason: "Conflict",
+                    detail: "too many devices connected for this user",
+                };
+                let _ = stream.write_all(&http::error_response(&e)).await;
+                return;
+            }
             if stream
                 .write_all(&http::upgrade_response(&key))
                 .await

@@ -259,3 +259,18 @@ fn the_server_answers_a_client_close() {
     // The client library waits for the server's Close reply and reports an error without it.
     c.close().unwrap();
 }
+
+#[test]
+fn devices_per_user_are_limited() {
+    let (server, _dir) = server_with_config(2, "devices_per_user_max = 2\n");
+    let _one = server.connect(140, 1);
+    let _two = server.connect(140, 2);
+    std::thread::sleep(Duration::from_millis(100)); // Online reaches every core
+    match switchboard_client::Client::connect(&server.addr, &server.token(140, 3)) {
+        Err(ClientError::Rejected { status, .. }) => assert_eq!(status, 409),
+        other => panic!("{:?}", other.map(|_| ())),
+    }
+    // The same device reconnecting is not an extra device.
+    let mut again = server.connect(140, 2);
+    again.ping_pong(1, T).unwrap();
+}
