@@ -386,7 +386,10 @@ async fn run_ws(core: &Rc<Core>, mut stream: TcpStream, leftover: Vec<u8>, mode:
             loop {
                 match ctx.read(&mut io) {
                     Ok(msg) => {
-                        if let Some(end) = on_message(core, &mut ctx, &mut io, &mode, msg).await {
+                        // Boxed: the frame-handling state lives on the heap only while a frame is
+                        // handled, so an idle connection's task stays small.
+                        let handling = Box::pin(on_message(core, &mut ctx, &mut io, &mode, msg));
+                        if let Some(end) = handling.await {
                             break 'conn end;
                         }
                     }
@@ -905,4 +908,42 @@ async fn send_action(
         },
     )
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::core::Core;
+    use crate::metrics::CoreMetrics;
+    use crate::token::TokenKey;
+
+    /// Every idle connection is one task holding this future; its size is most of the
+    /// per-connection user-space memory, so it is guarded here.
+    #[test]
+    fn connection_task_size_is_bounded() {
+        glommio::LocalExecutorBuilder::default().make().unwrap().run(async {
+            let cfg = Rc::new(Config::default());
+            let metrics = Arc::new(vec![CoreMetrics::new(1)]);
+            let core = Rc::new(Core::new(0, 1, 1, cfg, TokenKey::new(&[1u8; 32]), metrics, HashMap::new()));
+            let listener = glommio::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = listener.local_addr().unwrap();
+            let _client = glommio::net::TcpStream::connect(addr).await.unwrap();
+            let stream = listener.accept().await.unwrap();
+            let _client2 = glommio::net::TcpStream::connect(addr).await.unwrap();
+            let stream2 = listener.accept().await.unwrap();
+            let core2 = core.clone();
+            let fut = serve(core, stream);
+            let size = std::mem::size_of_val(&fut);
+            eprintln!(
+                "connection task future: {size} bytes; ConnShared: {} bytes; WebSocketContext: {}; TcpStream: {}; Timer: {}; run_ws: {}",
+                std::mem::size_of::<ConnShared>(),
+                std::mem::size_of::<WebSocketContext>(),
+                std::mem::size_of::<TcpStream>(),
+                std::mem::size_of::<glommio::timer::Timer>(),
+                std::mem::size_of_val(&run_ws(&core2, stream2, Vec::new(), Mode::Echo)),
+            );
+            assert!(size < 8192, "the connection future grew to {size} bytes");
+        });
+    }
 }
