@@ -19,7 +19,7 @@ use crate::presence::{self, PresenceHub, Subscription};
 use crate::shard::Shard;
 use crate::token::TokenKey;
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -75,6 +75,9 @@ pub struct Core {
     pub read_scratch: RefCell<Vec<u8>>,
     /// Presence subscriptions of the users homed on this core.
     pub presence: RefCell<PresenceHub>,
+    /// Every block in force, (blocker, blocked), replicated on every core like the directory:
+    /// group typing notices skip members who blocked the typer.
+    pub blocks: RefCell<HashSet<(UserId, UserId)>>,
 }
 
 impl Core {
@@ -109,6 +112,7 @@ impl Core {
             encoder: RefCell::new(Encoder::new()),
             read_scratch: RefCell::new(vec![0u8; 64 * 1024]),
             presence: RefCell::new(PresenceHub::default()),
+            blocks: RefCell::new(HashSet::new()),
         }
     }
 
@@ -263,10 +267,12 @@ impl Core {
                 typing,
             } => {
                 let shard = self.owned_shard(chat);
+                let blocks = self.blocks.borrow();
+                let blocked_by = |u: UserId| blocks.contains(&(u, origin.user));
                 shard
                     .owner
                     .borrow_mut()
-                    .on_typing(unix_ms(), origin, chat, typing);
+                    .on_typing(unix_ms(), origin, chat, typing, &blocked_by);
                 shard.staged();
             }
             CoreMsg::GetReceipts {
@@ -345,6 +351,29 @@ impl Core {
                     blocked,
                 );
                 shard.staged();
+                let core = self.clone();
+                let blocker = origin.user;
+                glommio::spawn_local(async move {
+                    core.broadcast(|| CoreMsg::BlockState {
+                        blocker,
+                        blocked: peer,
+                        on: blocked,
+                    })
+                    .await
+                })
+                .detach();
+            }
+            CoreMsg::BlockState {
+                blocker,
+                blocked,
+                on,
+            } => {
+                let mut blocks = self.blocks.borrow_mut();
+                if on {
+                    blocks.insert((blocker, blocked));
+                } else {
+                    blocks.remove(&(blocker, blocked));
+                }
             }
             CoreMsg::PresenceCheck { origin, target } => {
                 let chat = ChatId::direct(origin.user, target);

@@ -156,6 +156,12 @@ pub enum CoreMsg {
         peer: UserId,
         blocked: bool,
     },
+    /// A block changed (sent to every core's replicated block set).
+    BlockState {
+        blocker: UserId,
+        blocked: UserId,
+        on: bool,
+    },
     /// Presence subscription, step 1, at the owner of the viewer's 1:1 chat with `target`:
     /// are they contacts, is either blocked?
     PresenceCheck {

@@ -701,14 +701,29 @@ impl Owner {
         if up_to <= old {
             return; // Already there: cursors never move back, nothing to store or tell.
         }
-        let record = Record::Cursor {
+        let mut records = vec![Record::Cursor {
             chat,
             user: origin.user,
             device: origin.device,
             kind,
             seq: up_to,
-        };
-        self.push(vec![record], Vec::new());
+        }];
+        if kind == CursorKind::Read {
+            // A read on one device is a read on all of them: move the other devices' read
+            // cursors too (read implies delivered for each).
+            for d in self.state.cursor_devices(chat, origin.user) {
+                if *d != origin.device && self.state.cursors(chat, origin.user, *d).1 < up_to {
+                    records.push(Record::Cursor {
+                        chat,
+                        user: origin.user,
+                        device: *d,
+                        kind,
+                        seq: up_to,
+                    });
+                }
+            }
+        }
+        self.push(records, Vec::new());
         let mut effects = Vec::new();
         if group {
             // Groups: one aggregated receipt ("delivered to / read by every member") when the
@@ -836,7 +851,16 @@ impl Owner {
 
     /// `Typing`: forwarded to the other members' devices, never stored. Dropped for large groups,
     /// for non-members, and when the same user repeats "typing" within the throttle interval.
-    pub fn on_typing(&mut self, now_ms: u64, origin: Origin, chat: ChatId, typing: bool) {
+    /// `blocked_by`: whether a user blocked the typer (blocks live in 1:1 chats, possibly on
+    /// other shards; the core keeps a replicated set).
+    pub fn on_typing(
+        &mut self,
+        now_ms: u64,
+        origin: Origin,
+        chat: ChatId,
+        typing: bool,
+        blocked_by: &dyn Fn(UserId) -> bool,
+    ) {
         let Some(meta) = self.state.chat(&chat) else {
             return;
         };
@@ -866,7 +890,7 @@ impl Owner {
             .members
             .iter()
             .copied()
-            .filter(|u| *u != origin.user)
+            .filter(|u| *u != origin.user && !blocked_by(*u))
             .collect();
         let frame = ServerFrame::TypingNotice {
             chat,

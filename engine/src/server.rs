@@ -5,6 +5,7 @@
 use crate::config::Config;
 use crate::core::Core;
 use crate::metrics::CoreMetrics;
+use crate::msg::CoreMsg;
 use crate::shard::Shard;
 use crate::token::TokenKey;
 use crate::{conn, mesh};
@@ -195,6 +196,26 @@ pub fn run(mut cfg: Config) -> Result<(), String> {
                 }
                 for shard in core.shards.values() {
                     glommio::spawn_local(shard.clone().run_committer(core.clone())).detach();
+                }
+                {
+                    // Share the blocks recovered from this core's shards with every core.
+                    let blocks: Vec<_> = core
+                        .shards
+                        .values()
+                        .flat_map(|s| s.owner.borrow().state.blocks().collect::<Vec<_>>())
+                        .collect();
+                    let c = core.clone();
+                    glommio::spawn_local(async move {
+                        for (blocker, blocked) in blocks {
+                            c.broadcast(|| CoreMsg::BlockState {
+                                blocker,
+                                blocked,
+                                on: true,
+                            })
+                            .await;
+                        }
+                    })
+                    .detach();
                 }
                 for (dest, tx) in ends.senders.into_iter().enumerate() {
                     if let Some(tx) = tx {

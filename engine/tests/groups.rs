@@ -343,3 +343,52 @@ fn a_1024_member_group_fans_out_and_syncs() {
     let msgs = late.sync(T).unwrap();
     assert_eq!(msgs.len(), 21);
 }
+
+#[test]
+fn typing_skips_members_who_blocked_the_typer_and_reads_move_every_device() {
+    let server = Server::start(2);
+    let mut a = server.connect(40, 1);
+    let mut b = server.connect(41, 1);
+    let mut c = server.connect(42, 1);
+    settle();
+    let chat = a
+        .create_group("g", &[UserId(41), UserId(42)], false, T)
+        .unwrap()
+        .chat;
+    b.block(UserId(40), true, T).unwrap();
+    settle(); // the block reaches every core's replica
+    a.typing(chat, true).unwrap();
+    let mut c_saw = false;
+    let until = std::time::Instant::now() + Duration::from_millis(500);
+    while std::time::Instant::now() < until {
+        if let Some(ServerFrame::TypingNotice { user, .. }) =
+            c.recv(Duration::from_millis(50)).unwrap()
+        {
+            assert_eq!(user, UserId(40));
+            c_saw = true;
+        }
+        if let Some(ServerFrame::TypingNotice { .. }) = b.recv(Duration::from_millis(10)).unwrap() {
+            panic!("typing shown to a member who blocked the typer");
+        }
+    }
+    assert!(c_saw);
+    // C reads on its phone; its laptop's stored cursor moves too, so the laptop's next sync
+    // (with no cursors of its own) starts after what the phone read.
+    let mut laptop = server.connect(42, 2);
+    let mut last = Seq(0);
+    for i in 0..5u32 {
+        last = a
+            .send_and_wait_ack(Target::Chat(chat), &i.to_be_bytes(), T)
+            .unwrap()
+            .seq;
+    }
+    laptop.mark_delivered(chat, Seq(1)).unwrap();
+    laptop.ping_pong(1, T).unwrap();
+    c.mark_read(chat, Seq(last.0 - 1)).unwrap();
+    c.ping_pong(2, T).unwrap();
+    drop(laptop);
+    std::thread::sleep(Duration::from_millis(100));
+    let mut laptop = server.connect(42, 2);
+    let msgs = laptop.sync(T).unwrap();
+    assert_eq!(msgs.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![last]);
+}

@@ -139,6 +139,9 @@ pub struct ShardState {
     /// Presence state of the users whose home is this shard: (last_seen_ms, last-seen visibility,
     /// online visibility).
     users: HashMap<UserId, (u64, u8, u8)>,
+    /// Devices of each member that ever reported a cursor in a chat (to move the read cursor of
+    /// every device when one reads).
+    cursor_devices: HashMap<(ChatId, UserId), Vec<DeviceId>>,
     /// Messages deleted for everyone (from `Deleted` events). Grows with deletions only.
     deleted: HashSet<(ChatId, Seq)>,
     /// For each edited message, the seqs of the `Edited` events carrying its newer contents, so a
@@ -163,6 +166,7 @@ impl ShardState {
             deleted: HashSet::new(),
             edits: HashMap::new(),
             users: HashMap::new(),
+            cursor_devices: HashMap::new(),
         }
     }
 
@@ -306,6 +310,10 @@ impl ShardState {
                 kind,
                 seq,
             } => {
+                let devices = self.cursor_devices.entry((*chat, *user)).or_default();
+                if !devices.contains(device) {
+                    devices.push(*device);
+                }
                 let c = self.cursors.entry((*chat, *user, *device)).or_default();
                 match kind {
                     CursorKind::Delivered => c.0 = c.0.max(*seq),
@@ -321,6 +329,23 @@ impl ShardState {
                 }
             }
         }
+    }
+
+    /// Devices of `user` that have cursors in `chat`.
+    pub fn cursor_devices(&self, chat: ChatId, user: UserId) -> &[DeviceId] {
+        self.cursor_devices
+            .get(&(chat, user))
+            .map(Vec::as_slice)
+            .unwrap_or(&[])
+    }
+
+    /// Every block in force in this shard's 1:1 chats: (blocker, blocked).
+    pub fn blocks(&self) -> impl Iterator<Item = (UserId, UserId)> + '_ {
+        self.chats.values().flat_map(|m| {
+            m.blocked_by
+                .iter()
+                .filter_map(move |b| m.members.iter().find(|u| *u != b).map(|other| (*b, *other)))
+        })
     }
 
     /// Whether `blocker` blocked the other member of the 1:1 chat `chat`.
