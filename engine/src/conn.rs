@@ -318,10 +318,15 @@ pub async fn serve(core: Rc<Core>, mut stream: TcpStream) {
                 conn: conn.id,
             };
             let (user, device) = (conn.user, conn.device);
+            let epoch = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_micros() as u64)
+                .unwrap_or(0);
             core.broadcast(|| CoreMsg::Online {
                 user,
                 device,
                 conn: me,
+                epoch,
             })
             .await;
             run_ws(&core, stream, leftover, Mode::Chat(conn.clone())).await;

@@ -26,27 +26,51 @@ use std::sync::Arc;
 use switchboard_wire::{splitmix64, ChatId, DeviceId, Encoder, ServerFrame, UserId};
 
 /// Connected devices of every user, replicated on every core.
+///
+/// Replicas receive `Online`s from different cores in different orders, so "the newest
+/// connection of a device" is decided by its epoch (connect time in µs, then `ConnRef`), never by
+/// arrival order: every replica converges on the same winner.
 #[derive(Default)]
 pub struct Directory {
     users: HashMap<UserId, Vec<(DeviceId, ConnRef)>>,
+    epochs: HashMap<ConnRef, u64>,
 }
 
 impl Directory {
-    /// Records a connection; returns the connection it replaces (same user and device), if any.
-    pub fn online(&mut self, user: UserId, device: DeviceId, conn: ConnRef) -> Option<ConnRef> {
+    /// Records a connection. Returns the connection that lost to it (the older connection of
+    /// the same user and device, which may be this very one if it is older than the current).
+    pub fn online(
+        &mut self,
+        user: UserId,
+        device: DeviceId,
+        conn: ConnRef,
+        epoch: u64,
+    ) -> Option<ConnRef> {
         let devices = self.users.entry(user).or_default();
-        let old = devices
-            .iter()
-            .position(|(d, _)| *d == device)
-            .map(|i| devices.swap_remove(i).1);
+        if let Some(entry) = devices.iter_mut().find(|(d, _)| *d == device) {
+            let current = entry.1;
+            let current_epoch = self.epochs.get(&current).copied().unwrap_or(0);
+            if (current_epoch, current) > (epoch, conn) {
+                return Some(conn);
+            }
+            entry.1 = conn;
+            self.epochs.remove(&current);
+            self.epochs.insert(conn, epoch);
+            return Some(current);
+        }
         devices.push((device, conn));
-        old
+        self.epochs.insert(conn, epoch);
+        None
     }
 
     /// Forgets a connection, unless a newer connection of the same device replaced it.
     pub fn offline(&mut self, user: UserId, device: DeviceId, conn: ConnRef) {
         if let Some(devices) = self.users.get_mut(&user) {
+            let before = devices.len();
             devices.retain(|(d, c)| !(*d == device && *c == conn));
+            if devices.len() != before {
+                self.epochs.remove(&conn);
+            }
             if devices.is_empty() {
                 self.users.remove(&user);
             }
@@ -298,14 +322,23 @@ impl Core {
                 glommio::spawn_local(shard.serve_action(self.clone(), origin, chat, action))
                     .detach();
             }
-            CoreMsg::Online { user, device, conn } => {
-                let replaced = self.directory.borrow_mut().online(user, device, conn);
+            CoreMsg::Online {
+                user,
+                device,
+                conn,
+                epoch,
+            } => {
+                let replaced = self
+                    .directory
+                    .borrow_mut()
+                    .online(user, device, conn, epoch);
                 if self.home_core(user) == self.id
                     && self.directory.borrow().devices(user).len() == 1
                 {
                     self.presence_changed(user);
                 }
-                if let Some(old) = replaced.filter(|c| c.core == self.id && *c != conn) {
+                // The loser (older connection of the device) closes, wherever it is local.
+                if let Some(old) = replaced.filter(|c| c.core == self.id) {
                     if let Some(c) = self.conns.borrow().get(&old.conn) {
                         c.close(
                             crate::ws::close::REPLACED,
@@ -667,10 +700,14 @@ mod tests {
         let (u, dev) = (UserId(1), DeviceId(1));
         let c1 = ConnRef { core: 0, conn: 1 };
         let c2 = ConnRef { core: 1, conn: 7 };
-        assert_eq!(d.online(u, dev, c1), None);
-        assert_eq!(d.online(u, DeviceId(2), c2), None);
+        assert_eq!(d.online(u, dev, c1, 10), None);
+        assert_eq!(d.online(u, DeviceId(2), c2, 11), None);
         assert_eq!(d.devices(u).len(), 2);
-        assert_eq!(d.online(u, dev, c2), Some(c1));
+        assert_eq!(d.online(u, dev, c2, 12), Some(c1));
+        // An older connection arriving late loses, whatever the arrival order.
+        let c0 = ConnRef { core: 3, conn: 9 };
+        assert_eq!(d.online(u, dev, c0, 5), Some(c0));
+        assert!(d.devices(u).contains(&(dev, c2)));
         // The replaced connection's late Offline must not remove the new one.
         d.offline(u, dev, c1);
         assert!(d.devices(u).contains(&(dev, c2)));

@@ -44,7 +44,7 @@ impl Action {
 }
 
 /// A connection: the core that owns it and its id there (never reused while the process lives).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ConnRef {
     pub core: usize,
     pub conn: u64,
@@ -129,6 +129,8 @@ pub enum CoreMsg {
         user: UserId,
         device: DeviceId,
         conn: ConnRef,
+        /// Connect time, µs since the epoch: the newest connection of a device wins everywhere.
+        epoch: u64,
     },
     Offline {
         user: UserId,
