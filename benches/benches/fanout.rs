@@ -25,6 +25,7 @@ fn directory(members: u64, devices: u32, cores: usize) -> (Directory, Vec<UserId
                     core: (conn as usize) % cores,
                     conn,
                 },
+                conn,
             );
         }
     }
