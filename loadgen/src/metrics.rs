@@ -22,6 +22,8 @@ pub struct Scrape {
     pub messages_persisted_total: u64,
     /// `switchboard_slow_consumer_closes_total`.
     pub slow_consumer_closes_total: u64,
+    /// Server cores: the number of `switchboard_connections{core=…}` series.
+    pub cores: u64,
     /// When the scrape's response was complete.
     pub at: Option<Instant>,
 }
@@ -75,6 +77,9 @@ pub fn parse(body: &str) -> Scrape {
             continue;
         };
         let name = series.split('{').next().unwrap_or(series);
+        if name == "switchboard_connections" && series.contains("core=") {
+            s.cores += 1;
+        }
         let slot = match name {
             "switchboard_process_rss_bytes" => &mut s.rss_bytes,
             "switchboard_connections" => &mut s.connections,
@@ -116,6 +121,7 @@ garbage line\n";
                 unauthorized_total: 1,
                 messages_persisted_total: 11,
                 slow_consumer_closes_total: 0,
+                cores: 2,
                 at: None,
             }
         );

@@ -134,6 +134,26 @@ pub fn check_upgrade_response(head: &[u8], key: &str) -> Result<(), OpenError> {
 /// address's share small. `IP_BIND_ADDRESS_NO_PORT` defers the port choice to `connect()`, so the
 /// port only has to be unique per 4-tuple.
 fn connect_from(addr: SocketAddr, source: IpAddr, timeout: Duration) -> io::Result<TcpStream> {
+    let socket = bound_socket(addr, source)?;
+    socket.connect_timeout(&addr.into(), timeout)?;
+    Ok(socket.into())
+}
+
+/// Starts a non-blocking connect from `source` (see [`connect_from`] for why bind first). The
+/// connection completes (or fails: `take_error`) when the socket turns writable.
+pub fn connect_nonblocking(addr: SocketAddr, source: IpAddr) -> io::Result<TcpStream> {
+    let socket = bound_socket(addr, source)?;
+    socket.set_nonblocking(true)?;
+    socket.set_nodelay(true)?;
+    match socket.connect(&addr.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e),
+    }
+    Ok(socket.into())
+}
+
+fn bound_socket(addr: SocketAddr, source: IpAddr) -> io::Result<Socket> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     let one: libc::c_int = 1;
     // SAFETY: the fd is an open socket owned by `socket`; the option value is a c_int that
@@ -152,8 +172,7 @@ fn connect_from(addr: SocketAddr, source: IpAddr, timeout: Duration) -> io::Resu
         return Err(io::Error::last_os_error());
     }
     socket.bind(&SocketAddr::new(source, 0).into())?;
-    socket.connect_timeout(&addr.into(), timeout)?;
-    Ok(socket.into())
+    Ok(socket)
 }
 
 /// Connects from `source` and upgrades. On success the stream is non-blocking, with any bytes
@@ -211,6 +230,11 @@ pub struct FrameAt {
 /// The complete server frame at the start of `buf`; `Ok(None)`: incomplete. Server frames are
 /// never masked (RFC 6455 5.1).
 pub fn parse_frame(buf: &[u8]) -> Result<Option<FrameAt>, &'static str> {
+    parse_frame_limit(buf, IDLE_FRAME_BYTES_MAX)
+}
+
+/// [`parse_frame`] with a payload limit of `payload_max` bytes.
+pub fn parse_frame_limit(buf: &[u8], payload_max: usize) -> Result<Option<FrameAt>, &'static str> {
     if buf.len() < 2 {
         return Ok(None);
     }
@@ -235,8 +259,8 @@ pub fn parse_frame(buf: &[u8]) -> Result<Option<FrameAt>, &'static str> {
         }
         n => (usize::from(n), 2),
     };
-    if len > IDLE_FRAME_BYTES_MAX {
-        return Err("frame larger than an idle connection accepts");
+    if len > payload_max {
+        return Err("server frame larger than the limit");
     }
     if buf.len() < header + len {
         return Ok(None);
@@ -255,12 +279,27 @@ pub fn client_control_frame(opcode: u8, payload: &[u8], mask: [u8; 4]) -> Vec<u8
         "control frame payloads are at most 125 bytes"
     );
     let mut out = Vec::with_capacity(6 + payload.len());
+    write_client_frame(&mut out, opcode, payload, mask);
+    out
+}
+
+/// Appends one final, masked client frame (client frames must be masked, RFC 6455 5.3).
+pub fn write_client_frame(out: &mut Vec<u8>, opcode: u8, payload: &[u8], mask: [u8; 4]) {
+    let len = payload.len();
+    out.reserve(len + 14);
     out.push(0x80 | opcode);
-    // `payload.len() <= 125` fits the 7-bit length.
-    out.push(0x80 | payload.len() as u8);
+    if len < 126 {
+        // Fits the 7-bit length.
+        out.push(0x80 | len as u8);
+    } else if len <= usize::from(u16::MAX) {
+        out.push(0x80 | 126);
+        out.extend_from_slice(&(len as u16).to_be_bytes());
+    } else {
+        out.push(0x80 | 127);
+        out.extend_from_slice(&(len as u64).to_be_bytes());
+    }
     out.extend_from_slice(&mask);
     out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-    out
 }
 
 /// What one sweep saw on one connection.
@@ -462,6 +501,12 @@ mod tests {
         assert_eq!(parse_frame(&long), at(OPCODE_BINARY, 4..260, 260));
         assert!(parse_frame(&[0x82, 127, 0, 0, 0, 0, 0, 2, 0, 0]).is_err());
         assert!(parse_frame(&[0x89, 0x80]).is_err());
+
+        let mut big = Vec::new();
+        write_client_frame(&mut big, OPCODE_BINARY, &[7u8; 300], [0, 0, 0, 0]);
+        assert_eq!(&big[..4], &[0x82, 0x80 | 126, 1, 44]);
+        assert_eq!(big.len(), 4 + 4 + 300);
+        assert!(parse_frame_limit(&[0x82, 126, 1, 44], 299).is_err());
 
         let f = client_control_frame(OPCODE_PONG, b"abc", [1, 2, 3, 4]);
         assert_eq!(

@@ -1,0 +1,782 @@
+//! The coordinator of `run`: splits the scenario over worker processes (its own binary, hidden
+//! `worker` subcommand), starts them together, prints live progress, merges their counters and
+//! HdrHistograms, and runs sweeps.
+//!
+//! ```text
+//!  Scenario ─► Layout ─► spawn K × `switchboard-loadgen worker` ─► spec ─►┐
+//!  /metrics (before) ◄──── all "connected" ◄──────────────────────────────┘
+//!  /metrics (connected) ─► go ─► ticks (per second, per worker) ─► merged row ─► stderr line
+//!                              results ─► merged Record ─► RunResult ─► report.{json,md,html}
+//!  sweep: rates ascending, one full run each (fresh users), stop after the first failing rate
+//! ```
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::SocketAddr;
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+
+use crate::metrics::{self, Scrape};
+use crate::proto::{Record, WorkerSpec, LINE_BYTES_MAX, PROTOCOL_VERSION};
+use crate::report::latency_histogram;
+use crate::run_report::phase_name;
+use crate::scenario::{Layout, Scenario};
+use crate::sys;
+use crate::worker::phase;
+
+const METRICS_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Slack on top of the scenario's own times before the coordinator gives up on a worker.
+const WORKER_SLACK: Duration = Duration::from_secs(60);
+
+/// Pause between sweep steps so the server finishes closing the previous step's connections.
+const SWEEP_PAUSE: Duration = Duration::from_secs(3);
+
+/// Options that are not part of the scenario.
+#[derive(Clone, Debug, Default)]
+pub struct RunOpts {
+    /// Print a progress line each second on stderr.
+    pub progress: bool,
+    /// The server's pid, to report its CPU time (from /proc).
+    pub server_pid: Option<u32>,
+    /// Sweep: go on after a failing rate.
+    pub sweep_all: bool,
+    /// The command that starts one worker, split on whitespace, `{i}` replaced by the worker's
+    /// index (e.g. `ssh loadgen{i} /usr/local/bin/switchboard-loadgen worker`); `None`: this
+    /// binary with `worker`.
+    pub worker_cmd: Option<String>,
+}
+
+/// The program and arguments that start worker `i`.
+pub fn worker_command(
+    template: Option<&str>,
+    i: u32,
+) -> Result<(std::path::PathBuf, Vec<String>), String> {
+    match template {
+        None => {
+            let exe = std::env::current_exe().map_err(|e| format!("own executable: {e}"))?;
+            Ok((exe, vec!["worker".to_string()]))
+        }
+        Some(t) => {
+            let mut words = t
+                .split_whitespace()
+                .map(|w| w.replace("{i}", &i.to_string()));
+            let program = words.next().ok_or("--worker-cmd is empty")?;
+            Ok((program.into(), words.collect()))
+        }
+    }
+}
+
+/// One second of the run, merged over workers.
+#[derive(Clone, Debug)]
+pub struct Row {
+    pub sec: u64,
+    pub phase: u64,
+    pub conns: u64,
+    pub sends: u64,
+    pub acks: u64,
+    pub deliveries: u64,
+    pub receipts: u64,
+    pub errors: u64,
+    pub e2e: Histogram<u64>,
+    pub ack: Histogram<u64>,
+}
+
+impl Row {
+    fn from_record(r: &Record) -> Row {
+        Row {
+            sec: r.num("sec"),
+            phase: r.num("phase"),
+            conns: r.num("conns"),
+            sends: r.num("sends"),
+            acks: r.num("acks"),
+            deliveries: r.num("deliveries"),
+            receipts: r.num("receipts"),
+            errors: r.num("errors"),
+            e2e: r
+                .hists
+                .get("e2e")
+                .cloned()
+                .unwrap_or_else(latency_histogram),
+            ack: r
+                .hists
+                .get("ack")
+                .cloned()
+                .unwrap_or_else(latency_histogram),
+        }
+    }
+}
+
+/// What the server's /metrics said at three points (each `None` if the scrape failed).
+#[derive(Clone, Debug, Default)]
+pub struct ServerView {
+    pub before: Option<Scrape>,
+    pub connected: Option<Scrape>,
+    pub end: Option<Scrape>,
+    /// Server CPU seconds (user + system) during the message phase, with `--server-pid`.
+    pub cpu_s: Option<f64>,
+}
+
+/// One complete run (one sweep step).
+#[derive(Clone, Debug)]
+pub struct RunResult {
+    pub scenario: Scenario,
+    pub started_at: String,
+    pub workers: usize,
+    pub first_user: u64,
+    pub connections_target: u64,
+    /// Merged `result` records of all workers.
+    pub result: Record,
+    pub timeline: Vec<Row>,
+    pub server: ServerView,
+    /// CPU seconds of all worker processes together.
+    pub client_cpu_s: f64,
+    /// Wall time of the message phase (go → last result).
+    pub run_s: f64,
+    /// Why the run failed its checks (empty: passed).
+    pub failures: Vec<String>,
+}
+
+impl RunResult {
+    pub fn ok(&self) -> bool {
+        self.failures.is_empty()
+    }
+
+    pub fn hist(&self, name: &str) -> Histogram<u64> {
+        self.result
+            .hists
+            .get(name)
+            .cloned()
+            .unwrap_or_else(latency_histogram)
+    }
+
+    pub fn measure_s(&self) -> f64 {
+        self.scenario.duration.as_secs_f64()
+    }
+
+    pub fn throughput(&self) -> f64 {
+        self.result.num("acks_window") as f64 / self.measure_s()
+    }
+
+    pub fn deliveries_per_s(&self) -> f64 {
+        self.result.num("deliveries_window") as f64 / self.measure_s()
+    }
+
+    pub fn errors_total(&self) -> u64 {
+        self.result
+            .nums
+            .iter()
+            .filter(|(k, _)| k.starts_with("err."))
+            .map(|(_, v)| v)
+            .sum()
+    }
+
+    pub fn connect_errors_total(&self) -> u64 {
+        self.result
+            .nums
+            .iter()
+            .filter(|(k, _)| k.starts_with("cerr."))
+            .map(|(_, v)| v)
+            .sum()
+    }
+
+    /// The knee test of a sweep step: passed every check and p95 e2e under the limit.
+    pub fn under_knee(&self) -> bool {
+        let p95_ms = self.hist("e2e").value_at_quantile(0.95) as f64 / 1000.0;
+        self.ok() && self.result.num("lost") == 0 && p95_ms < self.scenario.knee_p95_ms
+    }
+}
+
+struct WorkerProc {
+    child: Child,
+    stdin: ChildStdin,
+}
+
+enum Event {
+    Line(usize, String),
+    Eof(usize),
+}
+
+fn default_first_user() -> u64 {
+    // A fresh block of ten million user ids per wall-clock second, so consecutive runs against
+    // one data directory start empty chats (seq 1), which the gap check relies on.
+    (sys::unix_now_s() % 1_000_000) * 10_000_000 + 1
+}
+
+/// RFC 3339 UTC time of now (no time-zone database needed).
+pub fn rfc3339_now() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    rfc3339(secs)
+}
+
+pub fn rfc3339(unix_s: u64) -> String {
+    let days = (unix_s / 86_400) as i64;
+    let rem = unix_s % 86_400;
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = if m <= 2 { y + 1 } else { y };
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// CPU seconds (user + system) of a process, from /proc/PID/stat.
+pub fn proc_cpu_s(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may contain spaces) start after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = f.get(11)?.parse().ok()?;
+    let stime: f64 = f.get(12)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Some((utime + stime) / hz)
+}
+
+/// Resident set of a process, from /proc/PID/status.
+pub fn proc_rss_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    Some(kb * 1024)
+}
+
+/// The server's numbers: `/metrics` for Switchboard; for an MQTT broker (or when the scrape
+/// fails) only the RSS of `--server-pid` from /proc.
+fn server_scrape(target: SocketAddr, mqtt: bool, pid: Option<u32>) -> Option<Scrape> {
+    let scraped = if mqtt {
+        None
+    } else {
+        metrics::scrape(target, METRICS_TIMEOUT).ok()
+    };
+    scraped.or_else(|| {
+        pid.and_then(proc_rss_bytes).map(|rss| Scrape {
+            rss_bytes: rss,
+            at: Some(Instant::now()),
+            ..Scrape::default()
+        })
+    })
+}
+
+fn children_cpu_s() -> f64 {
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `ru` is a valid, writable rusage.
+    if unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru) } != 0 {
+        return 0.0;
+    }
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+fn spawn_workers(
+    layout: &Layout,
+    sc: &Scenario,
+    first_user: u64,
+    worker_cmd: Option<&str>,
+) -> Result<(Vec<WorkerProc>, mpsc::Receiver<Event>), String> {
+    let run_id =
+        switchboard_wire::splitmix64(sys::unix_now_s() ^ (u64::from(std::process::id()) << 32));
+    // Unbounded on purpose, and bounded by its producers: each worker writes one line per
+    // second plus two. A bounded channel would let a slow coordinator block a worker's stdout
+    // write and stall its event loop, which would show up as latency that is not the server's.
+    let (tx, rx) = mpsc::channel();
+    let mut procs = Vec::with_capacity(layout.shares.len());
+    for share in &layout.shares {
+        let (program, args) = worker_command(worker_cmd, share.index)?;
+        let mut child = Command::new(&program)
+            .args(&args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|e| format!("spawn worker {}: {e}", program.display()))?;
+        let mut stdin = child.stdin.take().ok_or("worker stdin")?;
+        let stdout = child.stdout.take().ok_or("worker stdout")?;
+        let spec = WorkerSpec {
+            scenario: sc.clone(),
+            share: share.clone(),
+            first_user,
+            // TOML integers are i64: keep the id below 2^63.
+            run_id: switchboard_wire::splitmix64(run_id ^ u64::from(share.index)) >> 1,
+        };
+        writeln!(stdin, "{}", spec.line()).map_err(|e| format!("send spec: {e}"))?;
+        let k = share.index as usize;
+        let tx = tx.clone();
+        std::thread::Builder::new()
+            .name(format!("worker-{k}-stdout"))
+            .spawn(move || {
+                let mut reader = BufReader::new(stdout);
+                let mut line = String::new();
+                loop {
+                    line.clear();
+                    match Read::take(&mut reader, LINE_BYTES_MAX as u64).read_line(&mut line) {
+                        Ok(0) | Err(_) => break,
+                        Ok(_) => {
+                            if tx
+                                .send(Event::Line(k, line.trim_end().to_string()))
+                                .is_err()
+                            {
+                                return;
+                            }
+                        }
+                    }
+                }
+                let _ = tx.send(Event::Eof(k));
+            })
+            .map_err(|e| format!("spawn reader: {e}"))?;
+        procs.push(WorkerProc { child, stdin });
+    }
+    Ok((procs, rx))
+}
+
+fn tell_all(procs: &mut [WorkerProc], cmd: &str) {
+    for p in procs.iter_mut() {
+        // A worker that already exited has closed its stdin; its outcome is reported elsewhere.
+        let _ = writeln!(p.stdin, "{cmd}");
+        let _ = p.stdin.flush();
+    }
+}
+
+fn reap(procs: &mut Vec<WorkerProc>) {
+    let until = Instant::now() + Duration::from_secs(10);
+    for p in procs.iter_mut() {
+        loop {
+            match p.child.try_wait() {
+                Ok(Some(_)) => break,
+                Ok(None) if Instant::now() < until => std::thread::sleep(Duration::from_millis(20)),
+                _ => {
+                    let _ = p.child.kill();
+                    let _ = p.child.wait();
+                    break;
+                }
+            }
+        }
+    }
+    procs.clear();
+}
+
+fn ms(us: u64) -> f64 {
+    us as f64 / 1000.0
+}
+
+fn progress_line(row: &Row, target: u64) -> String {
+    let (p50, p99) = if row.e2e.is_empty() {
+        (0.0, 0.0)
+    } else {
+        (
+            ms(row.e2e.value_at_quantile(0.5)),
+            ms(row.e2e.value_at_quantile(0.99)),
+        )
+    };
+    format!(
+        "[{:>4}s {:<7}] conns {}/{} | sends/s {} acks/s {} deliveries/s {} | e2e p50 {p50:.2} ms p99 {p99:.2} ms | errors {}",
+        row.sec,
+        phase_name(row.phase),
+        row.conns,
+        target,
+        row.sends,
+        row.acks,
+        row.deliveries,
+        row.errors
+    )
+}
+
+/// Runs one scenario at its `rate` with fresh workers.
+pub fn run_once(sc: &Scenario, opts: &RunOpts) -> Result<RunResult, String> {
+    sc.check_target_support()?;
+    let layout = sc.layout()?;
+    let first_user = if sc.first_user == 0 {
+        default_first_user()
+    } else {
+        sc.first_user
+    };
+    let target: SocketAddr = layout.target;
+    let k = layout.shares.len();
+    let started_at = rfc3339_now();
+    if opts.progress {
+        eprintln!(
+            "run: {} at {:.0} msgs/s ({:?}), {} connections ({} users x {} devices) over {k} worker(s), warm-up {:?}, duration {:?}, drain {:?}",
+            sc.target, sc.rate, sc.arrival, layout.connections, layout.users, sc.devices_per_user, sc.warmup, sc.duration, sc.drain
+        );
+    }
+    let mqtt = crate::scenario::parse_target(&sc.target)?.is_mqtt();
+    let mut server = ServerView {
+        before: server_scrape(target, mqtt, opts.server_pid),
+        ..ServerView::default()
+    };
+    let cpu_children_before = children_cpu_s();
+    let (mut procs, events) = spawn_workers(&layout, sc, first_user, opts.worker_cmd.as_deref())?;
+    let result = drive(sc, &layout, opts, &mut procs, &events, &mut server);
+    if result.is_err() {
+        tell_all(&mut procs, "stop");
+    }
+    drop(events);
+    // Workers close their connections themselves after the result; give them the time.
+    for p in procs.iter_mut() {
+        let _ = p.stdin.flush();
+    }
+    reap(&mut procs);
+    let (merged, timeline, run_s) = result?;
+    server.end = server_scrape(target, mqtt, opts.server_pid);
+    let client_cpu_s = children_cpu_s() - cpu_children_before;
+    let mut r = RunResult {
+        scenario: sc.clone(),
+        started_at,
+        workers: k,
+        first_user,
+        connections_target: layout.connections,
+        result: merged,
+        timeline,
+        server,
+        client_cpu_s,
+        run_s,
+        failures: Vec::new(),
+    };
+    r.failures = failures(&r);
+    Ok(r)
+}
+
+/// The checks a run must pass; each failure as a sentence.
+pub fn failures(r: &RunResult) -> Vec<String> {
+    let mut f = Vec::new();
+    let res = &r.result;
+    let est = res.num("conns_established");
+    if est < r.connections_target {
+        f.push(format!(
+            "only {est} of {} connections established ({} connect errors)",
+            r.connections_target,
+            r.connect_errors_total()
+        ));
+    }
+    for name in [
+        "lost",
+        "duplicates",
+        "order_violations",
+        "gaps",
+        "unacked",
+        "delivered_unacked",
+        "receipts_missing",
+        "foreign",
+        "duplicate_acks",
+        "unknown_acks",
+        "conns_dropped",
+    ] {
+        let v = res.num(name);
+        if v > 0 {
+            f.push(format!("{name} = {v}"));
+        }
+    }
+    let errors = r.errors_total();
+    if errors > 0 {
+        let kinds: Vec<String> = res
+            .nums
+            .iter()
+            .filter(|(k, _)| k.starts_with("err."))
+            .map(|(k, v)| format!("{}={v}", &k[4..]))
+            .collect();
+        f.push(format!("{errors} errors ({})", kinds.join(", ")));
+    }
+    f
+}
+
+type Driven = (Record, Vec<Row>, f64);
+
+fn drive(
+    sc: &Scenario,
+    layout: &Layout,
+    opts: &RunOpts,
+    procs: &mut [WorkerProc],
+    events: &mpsc::Receiver<Event>,
+    server: &mut ServerView,
+) -> Result<Driven, String> {
+    let k = procs.len();
+    let target = layout.target;
+    let ramp_s = if sc.connect_rate > 0.0 {
+        layout.connections as f64 / sc.connect_rate
+    } else {
+        0.0
+    };
+    let connect_limit = Duration::from_secs_f64(ramp_s) + 2 * sc.connect_timeout + WORKER_SLACK;
+    let run_limit = sc.warmup + sc.duration + sc.drain + WORKER_SLACK;
+
+    // ---------------------------------------------------------------- connect
+    let mut connected: Vec<Option<Record>> = vec![None; k];
+    let mut connect_ticks: BTreeMap<u64, (usize, Record)> = BTreeMap::new();
+    let deadline = Instant::now() + connect_limit;
+    while connected.iter().any(Option::is_none) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(format!(
+                "workers did not finish connecting within {connect_limit:?}"
+            ));
+        }
+        match events.recv_timeout(left) {
+            Ok(Event::Line(w, line)) => {
+                if line.starts_with("hello") {
+                    if line != format!("hello v{PROTOCOL_VERSION}") {
+                        return Err(format!(
+                            "worker {w}: protocol {line:?}, expected v{PROTOCOL_VERSION}"
+                        ));
+                    }
+                    continue;
+                }
+                if let Some(text) = line.strip_prefix("fail ") {
+                    return Err(format!("worker {w} failed: {text}"));
+                }
+                let rec = Record::decode(&line).map_err(|e| format!("worker {w}: {e}"))?;
+                match rec.kind.as_str() {
+                    "connected" => connected[w] = Some(rec),
+                    "tick" => {
+                        let e = connect_ticks
+                            .entry(rec.num("sec"))
+                            .or_insert_with(|| (0, Record::new("tick")));
+                        e.1.merge(&rec)?;
+                        e.0 += 1;
+                        if e.0 == k && opts.progress {
+                            let mut row = Row::from_record(&e.1);
+                            // Merging added the workers' `sec` and `phase` fields up.
+                            row.sec = rec.num("sec");
+                            row.phase = phase::CONNECT;
+                            let errs = e.1.num("connect_errors");
+                            eprintln!(
+                                "[{:>4}s connect] conns {}/{} | connect errors {errs}",
+                                row.sec, row.conns, layout.connections
+                            );
+                        }
+                    }
+                    other => {
+                        return Err(format!(
+                            "worker {w}: unexpected {other} record while connecting"
+                        ))
+                    }
+                }
+            }
+            Ok(Event::Eof(w)) => return Err(format!("worker {w} exited while connecting")),
+            Err(_) => {
+                return Err(format!(
+                    "workers did not finish connecting within {connect_limit:?}"
+                ))
+            }
+        }
+    }
+    let established: u64 = connected
+        .iter()
+        .flatten()
+        .map(|r| r.num("established"))
+        .sum();
+    // Let the server settle its per-connection allocations before the RSS scrape.
+    std::thread::sleep(Duration::from_millis(500));
+    let mqtt = crate::scenario::parse_target(&sc.target)?.is_mqtt();
+    server.connected = server_scrape(target, mqtt, opts.server_pid);
+    if opts.progress {
+        let rss = server.connected.map_or("n/a".to_string(), |s| {
+            crate::report::human_bytes(s.rss_bytes as f64)
+        });
+        eprintln!(
+            "connected: {established}/{} established; server RSS {rss}; go",
+            layout.connections
+        );
+    }
+
+    // ---------------------------------------------------------------- run
+    let cpu_before = opts.server_pid.and_then(proc_cpu_s);
+    tell_all(procs, "go");
+    let go = Instant::now();
+    let deadline = go + run_limit;
+    let mut results: Vec<Option<Record>> = vec![None; k];
+    let mut ticks: BTreeMap<u64, (usize, Record)> = BTreeMap::new();
+    let mut timeline = Vec::new();
+    while results.iter().any(Option::is_none) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(format!("workers did not finish within {run_limit:?}"));
+        }
+        match events.recv_timeout(left) {
+            Ok(Event::Line(w, line)) => {
+                if let Some(text) = line.strip_prefix("fail ") {
+                    return Err(format!("worker {w} failed: {text}"));
+                }
+                let rec = Record::decode(&line).map_err(|e| format!("worker {w}: {e}"))?;
+                match rec.kind.as_str() {
+                    "tick" => {
+                        let sec = rec.num("sec");
+                        let ph = rec.num("phase");
+                        let e = ticks.entry(sec).or_insert_with(|| (0, Record::new("tick")));
+                        e.1.merge(&rec)?;
+                        e.0 += 1;
+                        if e.0 == k {
+                            let (_, merged) = ticks.remove(&sec).expect("just seen");
+                            let mut row = Row::from_record(&merged);
+                            // Merging added the workers' `sec` and `phase` up. Workers agree on
+                            // the phase of a second up to clock skew; keep the last one reported.
+                            row.sec = sec;
+                            row.phase = ph;
+                            if opts.progress {
+                                eprintln!("{}", progress_line(&row, layout.connections));
+                            }
+                            timeline.push(row);
+                        }
+                    }
+                    "result" => results[w] = Some(rec),
+                    other => return Err(format!("worker {w}: unexpected {other} record")),
+                }
+            }
+            Ok(Event::Eof(w)) => {
+                if results[w].is_none() {
+                    return Err(format!("worker {w} exited without a result"));
+                }
+            }
+            Err(_) => return Err(format!("workers did not finish within {run_limit:?}")),
+        }
+    }
+    let run_s = go.elapsed().as_secs_f64();
+    server.cpu_s = match (cpu_before, opts.server_pid.and_then(proc_cpu_s)) {
+        (Some(a), Some(b)) => Some(b - a),
+        _ => None,
+    };
+    // Seconds some worker did not report (it finished early): keep what arrived.
+    for (sec, (n, rec)) in ticks {
+        let mut row = Row::from_record(&rec);
+        row.sec = sec;
+        row.phase = rec.num("phase") / n as u64;
+        timeline.push(row);
+    }
+    timeline.sort_by_key(|r| r.sec);
+    let mut merged = Record::new("result");
+    for r in results.iter().flatten() {
+        merged.merge(r)?;
+    }
+    // Connect results come from the `connected` records (same numbers, kept for the histogram).
+    Ok((merged, timeline, run_s))
+}
+
+/// A sweep: one run per rate, ascending; stops after the first rate that fails the knee test
+/// unless `sweep_all`. Returns every step and the knee (index of the highest passing rate).
+pub fn sweep(sc: &Scenario, opts: &RunOpts) -> Result<(Vec<RunResult>, Option<usize>), String> {
+    let mut rates = sc.sweep.clone();
+    rates.sort_by(f64::total_cmp);
+    rates.dedup();
+    let mut steps = Vec::with_capacity(rates.len());
+    let mut knee = None;
+    for (i, &rate) in rates.iter().enumerate() {
+        if i > 0 {
+            std::thread::sleep(SWEEP_PAUSE);
+        }
+        if opts.progress {
+            eprintln!("== sweep step {}/{}: {rate:.0} msgs/s", i + 1, rates.len());
+        }
+        let step = run_once(&sc.at_rate(rate), opts)?;
+        let pass = step.under_knee();
+        if opts.progress {
+            eprintln!(
+                "== {rate:.0} msgs/s: throughput {:.0}/s, e2e p95 {:.2} ms, p99 {:.2} ms, {} -> {}",
+                step.throughput(),
+                ms(step.hist("e2e").value_at_quantile(0.95)),
+                ms(step.hist("e2e").value_at_quantile(0.99)),
+                if step.failures.is_empty() {
+                    "checks ok".to_string()
+                } else {
+                    step.failures.join("; ")
+                },
+                if pass {
+                    "under the knee"
+                } else {
+                    "over the knee"
+                }
+            );
+        }
+        steps.push(step);
+        if pass {
+            knee = Some(steps.len() - 1);
+        } else if !opts.sweep_all {
+            break;
+        }
+    }
+    Ok((steps, knee))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn worker_commands() {
+        let (p, a) = worker_command(Some("ssh host{i} /bin/lg worker"), 3).expect("cmd");
+        assert_eq!(p, std::path::PathBuf::from("ssh"));
+        assert_eq!(a, vec!["host3", "/bin/lg", "worker"]);
+        let (_, a) = worker_command(None, 0).expect("own binary");
+        assert_eq!(a, vec!["worker"]);
+        assert!(worker_command(Some("  "), 0).is_err());
+    }
+
+    #[test]
+    fn rfc3339_dates() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339(1_767_225_599), "2025-12-31T23:59:59Z");
+    }
+
+    #[test]
+    fn progress_line_reads_well() {
+        let mut r = Record::new("tick");
+        r.set("sec", 12);
+        r.set("phase", phase::MEASURE);
+        r.set("conns", 100);
+        r.set("sends", 5000);
+        let mut h = latency_histogram();
+        h.record(1500).expect("in range");
+        r.hists.insert("e2e".into(), h);
+        let line = progress_line(&Row::from_record(&r), 100);
+        assert!(line.contains("measure"), "{line}");
+        assert!(line.contains("conns 100/100"), "{line}");
+        assert!(line.contains("sends/s 5000"), "{line}");
+        assert!(line.contains("p50 1.50 ms"), "{line}");
+    }
+
+    #[test]
+    fn failures_name_every_anomaly() {
+        let mut res = Record::new("result");
+        res.set("conns_established", 10);
+        res.set("lost", 2);
+        res.set("err.server_Overloaded", 3);
+        let r = RunResult {
+            scenario: Scenario::default(),
+            started_at: String::new(),
+            workers: 1,
+            first_user: 1,
+            connections_target: 10,
+            result: res,
+            timeline: Vec::new(),
+            server: ServerView::default(),
+            client_cpu_s: 0.0,
+            run_s: 0.0,
+            failures: Vec::new(),
+        };
+        let f = failures(&r);
+        assert_eq!(f.len(), 2, "{f:?}");
+        assert!(f[0].contains("lost = 2"));
+        assert!(f[1].contains("server_Overloaded=3"));
+        assert!(!r.under_knee() || !failures(&r).is_empty());
+    }
+}

@@ -1,0 +1,854 @@
+//! The report directory of `run`: report.json (schema in loadgen/README.md), report.md and
+//! report.html (inline SVG plots). Built from `coord::RunResult`s; no I/O except the final writes.
+//!
+//! ```text
+//!  RunResult (or sweep steps + knee) ─► json() ─► report.json ─► `plan` reads it back
+//!                                     ─► markdown() ─► report.md
+//!                                     ─► html() + svg::render ─► report.html
+//! ```
+
+use std::fmt::Write;
+use std::path::Path;
+
+use hdrhistogram::Histogram;
+use serde_json::{json, Map, Value};
+
+use crate::coord::{Row, RunResult};
+use crate::report::human_bytes;
+use crate::svg::{self, Axis, Chart, Series};
+use crate::worker::phase;
+
+/// `schema` field of report.json; bump on incompatible changes.
+pub const SCHEMA: &str = "switchboard-loadgen/report/v1";
+
+/// Percentiles listed in the HDR distribution of report.json.
+pub const HDR_PERCENTILES: [f64; 14] = [
+    0.0, 25.0, 50.0, 75.0, 90.0, 95.0, 99.0, 99.5, 99.9, 99.95, 99.99, 99.995, 99.999, 100.0,
+];
+
+fn ms(us: u64) -> f64 {
+    us as f64 / 1000.0
+}
+
+fn round3(v: f64) -> f64 {
+    (v * 1000.0).round() / 1000.0
+}
+
+pub fn latency_json(h: &Histogram<u64>) -> Value {
+    if h.is_empty() {
+        return json!({"count": 0, "p50": null, "p95": null, "p99": null, "p999": null, "max": null, "mean": null});
+    }
+    let q = |p: f64| round3(ms(h.value_at_quantile(p)));
+    json!({
+        "count": h.len(),
+        "p50": q(0.50),
+        "p95": q(0.95),
+        "p99": q(0.99),
+        "p999": q(0.999),
+        "max": round3(ms(h.max())),
+        "mean": round3(h.mean() / 1000.0),
+    })
+}
+
+fn hdr_json(h: &Histogram<u64>) -> Value {
+    Value::Array(
+        HDR_PERCENTILES
+            .iter()
+            .filter(|_| !h.is_empty())
+            .map(|&p| json!([p, round3(ms(h.value_at_quantile(p / 100.0)))]))
+            .collect(),
+    )
+}
+
+fn by_prefix(r: &RunResult, prefix: &str) -> Value {
+    let mut m = Map::new();
+    for (k, v) in r.result.nums.iter().filter(|(k, _)| k.starts_with(prefix)) {
+        m.insert(k[prefix.len()..].to_string(), json!(v));
+    }
+    Value::Object(m)
+}
+
+fn row_json(row: &Row) -> Value {
+    let q = |h: &Histogram<u64>, p: f64| {
+        if h.is_empty() {
+            Value::Null
+        } else {
+            json!(round3(ms(h.value_at_quantile(p))))
+        }
+    };
+    json!({
+        "t": row.sec,
+        "phase": phase_name(row.phase),
+        "conns": row.conns,
+        "sends": row.sends,
+        "acks": row.acks,
+        "deliveries": row.deliveries,
+        "receipts": row.receipts,
+        "errors": row.errors,
+        "e2e_p50_ms": q(&row.e2e, 0.5),
+        "e2e_p99_ms": q(&row.e2e, 0.99),
+        "e2e_p999_ms": q(&row.e2e, 0.999),
+        "e2e_max_ms": if row.e2e.is_empty() { Value::Null } else { json!(round3(ms(row.e2e.max()))) },
+        "ack_p50_ms": q(&row.ack, 0.5),
+        "ack_p99_ms": q(&row.ack, 0.99),
+    })
+}
+
+pub fn phase_name(p: u64) -> &'static str {
+    match p {
+        phase::CONNECT => "connect",
+        phase::WAIT => "wait",
+        phase::WARMUP => "warmup",
+        phase::MEASURE => "measure",
+        _ => "drain",
+    }
+}
+
+/// Server RSS after connecting, and (RSS after connecting − RSS before) / connections.
+pub fn server_memory(r: &RunResult) -> (Option<u64>, Option<f64>) {
+    let est = r.result.num("conns_established");
+    let rss = r.server.connected.map(|s| s.rss_bytes);
+    let per = match (r.server.before, r.server.connected) {
+        (Some(b), Some(a)) if est > 0 => {
+            Some((a.rss_bytes as f64 - b.rss_bytes as f64) / est as f64)
+        }
+        _ => None,
+    };
+    (rss, per)
+}
+
+/// The report of one run (the fields of issue 4 plus the detail behind them).
+pub fn run_json(r: &RunResult) -> Value {
+    let res = &r.result;
+    let (rss, per_conn) = server_memory(r);
+    let persisted = match (r.server.before, r.server.end) {
+        (Some(b), Some(e)) => json!(e
+            .messages_persisted_total
+            .saturating_sub(b.messages_persisted_total)),
+        _ => Value::Null,
+    };
+    json!({
+        "schema": SCHEMA,
+        "scenario": serde_json::to_value(&r.scenario).unwrap_or(Value::Null),
+        "started_at": r.started_at,
+        "rate_target": r.scenario.rate,
+        "warmup_s": r.scenario.warmup.as_secs_f64(),
+        "duration_s": r.scenario.duration.as_secs_f64(),
+        "drain_s": res.num("drain_ns") as f64 / 1e9,
+        "run_s": round3(r.run_s),
+        "workers": r.workers,
+        "first_user": r.first_user,
+        "connections_target": r.connections_target,
+        "connections_established": res.num("conns_established"),
+        "connections_open_at_end": res.num("conns_open_at_end"),
+        "connections_dropped": res.num("conns_dropped"),
+        "connect_errors": r.connect_errors_total(),
+        "connect_errors_by_kind": by_prefix(r, "cerr."),
+        "connect_s": res.num("connect_ms") as f64 / 1e3,
+        "messages_sent": res.num("sent"),
+        "messages_acked": res.num("acked"),
+        "messages_delivered": res.num("deliveries"),
+        "messages_errored": res.num("errored"),
+        "messages_unsent": res.num("unsent"),
+        "receipts_received": res.num("receipts"),
+        "messages_receipted": res.num("receipted"),
+        "throughput_msgs_per_s": round3(r.throughput()),
+        "deliveries_per_s": round3(r.deliveries_per_s()),
+        "sends_per_s": round3(res.num("sends_window") as f64 / r.measure_s()),
+        "latency_ms": {
+            "e2e": latency_json(&r.hist("e2e")),
+            "ack": latency_json(&r.hist("ack")),
+            "receipt": latency_json(&r.hist("receipt")),
+            "connect": latency_json(&r.hist("connect")),
+            "send_lag": latency_json(&r.hist("send_lag")),
+        },
+        "lost": res.num("lost"),
+        "duplicates": res.num("duplicates"),
+        "order_violations": res.num("order_violations"),
+        "gaps": res.num("gaps"),
+        "unacked": res.num("unacked"),
+        "delivered_unacked": res.num("delivered_unacked"),
+        "receipts_missing": res.num("receipts_missing"),
+        "foreign_payloads": res.num("foreign"),
+        "duplicate_acks": res.num("duplicate_acks"),
+        "unknown_acks": res.num("unknown_acks"),
+        "errors": r.errors_total(),
+        "errors_by_kind": by_prefix(r, "err."),
+        "server_rss_bytes": rss,
+        "server_rss_bytes_before": r.server.before.map(|s| s.rss_bytes),
+        "server_rss_bytes_end": r.server.end.map(|s| s.rss_bytes),
+        "bytes_per_connection": per_conn.map(|v| v.round()),
+        "server_connections_gauge": r.server.connected.map(|s| s.connections),
+        "server_cores": r.server.connected.or(r.server.before).map(|s| s.cores),
+        "server_messages_persisted": persisted,
+        "server_cpu_s": r.server.cpu_s.map(round3),
+        "client_cpu_s": round3(r.client_cpu_s),
+        "client_rss_bytes": res.num("client_rss_bytes"),
+        "ok": r.ok(),
+        "failures": r.failures,
+        "timeline": r.timeline.iter().map(row_json).collect::<Vec<_>>(),
+        "hdr_ms": {
+            "e2e": hdr_json(&r.hist("e2e")),
+            "ack": hdr_json(&r.hist("ack")),
+            "receipt": hdr_json(&r.hist("receipt")),
+        },
+    })
+}
+
+/// report.json of a sweep: the knee step's fields at the top (the last step when none passed),
+/// every step under `sweep.steps`.
+pub fn sweep_json(steps: &[RunResult], knee: Option<usize>) -> Value {
+    let main = knee.unwrap_or(steps.len().saturating_sub(1));
+    let mut top = steps.get(main).map(run_json).unwrap_or_else(|| json!({}));
+    let step_vals: Vec<Value> = steps
+        .iter()
+        .map(|s| {
+            json!({
+                "rate": s.scenario.rate,
+                "throughput_msgs_per_s": round3(s.throughput()),
+                "deliveries_per_s": round3(s.deliveries_per_s()),
+                "latency_ms": {
+                    "e2e": latency_json(&s.hist("e2e")),
+                    "ack": latency_json(&s.hist("ack")),
+                    "receipt": latency_json(&s.hist("receipt")),
+                },
+                "lost": s.result.num("lost"),
+                "errors": s.errors_total(),
+                "ok": s.ok(),
+                "under_knee": s.under_knee(),
+                "failures": s.failures,
+                "server_cpu_s": s.server.cpu_s.map(round3),
+                "client_cpu_s": round3(s.client_cpu_s),
+                "server_rss_bytes": server_memory(s).0,
+                "bytes_per_connection": server_memory(s).1.map(f64::round),
+            })
+        })
+        .collect();
+    let knee_step = knee.map(|k| &steps[k]);
+    if let Value::Object(m) = &mut top {
+        m.insert(
+            "sweep".into(),
+            json!({
+                "knee_p95_ms": steps.first().map_or(100.0, |s| s.scenario.knee_p95_ms),
+                "knee_rate": knee_step.map(|s| s.scenario.rate),
+                "knee_throughput_msgs_per_s": knee_step.map(|s| round3(s.throughput())),
+                "report_step": main,
+                "steps": step_vals,
+            }),
+        );
+    }
+    top
+}
+
+fn lat_row(name: &str, h: &Histogram<u64>) -> String {
+    if h.is_empty() {
+        return format!("| {name} | 0 | – | – | – | – | – |\n");
+    }
+    let q = |p: f64| format!("{:.2}", ms(h.value_at_quantile(p)));
+    format!(
+        "| {name} | {} | {} | {} | {} | {} | {:.2} |\n",
+        h.len(),
+        q(0.5),
+        q(0.95),
+        q(0.99),
+        q(0.999),
+        ms(h.max())
+    )
+}
+
+fn opt<T: std::fmt::Display>(v: Option<T>) -> String {
+    v.map_or("n/a".into(), |v| v.to_string())
+}
+
+/// report.md of one run (or the main step of a sweep, with the sweep table when given).
+pub fn markdown(r: &RunResult, sweep: Option<(&[RunResult], Option<usize>)>) -> String {
+    let res = &r.result;
+    let sc = &r.scenario;
+    let (rss, per_conn) = server_memory(r);
+    let mut o = String::new();
+    let _ = writeln!(o, "# Switchboard load report: {}\n", sc.name);
+    let _ = writeln!(
+        o,
+        "Started {} against `{}`. **{}**{}\n",
+        r.started_at,
+        sc.target,
+        if r.ok() { "PASS" } else { "FAIL" },
+        if r.ok() {
+            String::new()
+        } else {
+            format!(": {}", r.failures.join("; "))
+        }
+    );
+    if let Some((steps, knee)) = sweep {
+        let _ = writeln!(
+            o,
+            "Sweep of {} rates; this page details the {} step ({:.0} msgs/s offered); every step is in the Sweep table.\n",
+            steps.len(),
+            if knee.is_some() { "knee" } else { "last (no rate passed)" },
+            r.scenario.rate
+        );
+    }
+    let _ = writeln!(o, "## Scenario\n");
+    let _ = writeln!(o, "| setting | value |\n|---|---|");
+    let _ = writeln!(
+        o,
+        "| connections | {} ({} users × {} devices), {} worker process(es) |",
+        r.connections_target,
+        r.connections_target / u64::from(sc.devices_per_user),
+        sc.devices_per_user,
+        r.workers
+    );
+    let _ = writeln!(
+        o,
+        "| message mix | {}% 1:1, {}% group (sizes {}, {} groups of ≈{} per user) |",
+        sc.direct_pct,
+        sc.group_pct,
+        sc.group_sizes,
+        res.num("groups"),
+        sc.groups_per_user
+    );
+    let _ = writeln!(
+        o,
+        "| contacts per user | {} on each side of a ring |",
+        sc.contacts_per_user
+    );
+    let _ = writeln!(o, "| payload bytes | {} |", sc.payload_bytes);
+    let _ = writeln!(
+        o,
+        "| target rate | {:.0} msgs/s, {:?} arrivals (open loop) |",
+        sc.rate, sc.arrival
+    );
+    let _ = writeln!(
+        o,
+        "| warm-up / measured / drain limit | {:?} / {:?} / {:?} |",
+        sc.warmup, sc.duration, sc.drain
+    );
+    let _ = writeln!(
+        o,
+        "| receipts | {} |",
+        if sc.receipts {
+            "Delivered cursor after every read that brought messages"
+        } else {
+            "off"
+        }
+    );
+    let _ = writeln!(o, "| connect ramp | {} conns/s |\n", sc.connect_rate);
+    let _ = writeln!(o, "## Results\n");
+    let _ = writeln!(o, "| metric | value |\n|---|---|");
+    let _ = writeln!(
+        o,
+        "| throughput (SendAcks received in the measured window / duration) | **{:.0} msgs/s** |",
+        r.throughput()
+    );
+    let _ = writeln!(
+        o,
+        "| deliveries (to recipient devices, same window) | {:.0} /s |",
+        r.deliveries_per_s()
+    );
+    let _ = writeln!(
+        o,
+        "| messages sent / acked / delivered | {} / {} / {} |",
+        res.num("sent"),
+        res.num("acked"),
+        res.num("deliveries")
+    );
+    let _ = writeln!(
+        o,
+        "| connections established | {} of {} ({} connect errors) in {:.1} s |",
+        res.num("conns_established"),
+        r.connections_target,
+        r.connect_errors_total(),
+        res.num("connect_ms") as f64 / 1e3
+    );
+    let _ = writeln!(
+        o,
+        "| server RSS after connecting | {} |",
+        rss.map_or("n/a".into(), |b| human_bytes(b as f64))
+    );
+    let _ = writeln!(
+        o,
+        "| server RSS per connection (delta / connections) | {} |",
+        per_conn.map_or("n/a".into(), |b| format!("{b:.0} B"))
+    );
+    let _ = writeln!(
+        o,
+        "| server CPU (message phase) | {} |",
+        opt(r.server.cpu_s.map(|c| format!("{c:.1} s")))
+    );
+    let _ = writeln!(
+        o,
+        "| load generator CPU (all workers) | {:.1} s |",
+        r.client_cpu_s
+    );
+    let _ = writeln!(
+        o,
+        "| drain took | {:.2} s |\n",
+        res.num("drain_ns") as f64 / 1e9
+    );
+    let _ = writeln!(o, "Latency in ms, measured from the **scheduled** send time (no coordinated omission), warm-up excluded:\n");
+    let _ = writeln!(
+        o,
+        "| latency | count | p50 | p95 | p99 | p99.9 | max |\n|---|---|---|---|---|---|---|"
+    );
+    o.push_str(&lat_row("send → delivery (e2e)", &r.hist("e2e")));
+    o.push_str(&lat_row("send → SendAck", &r.hist("ack")));
+    o.push_str(&lat_row("send → delivered Receipt", &r.hist("receipt")));
+    o.push_str(&lat_row("connect + upgrade", &r.hist("connect")));
+    o.push_str(&lat_row(
+        "send lag (client late vs schedule)",
+        &r.hist("send_lag"),
+    ));
+    let _ = writeln!(o, "\n## Correctness\n");
+    let _ = writeln!(o, "| check | count |\n|---|---|");
+    for (k, what) in [
+        (
+            "lost",
+            "acked, never delivered to an expected device by the end of the drain",
+        ),
+        ("duplicates", "a device received the same message twice"),
+        (
+            "order_violations",
+            "a device received a chat's seq after a higher one",
+        ),
+        (
+            "gaps",
+            "seqs missing below the highest a device saw in a chat",
+        ),
+        ("unacked", "sent, never answered"),
+        ("delivered_unacked", "delivered but never acked"),
+        (
+            "receipts_missing",
+            "acked, no delivered receipt reached the sender",
+        ),
+        (
+            "conns_dropped",
+            "connections the server closed during the run",
+        ),
+    ] {
+        let _ = writeln!(o, "| {k} ({what}) | {} |", res.num(k));
+    }
+    let _ = writeln!(o, "| errors | {} |", r.errors_total());
+    for (k, v) in res
+        .nums
+        .iter()
+        .filter(|(k, _)| k.starts_with("err.") || k.starts_with("cerr."))
+    {
+        let _ = writeln!(o, "| &nbsp; {k} | {v} |");
+    }
+    if let Some((steps, knee)) = sweep {
+        let _ = writeln!(o, "\n## Sweep\n");
+        let limit = steps.first().map_or(100.0, |s| s.scenario.knee_p95_ms);
+        let _ = writeln!(
+            o,
+            "Knee = the highest rate with e2e p95 < {limit} ms, no errors and nothing lost: **{}**.\n",
+            knee.map_or("none of the rates passed".to_string(), |k| format!(
+                "{:.0} msgs/s offered, {:.0} msgs/s achieved",
+                steps[k].scenario.rate,
+                steps[k].throughput()
+            ))
+        );
+        let _ = writeln!(o, "| offered msgs/s | achieved msgs/s | e2e p50 | p95 | p99 | p99.9 | max | lost | errors | verdict |\n|---|---|---|---|---|---|---|---|---|---|");
+        for s in steps {
+            let h = s.hist("e2e");
+            let q = |p: f64| {
+                if h.is_empty() {
+                    "–".to_string()
+                } else {
+                    format!("{:.2}", ms(h.value_at_quantile(p)))
+                }
+            };
+            let _ = writeln!(
+                o,
+                "| {:.0} | {:.0} | {} | {} | {} | {} | {:.2} | {} | {} | {} |",
+                s.scenario.rate,
+                s.throughput(),
+                q(0.5),
+                q(0.95),
+                q(0.99),
+                q(0.999),
+                ms(h.max()),
+                s.result.num("lost"),
+                s.errors_total(),
+                if s.under_knee() {
+                    "under the knee"
+                } else if s.ok() {
+                    "p95 over the limit"
+                } else {
+                    "failed checks"
+                }
+            );
+        }
+    }
+    let _ = writeln!(
+        o,
+        "\nEverything ran on one machine: the load generator's workers, the server and the kernel's \
+         loopback share the CPUs, so the figures are a lower bound for the server alone."
+    );
+    o
+}
+
+fn phase_marks(r: &RunResult) -> Vec<(f64, String)> {
+    let w = r.scenario.warmup.as_secs_f64();
+    let d = r.scenario.duration.as_secs_f64();
+    vec![(w, "measure".into()), (w + d, "drain".into())]
+}
+
+fn timeline_series(rows: &[Row], name: &str, f: impl Fn(&Row) -> Option<f64>) -> Series {
+    Series {
+        name: name.into(),
+        points: rows
+            .iter()
+            .filter_map(|r| f(r).map(|v| (r.sec as f64 + 1.0, v)))
+            .collect(),
+        labels: Vec::new(),
+    }
+}
+
+fn q_ms(h: &Histogram<u64>, p: f64) -> Option<f64> {
+    (!h.is_empty()).then(|| ms(h.value_at_quantile(p)))
+}
+
+/// The HDR percentile distribution: x = log10(1 / (1 − p)).
+fn hdr_series(name: &str, h: &Histogram<u64>) -> Series {
+    let mut points = Vec::new();
+    if !h.is_empty() {
+        for v in h.iter_quantiles(4) {
+            let p = v.quantile_iterated_to().min(0.99999);
+            points.push((
+                (1.0 / (1.0 - p)).log10(),
+                ms(v.value_iterated_to()).max(0.001),
+            ));
+            if p >= 0.99999 {
+                break;
+            }
+        }
+    }
+    Series {
+        name: name.into(),
+        points,
+        labels: Vec::new(),
+    }
+}
+
+fn hdr_ticks() -> Vec<(f64, String)> {
+    ["0%", "90%", "99%", "99.9%", "99.99%", "99.999%"]
+        .iter()
+        .enumerate()
+        .map(|(i, l)| (i as f64, l.to_string()))
+        .collect()
+}
+
+pub fn charts(r: &RunResult, sweep: Option<(&[RunResult], Option<usize>)>) -> Vec<String> {
+    let mut out = Vec::new();
+    let rows = &r.timeline;
+    if let Some((steps, _)) = sweep {
+        let limit = steps.first().map_or(100.0, |s| s.scenario.knee_p95_ms);
+        let mut series = Vec::new();
+        for (name, p) in [("e2e p50", 0.5), ("e2e p95", 0.95), ("e2e p99", 0.99)] {
+            let with: Vec<&RunResult> =
+                steps.iter().filter(|s| !s.hist("e2e").is_empty()).collect();
+            series.push(Series {
+                name: name.into(),
+                points: with
+                    .iter()
+                    .filter_map(|s| q_ms(&s.hist("e2e"), p).map(|v| (s.throughput(), v)))
+                    .collect(),
+                // The offered rate next to each p95 point: past the knee achieved throughput
+                // falls while the offered rate rises, and the curve turns back.
+                labels: if p == 0.95 {
+                    with.iter()
+                        .map(|s| format!("{} offered", svg::fmt_num(s.scenario.rate)))
+                        .collect()
+                } else {
+                    Vec::new()
+                },
+            });
+        }
+        out.push(svg::render(&Chart {
+            title: "Sweep: achieved throughput vs end-to-end latency".into(),
+            x: Axis::linear("achieved msgs/s (acks in the measured window)"),
+            y: Axis::log("latency (ms, log)"),
+            series,
+            vmarks: Vec::new(),
+            hline: Some((limit, format!("p95 limit {limit} ms"))),
+        }));
+    }
+    out.push(svg::render(&Chart {
+        title: "End-to-end latency per second (send → delivery)".into(),
+        x: Axis::linear("seconds since go"),
+        y: Axis::log("latency (ms, log)"),
+        series: vec![
+            timeline_series(rows, "p50", |r| q_ms(&r.e2e, 0.5)),
+            timeline_series(rows, "p99", |r| q_ms(&r.e2e, 0.99)),
+            timeline_series(rows, "p99.9", |r| q_ms(&r.e2e, 0.999)),
+            timeline_series(rows, "max", |r| {
+                (!r.e2e.is_empty()).then(|| ms(r.e2e.max()))
+            }),
+            timeline_series(rows, "ack p99", |r| q_ms(&r.ack, 0.99)),
+        ],
+        vmarks: phase_marks(r),
+        hline: None,
+    }));
+    out.push(svg::render(&Chart {
+        title: "Throughput per second".into(),
+        x: Axis::linear("seconds since go"),
+        y: Axis::linear("per second"),
+        series: vec![
+            timeline_series(rows, "sends", |r| Some(r.sends as f64)),
+            timeline_series(rows, "acks", |r| Some(r.acks as f64)),
+            timeline_series(rows, "deliveries", |r| Some(r.deliveries as f64)),
+            timeline_series(rows, "receipts", |r| Some(r.receipts as f64)),
+        ],
+        vmarks: phase_marks(r),
+        hline: None,
+    }));
+    out.push(svg::render(&Chart {
+        title: "Latency by percentile (HDR distribution, measured window)".into(),
+        x: Axis {
+            label: "percentile".into(),
+            log: false,
+            ticks: Some(hdr_ticks()),
+        },
+        y: Axis::log("latency (ms, log)"),
+        series: vec![
+            hdr_series("e2e", &r.hist("e2e")),
+            hdr_series("ack", &r.hist("ack")),
+            hdr_series("receipt", &r.hist("receipt")),
+            hdr_series("connect", &r.hist("connect")),
+        ],
+        vmarks: Vec::new(),
+        hline: None,
+    }));
+    out
+}
+
+/// report.html: the Markdown report's numbers as HTML tables plus the charts.
+pub fn html(r: &RunResult, sweep: Option<(&[RunResult], Option<usize>)>) -> String {
+    let md = markdown(r, sweep);
+    let mut charts = String::new();
+    for c in self::charts(r, sweep) {
+        let _ = write!(charts, "<figure>{c}</figure>");
+    }
+    let mut body = String::new();
+    let mut in_table = false;
+    for line in md.lines() {
+        if line.starts_with('|') {
+            let cells: Vec<&str> = line.trim_matches('|').split('|').map(str::trim).collect();
+            if cells.iter().all(|c| c.chars().all(|ch| ch == '-')) {
+                continue;
+            }
+            if !in_table {
+                body.push_str("<table>");
+                in_table = true;
+                body.push_str("<tr>");
+                for c in &cells {
+                    let _ = write!(body, "<th>{}</th>", inline(c));
+                }
+                body.push_str("</tr>");
+                continue;
+            }
+            body.push_str("<tr>");
+            for c in &cells {
+                let _ = write!(body, "<td>{}</td>", inline(c));
+            }
+            body.push_str("</tr>");
+            continue;
+        }
+        if in_table {
+            body.push_str("</table>");
+            in_table = false;
+        }
+        if let Some(h) = line.strip_prefix("## ") {
+            if h == "Scenario" {
+                // The plots come right after the verdict, before the detail.
+                let _ = write!(body, "<h2>Plots</h2>{charts}");
+            }
+            let _ = write!(body, "<h2>{}</h2>", inline(h));
+        } else if let Some(h) = line.strip_prefix("# ") {
+            let _ = write!(body, "<h1>{}</h1>", inline(h));
+        } else if !line.trim().is_empty() {
+            let _ = write!(body, "<p>{}</p>", inline(line));
+        }
+    }
+    if in_table {
+        body.push_str("</table>");
+    }
+    format!(
+        "<!doctype html><html><head><meta charset=\"utf-8\"><title>Switchboard load report: {}</title>\
+<style>body{{font-family:sans-serif;max-width:900px;margin:2em auto;color:#222}}\
+table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:3px 8px;text-align:left}}\
+th{{background:#f4f4f4}}figure{{margin:1em 0}}code{{background:#f4f4f4}}</style></head><body>\
+{body}</body></html>\n",
+        esc(&r.scenario.name)
+    )
+}
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}
+
+/// Markdown `**bold**` and `` `code` `` to HTML, escaping the rest.
+fn inline(s: &str) -> String {
+    let s = esc(s).replace("&amp;nbsp;", "&nbsp;");
+    let mut out = String::new();
+    let mut bold = false;
+    let mut code = false;
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '*' && chars.peek() == Some(&'*') {
+            chars.next();
+            out.push_str(if bold { "</b>" } else { "<b>" });
+            bold = !bold;
+        } else if c == '`' {
+            out.push_str(if code { "</code>" } else { "<code>" });
+            code = !code;
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Writes report.json, report.md and report.html into `dir`.
+pub fn write_all(dir: &Path, json: &Value, md: &str, html: &str) -> Result<(), String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+    let w = |name: &str, text: &str| {
+        let p = dir.join(name);
+        std::fs::write(&p, text).map_err(|e| format!("write {}: {e}", p.display()))
+    };
+    let pretty = serde_json::to_string_pretty(json).map_err(|e| format!("report.json: {e}"))?;
+    w("report.json", &(pretty + "\n"))?;
+    w("report.md", md)?;
+    w("report.html", html)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::coord::ServerView;
+    use crate::metrics::Scrape;
+    use crate::proto::Record;
+    use crate::report::latency_histogram;
+    use crate::scenario::Scenario;
+
+    fn sample(rate: f64, e2e_us: u64) -> RunResult {
+        let mut res = Record::new("result");
+        res.set("conns_established", 100);
+        res.set("sent", 1000);
+        res.set("acked", 1000);
+        res.set("deliveries", 1000);
+        res.set("acks_window", (rate * 30.0) as u64);
+        res.set("deliveries_window", (rate * 30.0) as u64);
+        let mut h = latency_histogram();
+        for i in 0..1000 {
+            h.record(e2e_us + i).expect("in range");
+        }
+        res.hists.insert("e2e".into(), h.clone());
+        res.hists.insert("ack".into(), h);
+        let mut row_h = latency_histogram();
+        row_h.record(e2e_us).expect("in range");
+        let timeline = (0..40)
+            .map(|s| Row {
+                sec: s,
+                phase: phase::MEASURE,
+                conns: 100,
+                sends: rate as u64,
+                acks: rate as u64,
+                deliveries: rate as u64,
+                receipts: 0,
+                errors: 0,
+                e2e: row_h.clone(),
+                ack: row_h.clone(),
+            })
+            .collect();
+        RunResult {
+            scenario: Scenario {
+                rate,
+                ..Scenario::default()
+            },
+            started_at: "2026-01-01T00:00:00Z".into(),
+            workers: 1,
+            first_user: 1,
+            connections_target: 100,
+            result: res,
+            timeline,
+            server: ServerView {
+                before: Some(Scrape {
+                    rss_bytes: 1_000_000,
+                    cores: 2,
+                    ..Scrape::default()
+                }),
+                connected: Some(Scrape {
+                    rss_bytes: 1_500_000,
+                    cores: 2,
+                    ..Scrape::default()
+                }),
+                end: None,
+                cpu_s: None,
+            },
+            client_cpu_s: 1.0,
+            run_s: 40.0,
+            failures: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn json_has_the_issue_fields() {
+        let r = sample(1000.0, 2000);
+        let j = run_json(&r);
+        for k in [
+            "scenario",
+            "started_at",
+            "duration_s",
+            "connections_target",
+            "connections_established",
+            "connect_errors",
+            "messages_sent",
+            "messages_acked",
+            "messages_delivered",
+            "throughput_msgs_per_s",
+            "deliveries_per_s",
+            "lost",
+            "duplicates",
+            "order_violations",
+            "server_rss_bytes",
+            "bytes_per_connection",
+        ] {
+            assert!(j.get(k).is_some(), "missing {k}");
+        }
+        for l in ["e2e", "ack", "receipt", "connect"] {
+            for p in ["p50", "p95", "p99", "p999", "max"] {
+                assert!(
+                    j["latency_ms"][l].get(p).is_some(),
+                    "missing latency_ms.{l}.{p}"
+                );
+            }
+        }
+        assert_eq!(j["bytes_per_connection"], json!(5000.0));
+        assert_eq!(j["throughput_msgs_per_s"], json!(1000.0));
+        assert_eq!(j["server_cores"], json!(2));
+        assert!((j["latency_ms"]["e2e"]["p50"].as_f64().expect("p50") - 2.5).abs() < 0.01);
+    }
+
+    #[test]
+    fn sweep_report_and_html() {
+        let steps = vec![
+            sample(1000.0, 2000),
+            sample(2000.0, 5000),
+            sample(4000.0, 300_000),
+        ];
+        assert!(steps[1].under_knee() && !steps[2].under_knee());
+        let j = sweep_json(&steps, Some(1));
+        assert_eq!(j["sweep"]["knee_rate"], json!(2000.0));
+        assert_eq!(j["sweep"]["steps"].as_array().expect("steps").len(), 3);
+        assert_eq!(j["rate_target"], json!(2000.0));
+        let md = markdown(&steps[1], Some((&steps, Some(1))));
+        assert!(md.contains("## Sweep") && md.contains("under the knee"));
+        let h = html(&steps[1], Some((&steps, Some(1))));
+        assert_eq!(h.matches("<svg").count(), 4);
+        assert!(h.contains("<table>") && !h.contains("NaN"));
+        assert!(h.contains("<b>PASS</b>"));
+    }
+}
