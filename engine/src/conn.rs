@@ -498,38 +498,25 @@ async fn run_ws(core: &Rc<Core>, mut stream: TcpStream, leftover: Vec<u8>, mode:
             }
         }
     };
-    if let End::Gone = end {
-        // tungstenite queued its answer to a client's Close (RFC 6455 5.5.1) before reporting the
-        // connection closed: send it.
-        let _ = ctx.flush(&mut io);
-        if !io.tx.is_empty() {
-            let _ = futures_lite::future::or(
-                async { stream.write_all(&io.tx).await.map(|_| ()) },
-                async {
-                    glommio::timer::sleep(Duration::from_secs(1)).await;
-                    Ok(())
-                },
-            )
-            .await;
-        }
-    }
     if let End::Close(code, reason) = end {
         let frame = CloseFrame {
             code: CloseCode::from(code),
             reason: reason.into(),
         };
         let _ = ctx.close(&mut io, Some(frame));
-        let _ = ctx.flush(&mut io);
-        if !io.tx.is_empty() {
-            let _ = futures_lite::future::or(
-                async { stream.write_all(&io.tx).await.map(|_| ()) },
-                async {
-                    glommio::timer::sleep(Duration::from_secs(1)).await;
-                    Ok(())
-                },
-            )
-            .await;
-        }
+    }
+    // Send what is queued last: our Close, or tungstenite's answer to a client's Close
+    // (RFC 6455 5.5.1), which it queues before reporting the connection closed.
+    let _ = ctx.flush(&mut io);
+    if !io.tx.is_empty() {
+        let _ = futures_lite::future::or(
+            async { stream.write_all(&io.tx).await.map(|_| ()) },
+            async {
+                glommio::timer::sleep(Duration::from_secs(1)).await;
+                Ok(())
+            },
+        )
+        .await;
     }
     let _ = stream.close().await;
 }

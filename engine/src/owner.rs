@@ -635,24 +635,32 @@ impl Owner {
                     .reply_only(reply(ErrorCode::InvalidArgument, "unknown group operation"))
             }
         }
+        self.stage_event(now_ms, origin, chat, req.client_msg_id, &ev, recipients);
+    }
+
+    /// Stages a chat event as the chat's next message, answered with a `SendAck`.
+    fn stage_event(
+        &mut self,
+        now_ms: u64,
+        origin: Origin,
+        chat: ChatId,
+        id: ClientMsgId,
+        ev: &ChatEvent,
+        recipients: Vec<UserId>,
+    ) {
         let m = NewMessage {
-            client_msg_id: req.client_msg_id,
+            client_msg_id: id,
             reply_to: Seq(0),
             content_kind: CONTENT_KIND_EVENT,
             flags: 0,
-            payload: encode_event(&ev),
+            payload: encode_event(ev),
         };
-        self.stage_message(
-            now_ms,
-            origin,
-            chat,
-            m,
-            Fanout {
-                extra: Vec::new(),
-                recipients,
-                ack_frame: None,
-            },
-        );
+        let fanout = Fanout {
+            extra: Vec::new(),
+            recipients,
+            ack_frame: None,
+        };
+        self.stage_message(now_ms, origin, chat, m, fanout);
     }
 
     /// `GetGroupInfo`: answered from the staged state (includes changes not yet durable; they
@@ -990,24 +998,7 @@ impl Owner {
         let mut ev = ev;
         ev.target = t.seq;
         let recipients = meta.members.clone();
-        let m = NewMessage {
-            client_msg_id: id,
-            reply_to: Seq(0),
-            content_kind: CONTENT_KIND_EVENT,
-            flags: 0,
-            payload: encode_event(&ev),
-        };
-        self.stage_message(
-            now_ms,
-            origin,
-            chat,
-            m,
-            Fanout {
-                extra: Vec::new(),
-                recipients,
-                ack_frame: None,
-            },
-        );
+        self.stage_event(now_ms, origin, chat, id, &ev, recipients);
         if let Some(seqs) = purge {
             // Only after the Deleted event is durable: a crash before the purge is completed at
             // the next start (see `Shard::open`), a crash during it by storage recovery.
