@@ -959,30 +959,18 @@ impl Owner {
         let mut purge = None;
         let ev = match action {
             Action::Edit { payload, .. } => {
-                if t.sender != origin.user {
-                    return self.reply_only(reply(
-                        ErrorCode::NotAllowed,
-                        "only the author may edit a message",
-                    ));
-                }
-                if age_ms > self.limits.edit_window_ms {
-                    return self
-                        .reply_only(reply(ErrorCode::NotAllowed, "the edit window has passed"));
+                let window = self.limits.edit_window_ms;
+                if let Some(text) = author_check(t, origin.user, age_ms, window, true) {
+                    return self.reply_only(reply(ErrorCode::NotAllowed, text));
                 }
                 let mut ev = ChatEvent::new(EventKind::Edited);
                 ev.payload = payload;
                 ev
             }
             Action::Delete { .. } => {
-                if t.sender != origin.user {
-                    return self.reply_only(reply(
-                        ErrorCode::NotAllowed,
-                        "only the author may delete a message for everyone",
-                    ));
-                }
-                if age_ms > self.limits.delete_window_ms {
-                    return self
-                        .reply_only(reply(ErrorCode::NotAllowed, "the delete window has passed"));
+                let window = self.limits.delete_window_ms;
+                if let Some(text) = author_check(t, origin.user, age_ms, window, false) {
+                    return self.reply_only(reply(ErrorCode::NotAllowed, text));
                 }
                 let mut seqs = vec![t.seq];
                 seqs.extend_from_slice(self.state.edits_of(chat, t.seq));
@@ -1096,6 +1084,29 @@ impl Owner {
             }
         }
     }
+}
+
+/// Why `user` may not edit or delete `t` now (`None`: they may): only its author, and only within
+/// the window.
+fn author_check(
+    t: TargetInfo,
+    user: UserId,
+    age_ms: u64,
+    window_ms: u64,
+    edit: bool,
+) -> Option<&'static str> {
+    if t.sender != user {
+        return Some(if edit {
+            "only the author may edit a message"
+        } else {
+            "only the author may delete a message for everyone"
+        });
+    }
+    (age_ms > window_ms).then_some(if edit {
+        "the edit window has passed"
+    } else {
+        "the delete window has passed"
+    })
 }
 
 fn group_info(chat: ChatId, m: &ChatMeta, request_id: u32) -> GroupInfo {

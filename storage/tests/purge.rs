@@ -3,7 +3,6 @@
 
 use std::cell::Cell;
 use std::fs::OpenOptions;
-use std::future::Future;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
@@ -17,20 +16,8 @@ use switchboard_storage::{
 use switchboard_wire::ids::{ChatId, ClientMsgId, DeviceId, MsgId, Seq, UserId};
 use switchboard_wire::{encode_event, ChatEvent, EventKind};
 
-/// Runs `f` on a fresh executor, then gives the reactor a few cycles so files the future dropped
-/// without `close()` are really closed (the next `open` `flock`s every segment).
-fn run<T>(f: impl Future<Output = T>) -> T {
-    glommio::LocalExecutorBuilder::default()
-        .make()
-        .expect("executor")
-        .run(async {
-            let out = f.await;
-            for _ in 0..3 {
-                glommio::timer::sleep(std::time::Duration::from_millis(1)).await;
-            }
-            out
-        })
-}
+mod util;
+use util::run;
 
 const A: ChatId = ChatId(100);
 const B: ChatId = ChatId(200);

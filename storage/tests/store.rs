@@ -2,7 +2,6 @@
 
 use std::cell::Cell;
 use std::fs::OpenOptions;
-use std::future::Future;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
@@ -14,21 +13,8 @@ use switchboard_storage::{
 };
 use switchboard_wire::ids::{ChatId, ClientMsgId, DeviceId, MsgId, Seq, UserId};
 
-/// Runs `f` on a fresh executor, then gives the reactor a few cycles so files the future dropped
-/// without `close()` are really closed (glommio closes them on its next I/O cycle). The next
-/// `open` of the same shard needs that: the active segment is `flock`ed while open.
-fn run<T>(f: impl Future<Output = T>) -> T {
-    glommio::LocalExecutorBuilder::default()
-        .make()
-        .expect("executor")
-        .run(async {
-            let out = f.await;
-            for _ in 0..3 {
-                glommio::timer::sleep(std::time::Duration::from_millis(1)).await;
-            }
-            out
-        })
-}
+mod util;
+use util::run;
 
 const A: ChatId = ChatId(100);
 const B: ChatId = ChatId(200);
