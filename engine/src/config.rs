@@ -99,6 +99,10 @@ pub struct Config {
     /// Dedup entries (sender, client_msg_id) kept per shard; a retry older than the newest this
     /// many sends is stored again. Default 1_000_000 (~80 MB per shard at worst).
     pub dedup_entries_max: usize,
+    /// Push notifications (`[push]`): sinks (webhook, FCM, APNs), retry policy and limits.
+    /// No sink configured: jobs for that platform go to the dead-letter log. See
+    /// `switchboard_push::PushConfig`.
+    pub push: switchboard_push::PushConfig,
 }
 
 impl Default for Config {
@@ -134,6 +138,7 @@ impl Default for Config {
             delete_window_secs: 172_800,
             segment_bytes_max: 64 * 1024 * 1024,
             dedup_entries_max: 1_000_000,
+            push: switchboard_push::PushConfig::default(),
         }
     }
 }
@@ -217,6 +222,7 @@ impl Config {
         if self.sync_chat_messages_max == 0 || self.dedup_entries_max == 0 {
             return err("sync_chat_messages_max and dedup_entries_max must be positive");
         }
+        self.push.validate().map_err(ConfigError)?;
         Ok(())
     }
 

@@ -102,6 +102,8 @@ pub struct Core {
     /// Every block in force, (blocker, blocked), replicated on every core like the directory:
     /// group typing notices skip members who blocked the typer.
     pub blocks: RefCell<HashSet<(UserId, UserId)>>,
+    /// The push thread (`push_hook.rs`), set once at start-up; unset in tests without push.
+    pub push: std::cell::OnceCell<switchboard_push::PushHandle>,
 }
 
 impl Core {
@@ -137,6 +139,7 @@ impl Core {
             read_scratch: RefCell::new(vec![0u8; 64 * 1024]),
             presence: RefCell::new(PresenceHub::default()),
             blocks: RefCell::new(HashSet::new()),
+            push: std::cell::OnceCell::new(),
         }
     }
 
@@ -332,6 +335,9 @@ impl Core {
                     .directory
                     .borrow_mut()
                     .online(user, device, conn, epoch);
+                if let Some(push) = self.push.get() {
+                    crate::push_hook::on_online(self, push, user, conn);
+                }
                 if self.home_core(user) == self.id
                     && self.directory.borrow().devices(user).len() == 1
                 {
@@ -605,6 +611,9 @@ impl Core {
                         .await;
                 }
                 Effect::Fanout { msg, members, skip } => {
+                    if let Some(push) = self.push.get() {
+                        crate::push_hook::on_fanout(self, push, &msg, &members);
+                    }
                     let (chat, seq) = (msg.chat, msg.seq);
                     let targets = self.targets(&members, Some(skip));
                     if targets.is_empty() {
@@ -634,6 +643,9 @@ impl Core {
                     to_users,
                     skip,
                 } => {
+                    if let (Some(push), ServerFrame::Receipt(r)) = (self.push.get(), &frame) {
+                        crate::push_hook::on_receipt(self, push, r);
+                    }
                     let targets = self.targets(&to_users, skip);
                     if targets.is_empty() {
                         continue;

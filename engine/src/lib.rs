@@ -20,6 +20,7 @@ pub mod msg;
 pub mod notify;
 pub mod owner;
 pub mod presence;
+pub mod push_hook;
 pub mod server;
 pub mod shard;
 pub mod token;

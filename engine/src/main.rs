@@ -68,6 +68,35 @@ enum Cmd {
         #[arg(long, default_value = "30d")]
         ttl: String,
     },
+    /// Push notifications: the dead-letter log (jobs that failed every retry).
+    Push {
+        #[command(subcommand)]
+        cmd: PushCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum PushCmd {
+    /// Dead letters under <data_dir>/push/dlq.log.
+    Dlq {
+        #[command(subcommand)]
+        cmd: DlqCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum DlqCmd {
+    /// Print every dead letter as one JSON object per line (safe while the server runs).
+    List {
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Send every dead letter once more with the configured sinks; delivered ones and dead
+    /// tokens leave the log, the rest stay. The server must be stopped (it holds the log).
+    Replay {
+        #[command(flatten)]
+        common: Common,
+    },
 }
 
 fn load(common: &Common) -> Result<Config, String> {
@@ -137,6 +166,28 @@ fn main() {
             );
             Ok(())
         }),
+        Cmd::Push {
+            cmd: PushCmd::Dlq { cmd },
+        } => match cmd {
+            DlqCmd::List { common } => load(&common).and_then(|cfg| {
+                let dir = switchboard_push::service::push_dir(&cfg.data_dir);
+                let letters = switchboard_push::dlq::list(&dir).map_err(|e| e.to_string())?;
+                for l in &letters {
+                    println!("{}", serde_json::to_string(l).map_err(|e| e.to_string())?);
+                }
+                eprintln!("{} dead letter(s)", letters.len());
+                Ok(())
+            }),
+            DlqCmd::Replay { common } => load(&common).and_then(|cfg| {
+                cfg.validate().map_err(|e| e.to_string())?;
+                let r = switchboard_push::service::replay(&cfg.push, &cfg.data_dir)?;
+                println!(
+                    "delivered {}, tokens removed {}, still failing {}",
+                    r.delivered, r.tokens_removed, r.failed
+                );
+                Ok(())
+            }),
+        },
     };
     if let Err(e) = result {
         eprintln!("switchboard: {e}");

@@ -140,6 +140,10 @@ pub fn run(mut cfg: Config) -> Result<(), String> {
     let signals = shutdown_signals();
     // SAFETY: the set is initialised by shutdown_signals; blocking signals has no other effect.
     unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &signals, std::ptr::null_mut()) };
+    // The push thread starts after the signal mask so it never takes SIGINT/SIGTERM.
+    let (push, _push_thread) =
+        switchboard_push::PushService::start(cfg.push.clone(), &cfg.data_dir)
+            .map_err(|e| format!("push: {e}"))?;
     let stop = Arc::new(AtomicBool::new(false));
     let mut handles = Vec::with_capacity(cores);
     for (id, ends) in mesh::build(cores, cfg.mesh_channel_batches_max)
@@ -153,7 +157,7 @@ pub fn run(mut cfg: Config) -> Result<(), String> {
         };
         let (cfg, key, metrics, ready) =
             (cfg.clone(), key.clone(), metrics.clone(), ready_tx.clone());
-        let stop = stop.clone();
+        let (stop, push) = (stop.clone(), push.clone());
         let listener = match first.take() {
             Some(l) => l,
             None => bind(addr, cfg.listen_backlog).map_err(|e| format!("listen on {addr}: {e}"))?,
@@ -183,6 +187,7 @@ pub fn run(mut cfg: Config) -> Result<(), String> {
                     metrics,
                     shards,
                 ));
+                let _ = core.push.set(push);
                 {
                     // Coalesced presence updates go out on a ticker.
                     let c = core.clone();

@@ -1,0 +1,254 @@
+//! Push notifications through a real server process: offline recipients get a webhook push
+//! (collapsed, badge from the read cursor, no plaintext), online ones do not; and the
+//! `switchboard push dlq list|replay` commands on a data directory.
+
+mod util;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use switchboard_push::dlq::{self, DeadLetterLog};
+use switchboard_push::registry::Registry;
+use switchboard_push::service::push_dir;
+use switchboard_push::{DeadLetter, Notification, Platform, Target};
+use switchboard_wire::{ChatId, Target as To, UserId};
+use util::{Server, T};
+
+const SECRET: &str = "push webhook secret for the tests";
+
+/// A webhook receiver: one request per connection (`Connection: close`), answers by token
+/// (`gone` → 410, `down` → 500, else 200), records the JSON bodies.
+fn receiver() -> (String, Arc<Mutex<Vec<serde_json::Value>>>) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/hook", l.local_addr().unwrap());
+    let got: Arc<Mutex<Vec<serde_json::Value>>> = Arc::default();
+    let g = got.clone();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            let mut r = BufReader::new(s.try_clone().unwrap());
+            let mut len = 0usize;
+            let mut ts = 0u64;
+            let mut sig = String::new();
+            loop {
+                let mut line = String::new();
+                if r.read_line(&mut line).unwrap_or(0) == 0 {
+                    break;
+                }
+                let lower = line.to_ascii_lowercase();
+                if let Some(v) = lower.strip_prefix("content-length:") {
+                    len = v.trim().parse().unwrap();
+                }
+                if let Some(v) = lower.strip_prefix("x-switchboard-timestamp:") {
+                    ts = v.trim().parse().unwrap();
+                }
+                if let Some(v) = lower.strip_prefix("x-switchboard-signature:") {
+                    sig = v.trim().to_owned();
+                }
+                if line == "\r\n" {
+                    break;
+                }
+            }
+            let mut body = vec![0u8; len];
+            if r.read_exact(&mut body).is_err() {
+                continue;
+            }
+            assert!(
+                switchboard_api::sign::verify_webhook_signature(
+                    SECRET.as_bytes(),
+                    ts,
+                    &body,
+                    &sig,
+                    ts
+                ),
+                "bad webhook signature"
+            );
+            let j: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            let status = match j["token"].as_str().unwrap() {
+                "gone" => "410 Gone",
+                "down" => "500 Internal Server Error",
+                _ => "200 OK",
+            };
+            g.lock().unwrap().push(j);
+            let _ = write!(
+                s,
+                "HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+            );
+        }
+    });
+    (url, got)
+}
+
+fn config(dir: &Path, url: &str) -> std::path::PathBuf {
+    let p = dir.join("push.toml");
+    std::fs::write(
+        &p,
+        format!(
+            "[push]\ncollapse_delay_ms = 100\nbackoff_base_ms = 50\n\n[push.webhook]\nurl = \"{url}\"\nsecret = \"{SECRET}\"\n"
+        ),
+    )
+    .unwrap();
+    p
+}
+
+fn wait_for(got: &Mutex<Vec<serde_json::Value>>, n: usize) -> Vec<serde_json::Value> {
+    let deadline = Instant::now() + T;
+    loop {
+        let g = got.lock().unwrap().clone();
+        if g.len() >= n {
+            return g;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "waited for {n} pushes, got {g:?}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn offline_recipient_gets_a_collapsed_push_online_one_does_not() {
+    let (url, got) = receiver();
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = config(tmp.path(), &url);
+    let mut server = Server::start_with(2, &["--config", cfg.to_str().unwrap()]);
+    // Register B's token in the stopped server's push registry (the HTTP route is separate).
+    server.kill9();
+    Registry::open(&push_dir(&server.data_dir), 0)
+        .unwrap()
+        .set_token(2, 1, Platform::Webhook, "dev-b")
+        .unwrap();
+    server.restart();
+    let chat = ChatId::direct(UserId(1), UserId(2));
+    let mut a = server.connect(1, 1);
+    a.send_and_wait_ack(To::Peer(UserId(2)), b"secret one", T)
+        .unwrap();
+    a.send_and_wait_ack(To::Peer(UserId(2)), b"secret two", T)
+        .unwrap();
+    // Both within the collapse window, or a second push with the count so far.
+    wait_for(&got, 1);
+    std::thread::sleep(Duration::from_millis(300));
+    let pushes = got.lock().unwrap().clone();
+    let last = pushes.last().unwrap();
+    assert_eq!(last["user_id"], 2);
+    assert_eq!(last["device_id"], 1);
+    assert_eq!(last["token"], "dev-b");
+    let n = &last["notification"];
+    assert_eq!(n["chat"], chat.0);
+    assert_eq!(n["count"], 2, "{last}");
+    assert_eq!(n["badge"], 2);
+    assert_eq!(n["sender"], 1);
+    assert_eq!(n["last_seq"], 2);
+    for p in &pushes {
+        assert!(!p.to_string().contains("secret"), "plaintext leaked: {p}");
+    }
+    let before = pushes.len();
+
+    // B online: no push. B reads seq 3, goes away; the next push counts only seq 4.
+    let mut b = server.connect(2, 1);
+    a.send_and_wait_ack(To::Peer(UserId(2)), b"three", T)
+        .unwrap();
+    b.mark_read(chat, switchboard_wire::Seq(3)).unwrap();
+    std::thread::sleep(Duration::from_millis(400));
+    assert_eq!(
+        got.lock().unwrap().len(),
+        before,
+        "pushed to an online user"
+    );
+    drop(b);
+    std::thread::sleep(Duration::from_millis(400));
+    a.send_and_wait_ack(To::Peer(UserId(2)), b"four", T)
+        .unwrap();
+    let pushes = wait_for(&got, before + 1);
+    let n = &pushes[before]["notification"];
+    assert_eq!(n["count"], 1, "{n}");
+    assert_eq!(n["badge"], 1);
+    assert_eq!(n["last_seq"], 4);
+}
+
+fn letter(token: &str) -> DeadLetter {
+    DeadLetter {
+        at_unix_ms: 1,
+        target: Target {
+            user: 5,
+            device: 1,
+            platform: Platform::Webhook,
+            token: token.into(),
+        },
+        notification: Notification {
+            chat: 9,
+            count: 1,
+            sender: Some(4),
+            sender_name: None,
+            last_seq: 1,
+            badge: 1,
+            title: "New messages".into(),
+            body: "1 new message from user 4 in chat 9".into(),
+            collapse_id: "chat-9".into(),
+        },
+        attempts: 6,
+        error: "HTTP 503".into(),
+    }
+}
+
+fn cli(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_switchboard"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
+}
+
+#[test]
+fn dlq_list_and_replay() {
+    let (url, got) = receiver();
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let dir = push_dir(&data);
+    {
+        let mut reg = Registry::open(&dir, 0).unwrap();
+        reg.set_token(5, 1, Platform::Webhook, "gone").unwrap();
+        let (mut log, _) = DeadLetterLog::open(&dir).unwrap();
+        for t in ["ok", "gone", "down"] {
+            log.append(&letter(t)).unwrap();
+        }
+    }
+    let d = data.to_str().unwrap();
+    let (ok, out, err) = cli(&["push", "dlq", "list", "--data-dir", d]);
+    assert!(ok, "{err}");
+    let listed: Vec<DeadLetter> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(listed, vec![letter("ok"), letter("gone"), letter("down")]);
+    assert!(err.contains("3 dead letter(s)"), "{err}");
+
+    let cfg = config(tmp.path(), &url);
+    let c = cfg.to_str().unwrap();
+    let (ok, out, err) = cli(&["push", "dlq", "replay", "--data-dir", d, "--config", c]);
+    assert!(ok, "{err}");
+    assert_eq!(out.trim(), "delivered 1, tokens removed 1, still failing 1");
+    assert_eq!(got.lock().unwrap().len(), 3);
+    let left = dlq::list(&dir).unwrap();
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].target.token, "down");
+    assert_eq!(left[0].attempts, 7);
+    assert!(left[0].error.contains("500"));
+    // The dead token left the registry.
+    assert!(Registry::open(&dir, 0).unwrap().targets(5).is_empty());
+    // Without a webhook sink the letter stays and says why.
+    let (ok, out, _) = cli(&["push", "dlq", "replay", "--data-dir", d]);
+    assert!(ok);
+    assert_eq!(out.trim(), "delivered 0, tokens removed 0, still failing 1");
+    assert_eq!(
+        dlq::list(&dir).unwrap()[0].error,
+        "no webhook sink configured"
+    );
+}
