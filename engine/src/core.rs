@@ -104,6 +104,8 @@ pub struct Core {
     pub blocks: RefCell<HashSet<(UserId, UserId)>>,
     /// The push thread (`push_hook.rs`), set once at start-up; unset in tests without push.
     pub push: std::cell::OnceCell<switchboard_push::PushHandle>,
+    /// The HTTP API's per-core state (router, origin policy).
+    pub api: crate::api_http::ApiState,
 }
 
 impl Core {
@@ -123,6 +125,7 @@ impl Core {
             cfg.mesh_outbox_items_max,
             cfg.mesh_batch_items_max,
         );
+        let api = crate::api_http::ApiState::new(&cfg);
         Core {
             id,
             cores,
@@ -140,6 +143,7 @@ impl Core {
             presence: RefCell::new(PresenceHub::default()),
             blocks: RefCell::new(HashSet::new()),
             push: std::cell::OnceCell::new(),
+            api,
         }
     }
 

@@ -10,6 +10,8 @@
 //!
 //! See ARCHITECTURE.md for the code map and the life of a message.
 
+pub mod api_http;
+pub mod api_push;
 pub mod config;
 pub mod conn;
 pub mod core;
@@ -24,4 +26,5 @@ pub mod push_hook;
 pub mod server;
 pub mod shard;
 pub mod token;
+pub mod transport;
 pub mod ws;

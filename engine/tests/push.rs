@@ -4,6 +4,7 @@
 
 mod util;
 
+use serde_json::json;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
 use std::path::Path;
@@ -15,7 +16,7 @@ use switchboard_push::registry::Registry;
 use switchboard_push::service::push_dir;
 use switchboard_push::{DeadLetter, Notification, Platform, Target};
 use switchboard_wire::{ChatId, Target as To, UserId};
-use util::{Server, T};
+use util::{Http, Server, T};
 
 const SECRET: &str = "push webhook secret for the tests";
 
@@ -114,14 +115,14 @@ fn offline_recipient_gets_a_collapsed_push_online_one_does_not() {
     let (url, got) = receiver();
     let tmp = tempfile::tempdir().unwrap();
     let cfg = config(tmp.path(), &url);
-    let mut server = Server::start_with(2, &["--config", cfg.to_str().unwrap()]);
-    // Register B's token in the stopped server's push registry (the HTTP route is separate).
-    server.kill9();
-    Registry::open(&push_dir(&server.data_dir), 0)
-        .unwrap()
-        .set_token(2, 1, Platform::Webhook, "dev-b")
-        .unwrap();
-    server.restart();
+    let server = Server::start_with(2, &["--config", cfg.to_str().unwrap()]);
+    let r = Http::connect(&server.addr).request(
+        "POST",
+        "/v1/push/tokens",
+        Some(&server.token(2, 1)),
+        Some(&json!({"platform": "webhook", "token": "dev-b"})),
+    );
+    assert_eq!(r.status, 204);
     let chat = ChatId::direct(UserId(1), UserId(2));
     let mut a = server.connect(1, 1);
     a.send_and_wait_ack(To::Peer(UserId(2)), b"secret one", T)
@@ -251,4 +252,153 @@ fn dlq_list_and_replay() {
         dlq::list(&dir).unwrap()[0].error,
         "no webhook sink configured"
     );
+}
+
+#[test]
+fn token_and_mute_endpoints() {
+    let (url, got) = receiver();
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = config(tmp.path(), &url);
+    let mut server = Server::start_with(1, &["--config", cfg.to_str().unwrap()]);
+    let (tb, ta) = (server.token(2, 3), server.token(1, 1));
+    let mut h = Http::connect(&server.addr);
+    let body = json!({"platform": "webhook", "token": "dev-b"});
+    type Case<'a> = (
+        &'a str,
+        &'a str,
+        Option<&'a str>,
+        serde_json::Value,
+        u16,
+        &'a str,
+    );
+    let cases: Vec<Case> = vec![
+        (
+            "POST",
+            "/v1/push/tokens",
+            None,
+            body.clone(),
+            401,
+            "unauthorized",
+        ),
+        (
+            "POST",
+            "/v1/push/tokens",
+            Some("nope"),
+            body.clone(),
+            401,
+            "unauthorized",
+        ),
+        (
+            "POST",
+            "/v1/push/tokens",
+            Some(&tb),
+            json!({"platform": "sms", "token": "x"}),
+            400,
+            "invalid_push_token",
+        ),
+        (
+            "POST",
+            "/v1/push/tokens",
+            Some(&tb),
+            json!({"platform": "apns", "token": "not hex"}),
+            400,
+            "invalid_push_token",
+        ),
+        (
+            "POST",
+            "/v1/push/tokens",
+            Some(&tb),
+            json!({"platform": "fcm", "token": ""}),
+            400,
+            "invalid_push_token",
+        ),
+        (
+            "POST",
+            "/v1/push/tokens",
+            Some(&tb),
+            json!({"platform": "fcm"}),
+            400,
+            "malformed_json",
+        ),
+        (
+            "PUT",
+            "/v1/chats/x1/mute",
+            Some(&tb),
+            json!({"until_unix_s": 1}),
+            404,
+            "not_found",
+        ),
+        (
+            "PUT",
+            "/v1/chats/5/mute",
+            Some(&tb),
+            json!({"until": 1}),
+            400,
+            "malformed_json",
+        ),
+        (
+            "PUT",
+            "/v1/chats/5/mute",
+            None,
+            json!({"until_unix_s": 1}),
+            401,
+            "unauthorized",
+        ),
+        (
+            "GET",
+            "/v1/push/tokens",
+            Some(&tb),
+            json!(null),
+            405,
+            "method_not_allowed",
+        ),
+    ];
+    for (method, path, token, body, status, code) in cases {
+        let body = (!body.is_null()).then_some(body);
+        let r = h.request(method, path, token, body.as_ref());
+        assert_eq!(
+            (r.status, r.code()),
+            (status, code.to_owned()),
+            "{method} {path} {body:?}"
+        );
+    }
+    let r = h.request("POST", "/v1/push/tokens", Some(&tb), Some(&body));
+    assert_eq!(r.status, 204);
+    // Muted until far in the future: a message to offline B pushes nothing.
+    let chat = ChatId::direct(UserId(1), UserId(2));
+    let mute = format!("/v1/chats/{}/mute", chat.0);
+    let r = h.request(
+        "PUT",
+        &mute,
+        Some(&tb),
+        Some(&json!({"until_unix_s": 4_000_000_000u64})),
+    );
+    assert_eq!(r.status, 204);
+    let mut a = switchboard_client::Client::connect(&server.addr, &ta).unwrap();
+    a.send_and_wait_ack(To::Peer(UserId(2)), b"1", T).unwrap();
+    std::thread::sleep(Duration::from_millis(400));
+    assert!(got.lock().unwrap().is_empty(), "pushed a muted chat");
+    // Unmuted: the next message pushes (count 2: both are unread).
+    let r = h.request("PUT", &mute, Some(&tb), Some(&json!({"until_unix_s": 0})));
+    assert_eq!(r.status, 204);
+    a.send_and_wait_ack(To::Peer(UserId(2)), b"2", T).unwrap();
+    let p = wait_for(&got, 1);
+    assert_eq!(p[0]["device_id"], 3);
+    assert_eq!(p[0]["notification"]["count"], 2);
+    // Registrations are durable: the registry on disk has the token; DELETE removes it.
+    server.kill9();
+    let targets = Registry::open(&push_dir(&server.data_dir), 0)
+        .unwrap()
+        .targets(2);
+    assert_eq!(targets.len(), 1);
+    assert_eq!((targets[0].device, targets[0].token.as_str()), (3, "dev-b"));
+    server.restart();
+    let mut h = Http::connect(&server.addr);
+    let r = h.request("DELETE", "/v1/push/tokens", Some(&tb), None);
+    assert_eq!(r.status, 204);
+    server.kill9();
+    assert!(Registry::open(&push_dir(&server.data_dir), 0)
+        .unwrap()
+        .targets(2)
+        .is_empty());
 }
