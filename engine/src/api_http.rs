@@ -476,7 +476,10 @@ async fn dispatch(cx: &Ctx<'_>, endpoint: Endpoint, body: Body<'_>) -> Handled {
     match endpoint {
         Endpoint::Health => Ok(Reply::bytes(200, "text/plain", b"ok\n".to_vec())),
         Endpoint::Metrics => {
-            let text = crate::metrics::render(&cx.core.all_metrics);
+            let mut text = crate::metrics::render(&cx.core.all_metrics);
+            if let Some(push) = cx.core.push.get() {
+                push.stats.render(&mut text);
+            }
             Ok(Reply::bytes(
                 200,
                 "text/plain; version=0.0.4",

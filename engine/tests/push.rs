@@ -385,6 +385,10 @@ fn token_and_mute_endpoints() {
     let p = wait_for(&got, 1);
     assert_eq!(p[0]["device_id"], 3);
     assert_eq!(p[0]["notification"]["count"], 2);
+    let m = h.request("GET", "/metrics", None, None);
+    let text = String::from_utf8(m.body).unwrap();
+    assert!(text.contains("switchboard_push_muted_total 1"), "{text}");
+    assert!(text.contains("switchboard_push_events_total 2"), "{text}");
     // Registrations are durable: the registry on disk has the token; DELETE removes it.
     server.kill9();
     let targets = Registry::open(&push_dir(&server.data_dir), 0)

@@ -115,6 +115,64 @@ pub struct PushStats {
     pub storage_errors: AtomicU64,
 }
 
+impl PushStats {
+    /// Prometheus text for `/metrics` (one process-wide push thread, so no `core` label).
+    pub fn render(&self, out: &mut String) {
+        use std::fmt::Write;
+        let rows: [(&str, &str, &AtomicU64); 10] = [
+            (
+                "events",
+                "messages for offline users seen by the push thread",
+                &self.events,
+            ),
+            (
+                "dropped_busy",
+                "push events dropped because the push channel was full",
+                &self.dropped_busy,
+            ),
+            (
+                "muted",
+                "push events skipped because the chat was muted",
+                &self.muted,
+            ),
+            (
+                "no_token",
+                "push events for users with no push token",
+                &self.no_token,
+            ),
+            ("attempts", "requests made to push services", &self.attempts),
+            (
+                "delivered",
+                "notifications accepted by a push service",
+                &self.delivered,
+            ),
+            ("retried", "attempts that will be retried", &self.retried),
+            (
+                "dead_lettered",
+                "jobs written to the dead-letter log",
+                &self.dead_lettered,
+            ),
+            (
+                "tokens_removed",
+                "tokens removed after an invalid-token answer",
+                &self.tokens_removed,
+            ),
+            (
+                "storage_errors",
+                "failed writes of the push registry or dead-letter log",
+                &self.storage_errors,
+            ),
+        ];
+        for (name, help, v) in rows {
+            let _ = writeln!(
+                out,
+                "# HELP switchboard_push_{name}_total {help}\n# TYPE switchboard_push_{name}_total counter\nswitchboard_push_{name}_total {}",
+                v.load(Relaxed)
+            );
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct PushHandle {
     tx: mpsc::Sender<Command>,
