@@ -406,3 +406,50 @@ fn token_and_mute_endpoints() {
         .targets(2)
         .is_empty());
 }
+
+#[test]
+fn group_message_pushes_offline_members_only_and_never_the_sender() {
+    let (url, got) = receiver();
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = config(tmp.path(), &url);
+    let server = Server::start_with(2, &["--config", cfg.to_str().unwrap()]);
+    let mut h = Http::connect(&server.addr);
+    // The sender's second device and two members have tokens; member 4 is online.
+    for (user, device) in [(1, 2), (2, 1), (3, 1), (4, 1)] {
+        let r = h.request(
+            "POST",
+            "/v1/push/tokens",
+            Some(&server.token(user, device)),
+            Some(&json!({"platform": "webhook", "token": format!("u{user}")})),
+        );
+        assert_eq!(r.status, 204);
+    }
+    let mut a = server.connect(1, 1);
+    let _d = server.connect(4, 1);
+    std::thread::sleep(Duration::from_millis(200));
+    let info = a
+        .create_group("g", &[UserId(2), UserId(3), UserId(4)], false, T)
+        .unwrap();
+    // The creation event alone pushes nothing.
+    std::thread::sleep(Duration::from_millis(400));
+    assert!(got.lock().unwrap().is_empty(), "{:?}", got.lock().unwrap());
+    a.send_and_wait_ack(To::Chat(info.chat), b"hi all", T)
+        .unwrap();
+    wait_for(&got, 2);
+    std::thread::sleep(Duration::from_millis(400));
+    let pushes = got.lock().unwrap().clone();
+    let mut users: Vec<u64> = pushes
+        .iter()
+        .map(|p| p["user_id"].as_u64().unwrap())
+        .collect();
+    users.sort();
+    assert_eq!(users, vec![2, 3], "{pushes:?}");
+    for p in &pushes {
+        let n = &p["notification"];
+        assert_eq!(n["chat"], info.chat.0);
+        assert_eq!(n["sender"], 1);
+        assert_eq!(n["last_seq"], 2);
+        // The unread count comes from the read cursor, so it includes the creation event.
+        assert_eq!(n["count"], 2);
+    }
+}

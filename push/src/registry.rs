@@ -83,6 +83,8 @@ pub struct Registry {
     log: AppendLog,
     users: HashMap<u64, UserState>,
     records: usize,
+    /// Live entries (tokens + mutes), kept up to date so the compaction check is O(1).
+    live: usize,
     garbage_records_max: usize,
 }
 
@@ -95,6 +97,7 @@ impl Registry {
             log,
             users: HashMap::new(),
             records: bodies.len(),
+            live: 0,
             garbage_records_max: REGISTRY_GARBAGE_RECORDS_MAX,
         };
         for body in &bodies {
@@ -226,8 +229,11 @@ impl Registry {
                 token,
             } => {
                 let u = self.users.entry(user).or_default();
+                let before = u.tokens.len();
                 u.tokens.retain(|(d, _, _)| *d != device);
+                self.live -= before - u.tokens.len();
                 u.tokens.push((device, platform, token));
+                self.live += 1;
             }
             Record::Untoken {
                 user,
@@ -235,9 +241,11 @@ impl Registry {
                 token,
             } => {
                 if let Some(u) = self.users.get_mut(&user) {
+                    let before = u.tokens.len();
                     u.tokens.retain(|(d, _, t)| {
                         !(*d == device && token.as_ref().is_none_or(|tok| tok == t))
                     });
+                    self.live -= before - u.tokens.len();
                 }
                 self.forget_if_empty(user);
             }
@@ -247,6 +255,7 @@ impl Registry {
                 until_unix_s,
             } => {
                 let u = self.users.entry(user).or_default();
+                let before = u.mutes.len();
                 if until_unix_s == 0 {
                     u.mutes.remove(&chat);
                 } else {
@@ -258,9 +267,11 @@ impl Registry {
                     }
                     u.mutes.insert(chat, until_unix_s);
                 }
+                self.live = self.live + u.mutes.len() - before;
                 self.forget_if_empty(user);
             }
         }
+        debug_assert_eq!(self.live, self.count_live());
     }
 
     fn forget_if_empty(&mut self, user: u64) {
@@ -273,7 +284,7 @@ impl Registry {
         }
     }
 
-    fn live(&self) -> usize {
+    fn count_live(&self) -> usize {
         self.users
             .values()
             .map(|u| u.tokens.len() + u.mutes.len())
@@ -283,7 +294,7 @@ impl Registry {
     /// Rewrites the log as a snapshot of the live state (dropping expired mutes) when it holds
     /// more than `REGISTRY_GARBAGE_RECORDS_MAX` dead records.
     pub fn maybe_compact(&mut self, now_unix_s: u64) -> Result<bool, RegistryError> {
-        if self.records <= self.live() + self.garbage_records_max {
+        if self.records <= self.live + self.garbage_records_max {
             return Ok(false);
         }
         self.compact(now_unix_s)?;
@@ -296,7 +307,8 @@ impl Registry {
         }
         self.users
             .retain(|_, u| !(u.tokens.is_empty() && u.mutes.is_empty()));
-        let mut bodies = Vec::with_capacity(self.live());
+        self.live = self.count_live();
+        let mut bodies = Vec::with_capacity(self.live);
         for (user, u) in &self.users {
             for (device, platform, token) in &u.tokens {
                 bodies.push(Record::Token {
