@@ -1,4 +1,5 @@
-//! HTTP endpoints of push notifications (registered in `api_http.rs`):
+//! HTTP endpoints of push notifications (registered in `api_http.rs`), and the push side of
+//! logout / device removal (`forget_device`):
 //!
 //! ```text
 //!  POST   /v1/push/tokens {platform, token} ─► PushHandle::set_token ─► 204 once durable
@@ -10,28 +11,12 @@
 //! channel answers `503 busy` at once) and awaits its oneshot reply, which resolves on this
 //! glommio executor when the push thread has made the change durable.
 
+use crate::accounts_svc::auth as bearer;
 use crate::api_http::{Body, Ctx, Handled, Reply};
-use crate::token::Claims;
 use serde::Deserialize;
 use switchboard_push::model::valid_token;
 use switchboard_push::{Platform, PushError, PushHandle};
-
-/// The caller's token from `Authorization: Bearer`; `401 unauthorized` otherwise.
-fn bearer(cx: &Ctx<'_>) -> Result<Claims, Reply> {
-    let unauthorized = || Reply::error(401, "unauthorized", "missing or invalid bearer token");
-    let value = cx
-        .head
-        .header_str("authorization")
-        .ok_or_else(unauthorized)?;
-    let (scheme, token) = value.split_once(' ').ok_or_else(unauthorized)?;
-    if !scheme.eq_ignore_ascii_case("bearer") {
-        return Err(unauthorized());
-    }
-    cx.core
-        .key
-        .verify(token.trim(), crate::core::unix_ms() / 1000)
-        .map_err(|_| unauthorized())
-}
+use switchboard_wire::{DeviceId, UserId};
 
 fn push<'a>(cx: &'a Ctx<'_>) -> Result<&'a PushHandle, Reply> {
     cx.core
@@ -107,4 +92,13 @@ pub async fn mute(cx: &Ctx<'_>, body: Body<'_>) -> Handled {
         .await
         .map_err(push_error)?;
     Ok(Reply::no_content())
+}
+
+/// A device was logged out or removed: its push token goes too. Best effort: if the push
+/// thread is busy the token stays until a sink reports it invalid (the device's pushes carry no
+/// content, and its session tokens are already revoked).
+pub async fn forget_device(cx: &Ctx<'_>, user: UserId, device: DeviceId) {
+    if let Some(push) = cx.core.push.get() {
+        let _ = push.remove_token(user.0, device.0).await;
+    }
 }

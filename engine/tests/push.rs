@@ -16,7 +16,7 @@ use switchboard_push::registry::Registry;
 use switchboard_push::service::push_dir;
 use switchboard_push::{DeadLetter, Notification, Platform, Target};
 use switchboard_wire::{ChatId, Target as To, UserId};
-use util::{Http, Server, T};
+use util::{login, Http, Server, T};
 
 const SECRET: &str = "push webhook secret for the tests";
 
@@ -452,4 +452,51 @@ fn group_message_pushes_offline_members_only_and_never_the_sender() {
         // The unread count comes from the read cursor, so it includes the creation event.
         assert_eq!(n["count"], 2);
     }
+}
+
+#[test]
+fn logout_and_device_removal_drop_push_tokens() {
+    let sms = util::SmsGateway::start();
+    let flags = sms.flags();
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let mut server = Server::start_with(2, &flags);
+    let phone = login(&server, &sms, "+14155550077", "phone");
+    let laptop = login(&server, &sms, "+14155550077", "laptop");
+    let user = phone["user_id"].as_u64().unwrap();
+    let mut h = Http::connect(&server.addr);
+    for who in [&phone, &laptop] {
+        let r = h.request(
+            "POST",
+            "/v1/push/tokens",
+            who["token"].as_str(),
+            Some(&json!({"platform": "fcm", "token": format!("t{}", who["device_id"])})),
+        );
+        assert_eq!(r.status, 204);
+    }
+    let r = h.request("POST", "/v1/auth/logout", laptop["token"].as_str(), None);
+    assert_eq!(r.status, 204);
+    // A revoked token cannot register again.
+    let r = h.request(
+        "POST",
+        "/v1/push/tokens",
+        laptop["token"].as_str(),
+        Some(&json!({"platform": "fcm", "token": "again"})),
+    );
+    assert_eq!(r.status, 401);
+    server.kill9();
+    let left = Registry::open(&push_dir(&server.data_dir), 0)
+        .unwrap()
+        .targets(user);
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].device as u64, phone["device_id"].as_u64().unwrap());
+    server.restart();
+    let mut h = Http::connect(&server.addr);
+    let path = format!("/v1/devices/{}", phone["device_id"]);
+    let r = h.request("DELETE", &path, phone["token"].as_str(), None);
+    assert_eq!(r.status, 204);
+    server.kill9();
+    assert!(Registry::open(&push_dir(&server.data_dir), 0)
+        .unwrap()
+        .targets(user)
+        .is_empty());
 }
