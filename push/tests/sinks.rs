@@ -384,3 +384,48 @@ fn unconfigured_platform_is_dead_lettered_and_registration_errors() {
     assert_eq!(dead[0].attempts, 1);
     assert!(tokens(data.path(), 1).is_empty());
 }
+
+#[test]
+fn webhook_over_tls_and_an_unknown_ca_is_refused() {
+    let (tls, ca) = util::tls_h1();
+    let server = Server::start(Proto::H1Tls(tls), Arc::new(|_, _| (200, vec![], "".into())));
+    let data = tempfile::tempdir().unwrap();
+    let ca_file = data.path().join("ca.pem");
+    std::fs::write(&ca_file, ca).unwrap();
+    let cfg = fast(PushConfig {
+        webhook: Some(WebhookConfig {
+            url: format!("https://localhost:{}/hook", server.addr.port()),
+            secret: SECRET.into(),
+        }),
+        ca_file: Some(ca_file),
+        ..PushConfig::default()
+    });
+    let (h, t) = PushService::start(cfg.clone(), data.path()).unwrap();
+    block_on(h.set_token(1, 1, Platform::Webhook, "a".into())).unwrap();
+    for chat in 1..=3 {
+        h.notify(ev(1, chat, 7, 1));
+    }
+    wait_until("delivered", || h.stats.delivered.load(Relaxed) == 3);
+    let stats = stop(h, t);
+    assert_eq!(stats.retried.load(Relaxed), 0);
+    assert!(server
+        .requests()
+        .iter()
+        .all(|r| r.version == hyper::Version::HTTP_11));
+    // Without the test CA the certificate is refused (the Mozilla roots do not know it).
+    let (h, t) = PushService::start(
+        PushConfig {
+            ca_file: None,
+            attempts_max: 1,
+            ..cfg
+        },
+        data.path(),
+    )
+    .unwrap();
+    h.notify(ev(1, 9, 7, 1));
+    wait_until("dead letter", || h.stats.dead_lettered.load(Relaxed) == 1);
+    stop(h, t);
+    let dead = dlq::list(&push_dir(data.path())).unwrap();
+    assert!(dead[0].error.contains("TLS"), "{}", dead[0].error);
+    assert_eq!(server.requests().len(), 3);
+}

@@ -43,6 +43,7 @@ pub struct Server {
 
 pub enum Proto {
     H1,
+    H1Tls(Arc<rustls::ServerConfig>),
     H2c,
     H2Tls(Arc<rustls::ServerConfig>),
 }
@@ -100,6 +101,15 @@ impl Server {
                             Proto::H1 => {
                                 let _ = hyper::server::conn::http1::Builder::new()
                                     .serve_connection(TokioIo::new(tcp), svc)
+                                    .await;
+                            }
+                            Proto::H1Tls(cfg) => {
+                                let acceptor = tokio_rustls::TlsAcceptor::from(cfg.clone());
+                                let Ok(tls) = acceptor.accept(tcp).await else {
+                                    return;
+                                };
+                                let _ = hyper::server::conn::http1::Builder::new()
+                                    .serve_connection(TokioIo::new(tls), svc)
                                     .await;
                             }
                             Proto::H2c => {
@@ -172,6 +182,15 @@ pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
 
 /// A self-signed certificate for `localhost`/127.0.0.1: (server config with ALPN h2, CA PEM).
 pub fn tls_h2() -> (Arc<rustls::ServerConfig>, String) {
+    tls(b"h2")
+}
+
+/// The same for HTTP/1.1.
+pub fn tls_h1() -> (Arc<rustls::ServerConfig>, String) {
+    tls(b"http/1.1")
+}
+
+fn tls(alpn: &[u8]) -> (Arc<rustls::ServerConfig>, String) {
     let ck =
         rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
     let cert_pem = ck.cert.pem();
@@ -187,6 +206,6 @@ pub fn tls_h2() -> (Arc<rustls::ServerConfig>, String) {
     .with_no_client_auth()
     .with_single_cert(vec![cert], key)
     .unwrap();
-    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    cfg.alpn_protocols = vec![alpn.to_vec()];
     (Arc::new(cfg), cert_pem)
 }
