@@ -118,6 +118,13 @@ pub fn run(mut cfg: Config) -> Result<(), String> {
         .map_err(|e| format!("create {}: {e}", cfg.data_dir.display()))?;
     let key = TokenKey::new(&token_secret(&cfg)?);
     let shards_total = shard_count(&cfg.data_dir, cores)?;
+    // TLS material is read here, on the main thread, before any reactor runs.
+    let tls = match (&cfg.tls_cert, &cfg.tls_key) {
+        (Some(cert), Some(key)) => Some(
+            switchboard_api::tls::server_config_from_files(cert, key).map_err(|e| e.to_string())?,
+        ),
+        _ => None,
+    };
     // Bind the first listener here so port 0 resolves once and every core shares that port.
     let first = bind(cfg.listen, cfg.listen_backlog)
         .map_err(|e| format!("listen on {}: {e}", cfg.listen))?;
@@ -157,6 +164,7 @@ pub fn run(mut cfg: Config) -> Result<(), String> {
         };
         let (cfg, key, metrics, ready) =
             (cfg.clone(), key.clone(), metrics.clone(), ready_tx.clone());
+        let tls = tls.clone();
         let (stop, push) = (stop.clone(), push.clone());
         let listener = match first.take() {
             Some(l) => l,
@@ -178,16 +186,10 @@ pub fn run(mut cfg: Config) -> Result<(), String> {
                         }
                     }
                 }
-                let core = Rc::new(Core::new(
-                    id,
-                    cores,
-                    shards_total,
-                    cfg,
-                    key,
-                    metrics,
-                    shards,
-                ));
+                let mut core = Core::new(id, cores, shards_total, cfg, key, metrics, shards);
+                core.tls = tls;
                 let _ = core.push.set(push);
+                let core = Rc::new(core);
                 {
                     // Coalesced presence updates go out on a ticker.
                     let c = core.clone();
