@@ -429,3 +429,42 @@ fn webhook_over_tls_and_an_unknown_ca_is_refused() {
     assert!(dead[0].error.contains("TLS"), "{}", dead[0].error);
     assert_eq!(server.requests().len(), 3);
 }
+
+#[test]
+fn apns_expired_provider_token_is_renewed_and_retried() {
+    let kp = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let server = Server::start(
+        Proto::H2c,
+        Arc::new(|_, n| match n {
+            1 => (403, vec![], r#"{"reason":"ExpiredProviderToken"}"#.into()),
+            _ => (200, vec![], "".into()),
+        }),
+    );
+    let data = tempfile::tempdir().unwrap();
+    let key_file = data.path().join("key.p8");
+    std::fs::write(&key_file, kp.serialize_pem()).unwrap();
+    let cfg = fast(PushConfig {
+        apns: Some(ApnsConfig {
+            key_file,
+            key_id: "K".into(),
+            team_id: "T".into(),
+            topic: "app".into(),
+            endpoint: server.url("http", ""),
+        }),
+        ..PushConfig::default()
+    });
+    let (h, t) = PushService::start(cfg, data.path()).unwrap();
+    block_on(h.set_token(1, 1, Platform::Apns, "abcd".into())).unwrap();
+    h.notify(ev(1, 10, 7, 1));
+    wait_until("delivered", || h.stats.delivered.load(Relaxed) == 1);
+    h.notify(ev(1, 11, 7, 1));
+    wait_until("delivered", || h.stats.delivered.load(Relaxed) == 2);
+    let stats = stop(h, t);
+    assert_eq!(stats.retried.load(Relaxed), 1);
+    let reqs = server.requests();
+    assert_eq!(reqs.len(), 3);
+    // The refused token is not used again: a new one is signed; later sends reuse it.
+    let auth: Vec<&str> = reqs.iter().map(|r| r.header("authorization")).collect();
+    assert_ne!(auth[0], auth[1]);
+    assert_eq!(auth[1], auth[2]);
+}
