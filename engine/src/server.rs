@@ -160,6 +160,7 @@ pub fn run(mut cfg: Config) -> Result<(), String> {
         };
         let handle = LocalExecutorBuilder::new(placement)
             .name(&format!("sb-core-{id}"))
+            .ring_depth(cfg.io_ring_entries)
             .spawn(move || async move {
                 let cfg = Rc::new((*cfg).clone());
                 let mut shards = HashMap::new();
