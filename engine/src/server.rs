@@ -195,6 +195,19 @@ pub fn run(mut cfg: Config) -> Result<(), String> {
                     })
                     .detach();
                 }
+                {
+                    // Ping and idle deadlines of every chat connection, checked in one sweep
+                    // instead of a timer per connection.
+                    let c = core.clone();
+                    let every = conn::sweep_interval(&c.cfg);
+                    glommio::spawn_local(async move {
+                        loop {
+                            glommio::timer::sleep(every).await;
+                            conn::sweep_conns(&c, std::time::Instant::now());
+                        }
+                    })
+                    .detach();
+                }
                 for shard in core.shards.values() {
                     glommio::spawn_local(shard.clone().run_committer(core.clone())).detach();
                 }
