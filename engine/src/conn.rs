@@ -50,7 +50,8 @@ pub struct ConnShared {
     queued_bytes: Cell<usize>,
     inflight: Cell<usize>,
     closing: Cell<Option<(u16, &'static str)>>,
-    sync: RefCell<Option<SyncProgress>>,
+    /// Boxed: most connections are not syncing, and this struct is paid per connection.
+    sync: RefCell<Option<Box<SyncProgress>>>,
     wake: Notify,
     /// When the socket last delivered bytes; the core's sweep closes the connection after
     /// `idle_timeout` of silence.
@@ -59,7 +60,10 @@ pub struct ConnShared {
     next_ping: Cell<Instant>,
     ping_due: Cell<bool>,
     /// Users whose presence this connection follows (at most `PRESENCE_SUBSCRIPTIONS_MAX`).
-    presence_subs: RefCell<HashSet<UserId>>,
+    /// `None` (no allocation) while it follows nobody. Boxed on purpose: the set's 48-byte
+    /// header would otherwise sit in every connection's `ConnShared`.
+    #[allow(clippy::box_collection)]
+    presence_subs: RefCell<Option<Box<HashSet<UserId>>>>,
 }
 
 impl ConnShared {
@@ -78,7 +82,7 @@ impl ConnShared {
             last_rx: Cell::new(now),
             next_ping: Cell::new(now + ping_interval),
             ping_due: Cell::new(false),
-            presence_subs: RefCell::new(HashSet::new()),
+            presence_subs: RefCell::new(None),
         }
     }
 
@@ -158,7 +162,7 @@ impl ConnShared {
             if s.parts_pending > 0 {
                 return;
             }
-            sync.take().expect("checked above")
+            *sync.take().expect("checked above")
         };
         let frame = core.encode(&ServerFrame::SyncDone {
             request_id,
@@ -207,12 +211,46 @@ enum Mode {
     Echo,
 }
 
-/// Serves one accepted TCP connection to its end.
-pub async fn serve(core: Rc<Core>, mut stream: TcpStream) {
+/// Serves one accepted TCP connection to its end. Every idle connection is one task holding
+/// this future, so it keeps only what the WebSocket loop needs: the handshake (request head,
+/// token, HTTP answers) and the directory broadcasts run in boxed futures that live on the heap
+/// only while they run.
+pub async fn serve(core: Rc<Core>, stream: TcpStream) {
+    let Some((stream, leftover, mode)) = Box::pin(handshake(&core, stream)).await else {
+        return;
+    };
+    let conn = match &mode {
+        Mode::Chat(c) => Some(c.clone()),
+        Mode::Echo => None,
+    };
+    run_ws(&core, stream, leftover, mode).await;
+    if let Some(conn) = conn {
+        core.conns.borrow_mut().remove(&conn.id);
+        core.metrics().connections.fetch_sub(1, Relaxed);
+        let (user, device) = (conn.user, conn.device);
+        let me = ConnRef {
+            core: core.id,
+            conn: conn.id,
+        };
+        drop(conn);
+        Box::pin(core.broadcast(|| CoreMsg::Offline {
+            user,
+            device,
+            conn: me,
+        }))
+        .await;
+    }
+}
+
+/// Everything before the WebSocket loop: the request head (bounded by `handshake_timeout`),
+/// metrics / health / errors answered and closed here, the token and limits checked, the
+/// upgrade answered, and a chat connection registered and announced (`Online`). `None`: the
+/// connection is done.
+async fn handshake(core: &Rc<Core>, mut stream: TcpStream) -> Option<(TcpStream, Vec<u8>, Mode)> {
     core.metrics().connections_accepted.fetch_add(1, Relaxed);
     let _ = stream.set_nodelay(true);
     let head =
-        futures_lite::future::or(async { Some(read_head(&core, &mut stream).await) }, async {
+        futures_lite::future::or(async { Some(read_head(core, &mut stream).await) }, async {
             glommio::timer::sleep(core.cfg.handshake_timeout).await;
             None
         })
@@ -221,7 +259,7 @@ pub async fn serve(core: Rc<Core>, mut stream: TcpStream) {
         if let Some(Err(Some(e))) = head {
             let _ = stream.write_all(&http::error_response(&e)).await;
         }
-        return;
+        return None;
     };
     match route {
         Route::Metrics => {
@@ -234,11 +272,13 @@ pub async fn serve(core: Rc<Core>, mut stream: TcpStream) {
                     body.as_bytes(),
                 ))
                 .await;
+            None
         }
         Route::Health => {
             let _ = stream
                 .write_all(&http::response(200, "OK", "text/plain", b"ok\n"))
                 .await;
+            None
         }
         Route::Echo { key } => {
             if !core.cfg.echo_endpoint {
@@ -248,15 +288,16 @@ pub async fn serve(core: Rc<Core>, mut stream: TcpStream) {
                     detail: "echo endpoint is disabled",
                 };
                 let _ = stream.write_all(&http::error_response(&e)).await;
-                return;
+                return None;
             }
             if stream
                 .write_all(&http::upgrade_response(&key))
                 .await
                 .is_ok()
             {
-                run_ws(&core, stream, leftover, Mode::Echo).await;
+                return Some((stream, leftover, Mode::Echo));
             }
+            None
         }
         Route::WebSocket { key, token } => {
             let now_s = crate::core::unix_ms() / 1000;
@@ -275,7 +316,7 @@ pub async fn serve(core: Rc<Core>, mut stream: TcpStream) {
                         detail,
                     };
                     let _ = stream.write_all(&http::error_response(&e)).await;
-                    return;
+                    return None;
                 }
             };
             if core.conns.borrow().len() >= core.cfg.conns_per_core_max {
@@ -286,7 +327,7 @@ pub async fn serve(core: Rc<Core>, mut stream: TcpStream) {
                     detail: "connection limit reached",
                 };
                 let _ = stream.write_all(&http::error_response(&e)).await;
-                return;
+                return None;
             }
             // Devices per user: counted in this core's directory replica (other devices of the
             // same user; a reconnecting device replaces its old connection instead).
@@ -305,14 +346,14 @@ pub async fn serve(core: Rc<Core>, mut stream: TcpStream) {
                     detail: "too many devices connected for this user",
                 };
                 let _ = stream.write_all(&http::error_response(&e)).await;
-                return;
+                return None;
             }
             if stream
                 .write_all(&http::upgrade_response(&key))
                 .await
                 .is_err()
             {
-                return;
+                return None;
             }
             let conn = Rc::new(ConnShared::new(
                 core.next_conn_id(),
@@ -338,15 +379,7 @@ pub async fn serve(core: Rc<Core>, mut stream: TcpStream) {
                 epoch,
             })
             .await;
-            run_ws(&core, stream, leftover, Mode::Chat(conn.clone())).await;
-            core.conns.borrow_mut().remove(&conn.id);
-            core.metrics().connections.fetch_sub(1, Relaxed);
-            core.broadcast(|| CoreMsg::Offline {
-                user,
-                device,
-                conn: me,
-            })
-            .await;
+            Some((stream, leftover, Mode::Chat(conn)))
         }
     }
 }
@@ -704,14 +737,14 @@ async fn on_frame(core: &Rc<Core>, conn: &Rc<ConnShared>, bytes: &[u8]) {
                     None,
                 );
             }
-            *conn.sync.borrow_mut() = Some(SyncProgress {
+            *conn.sync.borrow_mut() = Some(Box::new(SyncProgress {
                 request_id,
                 parts_pending: core.shards_total,
                 messages: 0,
                 more: false,
                 max_seq: HashMap::new(),
                 held: Vec::new(),
-            });
+            }));
             let cursors = Arc::new(cursors);
             core.broadcast(|| CoreMsg::Sync {
                 origin,
@@ -862,13 +895,15 @@ async fn on_frame(core: &Rc<Core>, conn: &Rc<ConnShared>, bytes: &[u8]) {
         ClientFrame::Subscribe { request_id, users } => {
             let wanted: HashSet<UserId> = users.into_iter().filter(|u| *u != conn.user).collect();
             let (added, removed): (Vec<UserId>, Vec<UserId>) = {
-                let current = conn.presence_subs.borrow();
+                let none = HashSet::new();
+                let subs = conn.presence_subs.borrow();
+                let current = subs.as_deref().unwrap_or(&none);
                 (
-                    wanted.difference(&current).copied().collect(),
+                    wanted.difference(current).copied().collect(),
                     current.difference(&wanted).copied().collect(),
                 )
             };
-            *conn.presence_subs.borrow_mut() = wanted;
+            *conn.presence_subs.borrow_mut() = (!wanted.is_empty()).then(|| Box::new(wanted));
             let done = core.encode(&ServerFrame::Done { request_id });
             conn.push(
                 core,
