@@ -158,9 +158,13 @@ pub fn run(mut cfg: Config) -> Result<(), String> {
             Some(l) => l,
             None => bind(addr, cfg.listen_backlog).map_err(|e| format!("listen on {addr}: {e}"))?,
         };
-        let handle = LocalExecutorBuilder::new(placement)
+        let mut builder = LocalExecutorBuilder::new(placement)
             .name(&format!("sb-core-{id}"))
-            .ring_depth(cfg.io_ring_entries)
+            .ring_depth(cfg.io_ring_entries);
+        if cfg.spin_before_park_us > 0 {
+            builder = builder.spin_before_park(Duration::from_micros(cfg.spin_before_park_us));
+        }
+        let handle = builder
             .spawn(move || async move {
                 let cfg = Rc::new((*cfg).clone());
                 let mut shards = HashMap::new();
