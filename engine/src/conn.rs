@@ -2,8 +2,9 @@
 //! WebSocket loop. The only code that touches client sockets.
 //!
 //! ```text
-//!  socket ──read──► WsIo.rx ──tungstenite──► decode_client ──► route to the chat's owner core
-//!  ConnShared.queue (frames from any core) ──► WsIo.tx ──write──► socket
+//!  socket ──read──► core scratch ──ws::WsReader──► decode_client ──► route to the chat's owner core
+//!  ConnShared.queue (frames from any core) ──► tx bytes ──one write──► socket
+//!  core sweep (every ≤ 1 s) ──► ping_due / close(4003) ──wake──► the connection task
 //! ```
 
 use crate::core::Core;
@@ -11,7 +12,7 @@ use crate::http::{self, Route};
 use crate::msg::{Action, ConnRef, CoreMsg, Frame, FrameKind, Origin};
 use crate::notify::Notify;
 use crate::transport::{ReadScratch, Transport};
-use crate::ws::{self, close, WsIo};
+use crate::ws::{self, close};
 use futures_lite::AsyncWriteExt;
 use glommio::net::TcpStream;
 use std::cell::{Cell, RefCell};
@@ -26,9 +27,6 @@ use switchboard_wire::{
     decode_client, ChatId, ClientFrame, DeviceId, ErrorCode, ErrorFrame, Seq, ServerFrame, Target,
     UserId,
 };
-use tungstenite::protocol::frame::coding::CloseCode;
-use tungstenite::protocol::{CloseFrame, Role, WebSocketContext};
-use tungstenite::Message as WsMessage;
 
 /// A `Sync` in progress: live messages wait in `held` until every shard has answered, so the
 /// client sees each chat in seq order.
@@ -47,20 +45,37 @@ pub struct ConnShared {
     pub user: UserId,
     pub device: DeviceId,
     queue: RefCell<VecDeque<Frame>>,
-    /// Bytes in `queue`, in `held`, and not yet written from `WsIo::tx`.
+    /// Bytes in `queue`, in `held`, and being written from the task's `tx`.
     queued_bytes: Cell<usize>,
     inflight: Cell<usize>,
     closing: Cell<Option<(u16, &'static str)>>,
-    sync: RefCell<Option<SyncProgress>>,
+    /// Boxed: most connections are not syncing, and this struct is paid per connection.
+    sync: RefCell<Option<Box<SyncProgress>>>,
     wake: Notify,
+    /// When the socket last delivered bytes; the core's sweep closes the connection after
+    /// `idle_timeout` of silence.
+    last_rx: Cell<Instant>,
+    /// When the sweep next asks for a ping; `ping_due` is that request.
+    next_ping: Cell<Instant>,
+    ping_due: Cell<bool>,
     /// Users whose presence this connection follows (at most `PRESENCE_SUBSCRIPTIONS_MAX`).
-    presence_subs: RefCell<HashSet<UserId>>,
+    /// `None` (no allocation) while it follows nobody. Boxed on purpose: the set's 48-byte
+    /// header would otherwise sit in every connection's `ConnShared`.
+    #[allow(clippy::box_collection)]
+    presence_subs: RefCell<Option<Box<HashSet<UserId>>>>,
     /// Frames per connection (config `frames_per_conn_*`).
     frames: Cell<Bucket>,
 }
 
 impl ConnShared {
-    fn new(id: u64, user: UserId, device: DeviceId, frames: Rate) -> ConnShared {
+    fn new(
+        id: u64,
+        user: UserId,
+        device: DeviceId,
+        ping_interval: Duration,
+        frames: Rate,
+    ) -> ConnShared {
+        let now = Instant::now();
         ConnShared {
             id,
             user,
@@ -71,7 +86,10 @@ impl ConnShared {
             closing: Cell::new(None),
             sync: RefCell::new(None),
             wake: Notify::new(),
-            presence_subs: RefCell::new(HashSet::new()),
+            last_rx: Cell::new(now),
+            next_ping: Cell::new(now + ping_interval),
+            ping_due: Cell::new(false),
+            presence_subs: RefCell::new(None),
             frames: Cell::new(Bucket::new(frames)),
         }
     }
@@ -152,7 +170,7 @@ impl ConnShared {
             if s.parts_pending > 0 {
                 return;
             }
-            sync.take().expect("checked above")
+            *sync.take().expect("checked above")
         };
         let frame = core.encode(&ServerFrame::SyncDone {
             request_id,
@@ -211,9 +229,42 @@ fn is_upgrade_request(buf: &[u8]) -> Option<bool> {
     Some(path == b"/v1/ws" || path == b"/v1/echo")
 }
 
-/// Serves one accepted TCP connection to its end: a WebSocket upgrade goes to the chat loop,
-/// every other request to the HTTP API (`api_http.rs`, keep-alive).
-pub async fn serve(core: Rc<Core>, mut stream: TcpStream) {
+/// Serves one accepted TCP connection to its end. Every idle connection is one task holding
+/// this future, so it keeps only what the WebSocket loop needs: the handshake (request head,
+/// token, HTTP answers) and the directory broadcasts run in boxed futures that live on the heap
+/// only while they run.
+pub async fn serve(core: Rc<Core>, stream: TcpStream) {
+    let Some((stream, leftover, mode)) = Box::pin(handshake(&core, stream)).await else {
+        return;
+    };
+    let conn = match &mode {
+        Mode::Chat(c) => Some(c.clone()),
+        Mode::Echo => None,
+    };
+    run_ws(&core, stream, leftover, mode).await;
+    if let Some(conn) = conn {
+        core.conns.borrow_mut().remove(&conn.id);
+        core.metrics().connections.fetch_sub(1, Relaxed);
+        let (user, device) = (conn.user, conn.device);
+        let me = ConnRef {
+            core: core.id,
+            conn: conn.id,
+        };
+        drop(conn);
+        Box::pin(core.broadcast(|| CoreMsg::Offline {
+            user,
+            device,
+            conn: me,
+        }))
+        .await;
+    }
+}
+
+/// Everything before the WebSocket loop: the request head (bounded by `handshake_timeout`),
+/// metrics / health / errors answered and closed here, the token and limits checked, the
+/// upgrade answered, and a chat connection registered and announced (`Online`). `None`: the
+/// connection is done.
+async fn handshake(core: &Rc<Core>, mut stream: TcpStream) -> Option<(Transport, Vec<u8>, Mode)> {
     core.metrics().connections_accepted.fetch_add(1, Relaxed);
     let _ = stream.set_nodelay(true);
     let peer = stream
@@ -239,7 +290,7 @@ pub async fn serve(core: Rc<Core>, mut stream: TcpStream) {
             );
             let _ = stream.write_all(&out).await;
             let _ = stream.close().await;
-            return;
+            return None;
         }
     }
     // Read until the request line tells which protocol this is (after the TLS handshake, when
@@ -250,7 +301,7 @@ pub async fn serve(core: Rc<Core>, mut stream: TcpStream) {
         async {
             let n = ReadScratch {
                 stream: &mut stream,
-                core: &core,
+                core,
             }
             .await
             .ok()?;
@@ -262,13 +313,11 @@ pub async fn serve(core: Rc<Core>, mut stream: TcpStream) {
         },
     )
     .await;
-    let Some(first) = opened else {
-        return;
-    };
+    let first = opened?;
     let (mut stream, mut buf) = match &core.tls {
         Some(tls) if first[0] == 0x16 => match Transport::tls(stream, tls.clone(), &first) {
             Ok(t) => (t, Vec::new()),
-            Err(_) => return,
+            Err(_) => return None,
         },
         _ => (Transport::plain(stream), first),
     };
@@ -278,7 +327,7 @@ pub async fn serve(core: Rc<Core>, mut stream: TcpStream) {
                 if let Some(upgrade) = is_upgrade_request(&buf) {
                     return Some(upgrade);
                 }
-                match stream.read(&core, &mut buf).await {
+                match stream.read(core, &mut buf).await {
                     Ok(n) if n > 0 => {}
                     _ => return None,
                 }
@@ -291,14 +340,18 @@ pub async fn serve(core: Rc<Core>, mut stream: TcpStream) {
     )
     .await;
     match sniffed {
-        None => return stream.close().await,
+        None => {
+            stream.close().await;
+            return None;
+        }
         Some(false) => {
-            return crate::api_http::serve(core, stream, buf, peer).await;
+            crate::api_http::serve(core.clone(), stream, buf, peer).await;
+            return None;
         }
         Some(true) => {}
     }
     let head = futures_lite::future::or(
-        async { Some(read_head(&core, &mut stream, buf).await) },
+        async { Some(read_head(core, &mut stream, buf).await) },
         async {
             glommio::timer::sleep(deadline.saturating_duration_since(Instant::now())).await;
             None
@@ -309,7 +362,7 @@ pub async fn serve(core: Rc<Core>, mut stream: TcpStream) {
         if let Some(Err(Some(e))) = head {
             let _ = stream.write_all(&http::error_response(&e)).await;
         }
-        return;
+        return None;
     };
     match route {
         Route::Metrics => {
@@ -322,11 +375,13 @@ pub async fn serve(core: Rc<Core>, mut stream: TcpStream) {
                     body.as_bytes(),
                 ))
                 .await;
+            None
         }
         Route::Health => {
             let _ = stream
                 .write_all(&http::response(200, "OK", "text/plain", b"ok\n"))
                 .await;
+            None
         }
         Route::Echo { key } => {
             if !core.cfg.echo_endpoint {
@@ -336,15 +391,16 @@ pub async fn serve(core: Rc<Core>, mut stream: TcpStream) {
                     detail: "echo endpoint is disabled",
                 };
                 let _ = stream.write_all(&http::error_response(&e)).await;
-                return;
+                return None;
             }
             if stream
                 .write_all(&http::upgrade_response(&key))
                 .await
                 .is_ok()
             {
-                run_ws(&core, stream, leftover, Mode::Echo).await;
+                return Some((stream, leftover, Mode::Echo));
             }
+            None
         }
         Route::WebSocket { key, token, origin } => {
             // Browsers: the Origin must be on the allow-list before 101.
@@ -356,7 +412,7 @@ pub async fn serve(core: Rc<Core>, mut stream: TcpStream) {
                         detail: "this Origin is not on the server's allow-list",
                     };
                     let _ = stream.write_all(&http::error_response(&e)).await;
-                    return;
+                    return None;
                 }
             }
             let now_s = crate::core::unix_ms() / 1000;
@@ -366,7 +422,6 @@ pub async fn serve(core: Rc<Core>, mut stream: TcpStream) {
                     core.metrics().http_unauthorized.fetch_add(1, Relaxed);
                     let detail = match other {
                         None => "missing token: send Authorization: Bearer <token> or ?token=",
-                        Some(Ok(_)) => "token revoked (logged out or device removed)",
                         Some(Err(crate::token::TokenError::Expired)) => "token expired",
                         _ => "invalid token",
                     };
@@ -376,7 +431,7 @@ pub async fn serve(core: Rc<Core>, mut stream: TcpStream) {
                         detail,
                     };
                     let _ = stream.write_all(&http::error_response(&e)).await;
-                    return;
+                    return None;
                 }
             };
             if core.conns.borrow().len() >= core.cfg.conns_per_core_max {
@@ -387,7 +442,7 @@ pub async fn serve(core: Rc<Core>, mut stream: TcpStream) {
                     detail: "connection limit reached",
                 };
                 let _ = stream.write_all(&http::error_response(&e)).await;
-                return;
+                return None;
             }
             // Devices per user: counted in this core's directory replica (other devices of the
             // same user; a reconnecting device replaces its old connection instead).
@@ -406,19 +461,20 @@ pub async fn serve(core: Rc<Core>, mut stream: TcpStream) {
                     detail: "too many devices connected for this user",
                 };
                 let _ = stream.write_all(&http::error_response(&e)).await;
-                return;
+                return None;
             }
             if stream
                 .write_all(&http::upgrade_response(&key))
                 .await
                 .is_err()
             {
-                return;
+                return None;
             }
             let conn = Rc::new(ConnShared::new(
                 core.next_conn_id(),
                 claims.user,
                 claims.device,
+                core.cfg.ping_interval,
                 crate::config::Config::rate(
                     core.cfg.frames_per_conn_burst,
                     core.cfg.frames_per_conn_refill_per_s,
@@ -442,15 +498,7 @@ pub async fn serve(core: Rc<Core>, mut stream: TcpStream) {
                 epoch,
             })
             .await;
-            run_ws(&core, stream, leftover, Mode::Chat(conn.clone())).await;
-            core.conns.borrow_mut().remove(&conn.id);
-            core.metrics().connections.fetch_sub(1, Relaxed);
-            core.broadcast(|| CoreMsg::Offline {
-                user,
-                device,
-                conn: me,
-            })
-            .await;
+            Some((stream, leftover, Mode::Chat(conn)))
         }
     }
 }
@@ -476,187 +524,218 @@ async fn read_head(
 enum End {
     /// Send a close frame with this code, then close.
     Close(u16, &'static str),
-    /// The peer is gone or the close handshake finished: just close the socket.
+    /// The peer is gone, or it closed (our answering close frame is already in `tx`): just
+    /// send what is queued and close the socket.
     Gone,
 }
 
+/// Longest wait between two checks of every connection's ping and idle deadlines on a core.
+pub const CONN_SWEEP_INTERVAL_MAX: Duration = Duration::from_secs(1);
+
+/// How often a core checks its connections' ping and idle deadlines: a quarter of the ping
+/// interval, at most `CONN_SWEEP_INTERVAL_MAX`. Pings and idle closes are therefore up to one
+/// interval late, which both timeouts tolerate.
+pub fn sweep_interval(cfg: &crate::config::Config) -> Duration {
+    (cfg.ping_interval / 4).min(CONN_SWEEP_INTERVAL_MAX)
+}
+
+/// One sweep over a core's chat connections (instead of one timer per connection): closes those
+/// silent for `idle_timeout` (4003) and asks those due for a ping to send one.
+pub fn sweep_conns(core: &Core, now: Instant) {
+    let cfg = &core.cfg;
+    for c in core.conns.borrow().values() {
+        if now.saturating_duration_since(c.last_rx.get()) >= cfg.idle_timeout {
+            c.close(close::IDLE_TIMEOUT, "idle timeout");
+        } else if now >= c.next_ping.get() {
+            c.next_ping.set(now + cfg.ping_interval);
+            c.ping_due.set(true);
+            c.wake.notify();
+        }
+    }
+}
+
 async fn run_ws(core: &Rc<Core>, mut stream: Transport, leftover: Vec<u8>, mode: Mode) {
-    let cfg = core.cfg.clone();
-    let mut ctx = WebSocketContext::new(Role::Server, Some(ws::config(cfg.frame_bytes_max)));
-    let mut io = WsIo::new(leftover);
-    let mut last_rx = Instant::now();
-    let mut next_ping = last_rx + cfg.ping_interval;
+    let frame_bytes_max = core.cfg.frame_bytes_max;
+    let mut rx = ws::WsReader::new();
+    let mut tx: Vec<u8> = Vec::new();
+    let mut events: Vec<ws::WsEvent> = Vec::new();
+    // Echo connections keep their own deadlines; chat connections are swept by their core.
+    let mut echo_last_rx = Instant::now();
+    let mut echo_next_ping = echo_last_rx + core.cfg.ping_interval;
     let chat = match &mode {
         Mode::Chat(c) => Some(c.clone()),
         Mode::Echo => None,
     };
     // Bytes from before the first read (sent together with the request head).
-    let mut fresh_input = !io.rx.is_empty();
+    let mut failed = None;
+    if !leftover.is_empty() {
+        let mut leftover = leftover;
+        failed = rx.feed(&mut leftover, frame_bytes_max, &mut events).err();
+    }
     let end = 'conn: loop {
-        if fresh_input {
-            fresh_input = false;
-            loop {
-                match ctx.read(&mut io) {
-                    Ok(msg) => {
-                        // Boxed: the frame-handling state lives on the heap only while a frame is
-                        // handled, so an idle connection's task stays small.
-                        let handling = Box::pin(on_message(core, &mut ctx, &mut io, &mode, msg));
-                        if let Some(end) = handling.await {
-                            break 'conn end;
-                        }
-                    }
-                    Err(tungstenite::Error::Io(e))
-                        if e.kind() == std::io::ErrorKind::WouldBlock =>
-                    {
-                        break
-                    }
-                    Err(e) => break 'conn ws_error_end(e),
+        if !events.is_empty() {
+            for event in std::mem::take(&mut events) {
+                // Boxed: the frame-handling state lives on the heap only while a frame is
+                // handled, so an idle connection's task stays small.
+                let handling = Box::pin(on_event(core, &mut tx, &mode, event));
+                if let Some(end) = handling.await {
+                    break 'conn end;
                 }
             }
+        }
+        if let Some(e) = failed.take() {
+            break End::Close(e.close_code(), e.reason());
         }
         if let Some(c) = &chat {
             if let Some((code, reason)) = c.closing.get() {
                 break End::Close(code, reason);
             }
-            let _ = ctx.flush(&mut io); // pending pongs first
+            if c.ping_due.replace(false) {
+                ws::write_frame(&mut tx, ws::opcode::PING, &[]);
+            }
             let mut q = c.queue.borrow_mut();
             let n = q.len();
             while let Some(frame) = q.pop_front() {
-                ws::write_binary_frame(&mut io.tx, &frame);
+                ws::write_binary_frame(&mut tx, &frame);
                 // The frame's bytes move from the queue to `tx`, which is counted separately.
                 c.queued_bytes.set(c.queued_bytes.get() - frame.len());
             }
             core.metrics().frames_out.fetch_add(n as u64, Relaxed);
-        } else {
-            let _ = ctx.flush(&mut io);
         }
-        if !io.tx.is_empty() {
+        if !tx.is_empty() {
             if let Some(c) = &chat {
-                c.queued_bytes.set(c.queued_bytes.get() + io.tx.len());
+                c.queued_bytes.set(c.queued_bytes.get() + tx.len());
             }
-            let written = io.tx.len();
+            let written = tx.len();
             let ok =
-                futures_lite::future::or(async { stream.write_all(&io.tx).await.is_ok() }, async {
-                    glommio::timer::sleep(cfg.idle_timeout).await;
+                futures_lite::future::or(async { stream.write_all(&tx).await.is_ok() }, async {
+                    glommio::timer::sleep(core.cfg.idle_timeout).await;
                     false
                 })
                 .await;
             if let Some(c) = &chat {
                 c.queued_bytes.set(c.queued_bytes.get() - written);
             }
-            io.tx.clear();
+            // Released, not kept: an idle connection holds no send buffer.
+            tx = Vec::new();
             if !ok {
                 break End::Gone;
             }
             core.metrics().bytes_out.fetch_add(written as u64, Relaxed);
         }
-        io.compact();
-        if !ctx.can_write() && io.tx.is_empty() {
-            break End::Gone; // close handshake done
-        }
         let can_read = chat
             .as_ref()
-            .is_none_or(|c| c.inflight.get() < cfg.conn_inflight_sends_max);
-        let now = Instant::now();
-        let deadline = next_ping.min(last_rx + cfg.idle_timeout);
-        let tick = async {
-            glommio::timer::sleep(deadline.saturating_duration_since(now)).await;
-            Event::Tick
-        };
-        let wake = async {
-            match &chat {
-                Some(c) => c.wake.notified().await,
-                None => std::future::pending().await,
+            .is_none_or(|c| c.inflight.get() < core.cfg.conn_inflight_sends_max);
+        let read = async {
+            if can_read {
+                let (rx, events, failed) = (&mut rx, &mut events, &mut failed);
+                let read = stream.read_with(core, |bytes| {
+                    *failed = rx.feed(bytes, frame_bytes_max, events).err();
+                });
+                Event::Read(read.await)
+            } else {
+                std::future::pending().await
             }
-            Event::Wake
         };
-        let event = if can_read {
-            let read = async { Event::Read(stream.read_with(core, |b| io.feed(b)).await) };
-            futures_lite::future::or(read, futures_lite::future::or(wake, tick)).await
-        } else {
-            futures_lite::future::or(wake, tick).await
+        let event = match &chat {
+            Some(c) => {
+                let wake = async {
+                    c.wake.notified().await;
+                    Event::Wake
+                };
+                futures_lite::future::or(read, wake).await
+            }
+            None => {
+                let deadline = echo_next_ping.min(echo_last_rx + core.cfg.idle_timeout);
+                let tick = async {
+                    glommio::timer::sleep(deadline.saturating_duration_since(Instant::now())).await;
+                    Event::Tick
+                };
+                futures_lite::future::or(read, tick).await
+            }
         };
         match event {
             Event::Read(Ok(0)) | Event::Read(Err(_)) => break End::Gone,
             Event::Read(Ok(n)) => {
-                last_rx = Instant::now();
+                let now = Instant::now();
+                match &chat {
+                    Some(c) => c.last_rx.set(now),
+                    None => echo_last_rx = now,
+                }
                 core.metrics().bytes_in.fetch_add(n as u64, Relaxed);
-                fresh_input = true;
             }
             Event::Wake => {}
             Event::Tick => {
                 let now = Instant::now();
-                if now >= last_rx + cfg.idle_timeout {
+                if now >= echo_last_rx + core.cfg.idle_timeout {
                     break End::Close(close::IDLE_TIMEOUT, "idle timeout");
                 }
-                if now >= next_ping {
-                    let _ = ctx.write(&mut io, WsMessage::Ping(Default::default()));
-                    next_ping = now + cfg.ping_interval;
+                if now >= echo_next_ping {
+                    ws::write_frame(&mut tx, ws::opcode::PING, &[]);
+                    echo_next_ping = now + core.cfg.ping_interval;
                 }
             }
         }
     };
     if let End::Close(code, reason) = end {
-        let frame = CloseFrame {
-            code: CloseCode::from(code),
-            reason: reason.into(),
-        };
-        let _ = ctx.close(&mut io, Some(frame));
+        ws::write_close(&mut tx, code, reason.as_bytes());
     }
-    // Send what is queued last: our Close, or tungstenite's answer to a client's Close
-    // (RFC 6455 5.5.1), which it queues before reporting the connection closed.
-    let _ = ctx.flush(&mut io);
-    if !io.tx.is_empty() {
-        let _ = futures_lite::future::or(
-            async { stream.write_all(&io.tx).await.map(|_| ()) },
-            async {
+    // Send what is queued last: our close, or our answer to the client's close (RFC 6455
+    // 5.5.1), bounded in time.
+    if !tx.is_empty() {
+        let _ =
+            futures_lite::future::or(async { stream.write_all(&tx).await.map(|_| ()) }, async {
                 glommio::timer::sleep(Duration::from_secs(1)).await;
                 Ok(())
-            },
-        )
-        .await;
+            })
+            .await;
     }
     let _ = stream.close().await;
 }
 
-fn ws_error_end(e: tungstenite::Error) -> End {
-    use tungstenite::error::{CapacityError, Error as E};
-    match e {
-        E::ConnectionClosed | E::AlreadyClosed | E::Io(_) => End::Gone,
-        E::Capacity(CapacityError::MessageTooLong { .. }) => {
-            End::Close(close::TOO_BIG, "message too big")
-        }
-        E::Capacity(_) => End::Close(close::TOO_BIG, "frame too big"),
-        E::Utf8(_) => End::Close(close::INVALID_PAYLOAD, "invalid UTF-8"),
-        E::Protocol(_) => End::Close(close::PROTOCOL, "WebSocket protocol error"),
-        _ => End::Close(close::INTERNAL, "internal error"),
-    }
-}
-
-/// Handles one complete WebSocket message; `Some(end)` ends the connection.
-async fn on_message(
+/// Handles one complete WebSocket message or control frame; `Some(end)` ends the connection.
+async fn on_event(
     core: &Rc<Core>,
-    ctx: &mut WebSocketContext,
-    io: &mut WsIo,
+    tx: &mut Vec<u8>,
     mode: &Mode,
-    msg: WsMessage,
+    event: ws::WsEvent,
 ) -> Option<End> {
-    match (mode, msg) {
-        (Mode::Echo, m @ (WsMessage::Binary(_) | WsMessage::Text(_))) => {
-            let _ = ctx.write(io, m);
+    use ws::WsEvent;
+    match (mode, event) {
+        (Mode::Echo, WsEvent::Message { text, payload }) => {
+            if text && std::str::from_utf8(&payload).is_err() {
+                return Some(End::Close(close::INVALID_PAYLOAD, "invalid UTF-8"));
+            }
+            let op = if text {
+                ws::opcode::TEXT
+            } else {
+                ws::opcode::BINARY
+            };
+            ws::write_frame(tx, op, &payload);
             None
         }
-        (Mode::Chat(_), WsMessage::Text(_)) => {
+        (Mode::Chat(_), WsEvent::Message { text: true, .. }) => {
             Some(End::Close(close::UNSUPPORTED_DATA, "binary frames only"))
         }
-        (Mode::Chat(conn), WsMessage::Binary(bytes)) => {
+        (Mode::Chat(conn), WsEvent::Message { payload, .. }) => {
             core.metrics().frames_in.fetch_add(1, Relaxed);
-            on_frame(core, conn, &bytes).await;
+            on_frame(core, conn, &payload).await;
             None
         }
-        // Pings are answered by tungstenite; pongs only refresh `last_rx`; a close is answered
-        // by tungstenite and ends the loop once written.
-        _ => None,
+        (_, WsEvent::Ping(payload)) => {
+            ws::write_frame(tx, ws::opcode::PONG, &payload);
+            None
+        }
+        // Pongs only refresh the receive time (done for every read).
+        (_, WsEvent::Pong) => None,
+        // Answer a close with the same code and reason, then end.
+        (_, WsEvent::Close(frame)) => {
+            match frame {
+                Some((code, reason)) => ws::write_close(tx, code, &reason),
+                None => ws::write_frame(tx, ws::opcode::CLOSE, &[]),
+            }
+            Some(End::Gone)
+        }
     }
 }
 
@@ -817,14 +896,14 @@ async fn on_frame(core: &Rc<Core>, conn: &Rc<ConnShared>, bytes: &[u8]) {
                     None,
                 );
             }
-            *conn.sync.borrow_mut() = Some(SyncProgress {
+            *conn.sync.borrow_mut() = Some(Box::new(SyncProgress {
                 request_id,
                 parts_pending: core.shards_total,
                 messages: 0,
                 more: false,
                 max_seq: HashMap::new(),
                 held: Vec::new(),
-            });
+            }));
             let cursors = Arc::new(cursors);
             core.broadcast(|| CoreMsg::Sync {
                 origin,
@@ -975,13 +1054,15 @@ async fn on_frame(core: &Rc<Core>, conn: &Rc<ConnShared>, bytes: &[u8]) {
         ClientFrame::Subscribe { request_id, users } => {
             let wanted: HashSet<UserId> = users.into_iter().filter(|u| *u != conn.user).collect();
             let (added, removed): (Vec<UserId>, Vec<UserId>) = {
-                let current = conn.presence_subs.borrow();
+                let none = HashSet::new();
+                let subs = conn.presence_subs.borrow();
+                let current = subs.as_deref().unwrap_or(&none);
                 (
-                    wanted.difference(&current).copied().collect(),
+                    wanted.difference(current).copied().collect(),
                     current.difference(&wanted).copied().collect(),
                 )
             };
-            *conn.presence_subs.borrow_mut() = wanted;
+            *conn.presence_subs.borrow_mut() = (!wanted.is_empty()).then(|| Box::new(wanted));
             let done = core.encode(&ServerFrame::Done { request_id });
             conn.push(
                 core,
@@ -1060,28 +1141,6 @@ mod tests {
     use crate::metrics::CoreMetrics;
     use crate::token::TokenKey;
 
-    #[test]
-    fn upgrade_requests_are_told_apart_by_their_request_line() {
-        for (input, expect) in [
-            ("", None),
-            ("G", None),
-            ("GET /v1/w", None),
-            ("GET /v1/ws?token=abc", None),
-            ("GET /v1/ws HTTP/1.1\r\n", Some(true)),
-            ("GET /v1/ws?token=abc HTTP/1.1\r\n", Some(true)),
-            ("GET /v1/echo HTTP/1.1\r\n", Some(true)),
-            ("GET /v1/wsx HTTP/1.1\r\n", Some(false)),
-            ("POST /v1/ws HTTP/1.1\r\n", Some(false)),
-            ("GET /health", Some(false)),
-            ("PUT /v1/keys", Some(false)),
-            ("\x16\x03\x01", Some(false)),
-        ] {
-            assert_eq!(is_upgrade_request(input.as_bytes()), expect, "{input:?}");
-        }
-        let long = format!("GET /v1/ws?{}", "a".repeat(UPGRADE_SNIFF_BYTES_MAX));
-        assert_eq!(is_upgrade_request(long.as_bytes()), Some(false));
-    }
-
     /// Every idle connection is one task holding this future; its size is most of the
     /// per-connection user-space memory, so it is guarded here.
     #[test]
@@ -1100,12 +1159,17 @@ mod tests {
             let fut = serve(core, stream);
             let size = std::mem::size_of_val(&fut);
             eprintln!(
-                "connection task future: {size} bytes; ConnShared: {} bytes; WebSocketContext: {}; TcpStream: {}; Timer: {}; run_ws: {}",
+                "connection task future: {size} bytes; ConnShared: {} bytes; WsReader: {}; TcpStream: {}; Timer: {}; run_ws: {}",
                 std::mem::size_of::<ConnShared>(),
-                std::mem::size_of::<WebSocketContext>(),
+                std::mem::size_of::<ws::WsReader>(),
                 std::mem::size_of::<TcpStream>(),
                 std::mem::size_of::<glommio::timer::Timer>(),
-                std::mem::size_of_val(&run_ws(&core2, Transport::plain(stream2), Vec::new(), Mode::Echo)),
+                std::mem::size_of_val(&run_ws(
+                    &core2,
+                    Transport::plain(stream2),
+                    Vec::new(),
+                    Mode::Echo,
+                )),
             );
             assert!(size < 8192, "the connection future grew to {size} bytes");
         });

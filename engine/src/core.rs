@@ -58,6 +58,9 @@ impl Directory {
             self.epochs.insert(conn, epoch);
             return Some(current);
         }
+        // Most users have one device connected: no room for four (Vec's first growth), since
+        // every core keeps this entry for every connection.
+        devices.reserve_exact(1);
         devices.push((device, conn));
         self.epochs.insert(conn, epoch);
         None

@@ -170,8 +170,13 @@ pub fn run(mut cfg: Config) -> Result<(), String> {
             Some(l) => l,
             None => bind(addr, cfg.listen_backlog).map_err(|e| format!("listen on {addr}: {e}"))?,
         };
-        let handle = LocalExecutorBuilder::new(placement)
+        let mut builder = LocalExecutorBuilder::new(placement)
             .name(&format!("sb-core-{id}"))
+            .ring_depth(cfg.io_ring_entries);
+        if cfg.spin_before_park_us > 0 {
+            builder = builder.spin_before_park(Duration::from_micros(cfg.spin_before_park_us));
+        }
+        let handle = builder
             .spawn(move || async move {
                 let cfg = Rc::new((*cfg).clone());
                 let mut shards = HashMap::new();
@@ -197,6 +202,19 @@ pub fn run(mut cfg: Config) -> Result<(), String> {
                         loop {
                             glommio::timer::sleep(Duration::from_millis(250)).await;
                             c.flush_presence();
+                        }
+                    })
+                    .detach();
+                }
+                {
+                    // Ping and idle deadlines of every chat connection, checked in one sweep
+                    // instead of a timer per connection.
+                    let c = core.clone();
+                    let every = conn::sweep_interval(&c.cfg);
+                    glommio::spawn_local(async move {
+                        loop {
+                            glommio::timer::sleep(every).await;
+                            conn::sweep_conns(&c, std::time::Instant::now());
                         }
                     })
                     .detach();

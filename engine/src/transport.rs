@@ -84,12 +84,12 @@ impl Transport {
         self.tls.is_some()
     }
 
-    /// Waits for bytes and hands them to `f` (the plaintext, for TLS). Returns how many;
-    /// `Ok(0)`: the peer closed.
+    /// Waits for bytes and hands them to `f` (the plaintext, for TLS), mutable so the WebSocket
+    /// parser unmasks in place. Returns how many; `Ok(0)`: the peer closed.
     pub async fn read_with(
         &mut self,
         core: &Core,
-        f: impl FnOnce(&[u8]),
+        f: impl FnOnce(&mut [u8]),
     ) -> std::io::Result<usize> {
         let Some(tls) = self.tls.as_deref_mut() else {
             let n = ReadScratch {
@@ -97,14 +97,14 @@ impl Transport {
                 core,
             }
             .await?;
-            f(&core.read_scratch.borrow()[..n]);
+            f(&mut core.read_scratch.borrow_mut()[..n]);
             return Ok(n);
         };
         loop {
             tls.plaintext.clear();
             tls.session.take_plaintext(&mut tls.plaintext);
             if !tls.plaintext.is_empty() {
-                f(&tls.plaintext);
+                f(&mut tls.plaintext);
                 return Ok(tls.plaintext.len());
             }
             if tls.session.peer_closed() {
