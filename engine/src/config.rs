@@ -99,6 +99,11 @@ pub struct Config {
     /// Dedup entries (sender, client_msg_id) kept per shard; a retry older than the newest this
     /// many sends is stored again. Default 1_000_000 (~80 MB per shard at worst).
     pub dedup_entries_max: usize,
+    /// Browser origins (`https://web.example.com`) allowed to call the HTTP API and to open
+    /// WebSockets; checked before `101`. Requests without an `Origin` header (native clients)
+    /// are not affected. `"*"` allows any origin (development only). Default empty: no browser
+    /// origin is allowed. At most 64 entries.
+    pub allowed_origins: Vec<String>,
 }
 
 impl Default for Config {
@@ -134,6 +139,7 @@ impl Default for Config {
             delete_window_secs: 172_800,
             segment_bytes_max: 64 * 1024 * 1024,
             dedup_entries_max: 1_000_000,
+            allowed_origins: Vec::new(),
         }
     }
 }
@@ -213,6 +219,10 @@ impl Config {
         }
         if !self.token_secret.is_empty() && self.token_secret.len() < 32 {
             return err("token_secret must be at least 32 characters");
+        }
+        let origins: Vec<&str> = self.allowed_origins.iter().map(String::as_str).collect();
+        if let Err(e) = switchboard_api::origin::OriginPolicy::new(&origins) {
+            return Err(ConfigError(format!("allowed_origins: {e}")));
         }
         if self.sync_chat_messages_max == 0 || self.dedup_entries_max == 0 {
             return err("sync_chat_messages_max and dedup_entries_max must be positive");

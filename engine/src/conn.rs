@@ -199,16 +199,86 @@ enum Mode {
     Echo,
 }
 
-/// Serves one accepted TCP connection to its end.
+/// Longest request line looked at to tell a WebSocket upgrade from an API request: the upgrade
+/// targets are short; anything longer is an API request (the API codec applies its own limits).
+const UPGRADE_SNIFF_BYTES_MAX: usize = 2048;
+
+/// Whether the first request line names a WebSocket endpoint (`GET /v1/ws`, `GET /v1/echo`,
+/// with or without a query). `None`: the request line is not complete yet.
+fn is_upgrade_request(buf: &[u8]) -> Option<bool> {
+    let line_end = buf.iter().position(|b| *b == b'\n');
+    let line = match line_end {
+        Some(i) => &buf[..i],
+        None if buf.len() >= UPGRADE_SNIFF_BYTES_MAX => return Some(false),
+        None => {
+            // Decided already if what we have cannot start an upgrade line.
+            let prefix_ok = [&b"GET /v1/ws"[..], &b"GET /v1/echo"[..]]
+                .iter()
+                .any(|p| p.starts_with(buf) || buf.starts_with(p));
+            return if prefix_ok { None } else { Some(false) };
+        }
+    };
+    let target = line
+        .strip_prefix(b"GET ")
+        .and_then(|rest| rest.split(|b| *b == b' ').next())
+        .unwrap_or(b"");
+    let path = target.split(|b| *b == b'?').next().unwrap_or(b"");
+    Some(path == b"/v1/ws" || path == b"/v1/echo")
+}
+
+/// Serves one accepted TCP connection to its end: a WebSocket upgrade goes to the chat loop,
+/// every other request to the HTTP API (`api_http.rs`, keep-alive).
 pub async fn serve(core: Rc<Core>, mut stream: TcpStream) {
     core.metrics().connections_accepted.fetch_add(1, Relaxed);
     let _ = stream.set_nodelay(true);
-    let head =
-        futures_lite::future::or(async { Some(read_head(&core, &mut stream).await) }, async {
+    let peer = stream
+        .peer_addr()
+        .map(|a| a.ip())
+        .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
+    // Read until the request line tells which protocol this is. One deadline covers the
+    // sniff and the upgrade head.
+    let deadline = Instant::now() + core.cfg.handshake_timeout;
+    let mut buf = Vec::new();
+    let sniffed = futures_lite::future::or(
+        async {
+            loop {
+                if let Some(upgrade) = is_upgrade_request(&buf) {
+                    return Some(upgrade);
+                }
+                let n = ReadScratch {
+                    stream: &mut stream,
+                    core: &core,
+                }
+                .await
+                .ok()?;
+                if n == 0 {
+                    return None;
+                }
+                buf.extend_from_slice(&core.read_scratch.borrow()[..n]);
+            }
+        },
+        async {
             glommio::timer::sleep(core.cfg.handshake_timeout).await;
             None
-        })
-        .await;
+        },
+    )
+    .await;
+    match sniffed {
+        None => return,
+        Some(false) => {
+            let io = crate::transport::Transport::plain(stream);
+            return crate::api_http::serve(core, io, buf, peer).await;
+        }
+        Some(true) => {}
+    }
+    let head = futures_lite::future::or(
+        async { Some(read_head(&core, &mut stream, buf).await) },
+        async {
+            glommio::timer::sleep(deadline.saturating_duration_since(Instant::now())).await;
+            None
+        },
+    )
+    .await;
     let Some(Ok((route, leftover))) = head else {
         if let Some(Err(Some(e))) = head {
             let _ = stream.write_all(&http::error_response(&e)).await;
@@ -346,9 +416,12 @@ pub async fn serve(core: Rc<Core>, mut stream: TcpStream) {
 async fn read_head(
     core: &Core,
     stream: &mut TcpStream,
+    mut buf: Vec<u8>,
 ) -> Result<(Route, Vec<u8>), Option<http::HttpError>> {
-    let mut buf = Vec::new();
     loop {
+        if let Some((route, len)) = http::parse_request(&buf).map_err(Some)? {
+            return Ok((route, buf.split_off(len)));
+        }
         let n = ReadScratch {
             stream: &mut *stream,
             core,
@@ -359,9 +432,6 @@ async fn read_head(
             return Err(None);
         }
         buf.extend_from_slice(&core.read_scratch.borrow()[..n]);
-        if let Some((route, len)) = http::parse_request(&buf).map_err(Some)? {
-            return Ok((route, buf.split_off(len)));
-        }
     }
 }
 

@@ -102,6 +102,8 @@ pub struct Core {
     /// Every block in force, (blocker, blocked), replicated on every core like the directory:
     /// group typing notices skip members who blocked the typer.
     pub blocks: RefCell<HashSet<(UserId, UserId)>>,
+    /// The HTTP API's per-core state (router, origin policy).
+    pub api: crate::api_http::ApiState,
 }
 
 impl Core {
@@ -121,6 +123,7 @@ impl Core {
             cfg.mesh_outbox_items_max,
             cfg.mesh_batch_items_max,
         );
+        let api = crate::api_http::ApiState::new(&cfg);
         Core {
             id,
             cores,
@@ -137,6 +140,7 @@ impl Core {
             read_scratch: RefCell::new(vec![0u8; 64 * 1024]),
             presence: RefCell::new(PresenceHub::default()),
             blocks: RefCell::new(HashSet::new()),
+            api,
         }
     }
 

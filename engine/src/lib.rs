@@ -10,6 +10,7 @@
 //!
 //! See ARCHITECTURE.md for the code map and the life of a message.
 
+pub mod api_http;
 pub mod config;
 pub mod conn;
 pub mod core;
@@ -23,4 +24,5 @@ pub mod presence;
 pub mod server;
 pub mod shard;
 pub mod token;
+pub mod transport;
 pub mod ws;

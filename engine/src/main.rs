@@ -18,7 +18,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
     long_about = "A thread-per-core messaging server: durable 1:1 chat over binary WebSocket frames (FlatBuffers).\n\n\
 With no arguments it serves on 127.0.0.1:7070 with the embedded store in ./data.\n\
 Endpoints on the one port: GET /v1/ws (WebSocket, Authorization: Bearer <token> or ?token=), GET /metrics \
-(Prometheus), GET /healthz, GET /v1/echo (only with --echo)."
+(Prometheus), GET /health, GET /v1/echo (only with --echo), and the HTTP API (api/README.md)."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -50,6 +50,9 @@ enum Cmd {
         /// Serve the unauthenticated echo endpoint GET /v1/echo (conformance testing only).
         #[arg(long)]
         echo: bool,
+        /// Allow this browser Origin (repeatable; `*` for any): HTTP API and WebSocket upgrades.
+        #[arg(long = "allow-origin")]
+        allow_origin: Vec<String>,
         /// Print the effective configuration as TOML and exit.
         #[arg(long)]
         print_config: bool,
@@ -88,6 +91,7 @@ fn main() {
         listen: None,
         cores: None,
         echo: false,
+        allow_origin: Vec::new(),
         print_config: false,
     }) {
         Cmd::Serve {
@@ -95,8 +99,10 @@ fn main() {
             listen,
             cores,
             echo,
+            allow_origin,
             print_config,
         } => load(&common).and_then(|mut cfg| {
+            cfg.allowed_origins.extend(allow_origin);
             if let Some(l) = listen {
                 cfg.listen = l;
             }

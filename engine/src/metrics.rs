@@ -64,6 +64,14 @@ pub struct CoreMetrics {
     pub connections_accepted: AtomicU64,
     pub connections_rejected: AtomicU64,
     pub http_unauthorized: AtomicU64,
+    /// Connections served by the HTTP API loop (not upgrades).
+    pub http_connections: AtomicU64,
+    /// HTTP API requests (heads) received.
+    pub http_requests: AtomicU64,
+    /// HTTP API responses with a status >= 400.
+    pub http_errors: AtomicU64,
+    /// WebSocket frames or messages refused by a rate limit, and connects refused per address.
+    pub rate_limited: AtomicU64,
     pub frames_in: AtomicU64,
     pub frames_out: AtomicU64,
     pub bytes_in: AtomicU64,
@@ -178,6 +186,38 @@ pub fn render(all: &[CoreMetrics]) -> String {
         "counter",
         all,
         |m| m.http_unauthorized.load(Relaxed),
+    );
+    counter(
+        &mut out,
+        "switchboard_http_connections_total",
+        "Connections served by the HTTP API.",
+        "counter",
+        all,
+        |m| m.http_connections.load(Relaxed),
+    );
+    counter(
+        &mut out,
+        "switchboard_http_requests_total",
+        "HTTP API requests.",
+        "counter",
+        all,
+        |m| m.http_requests.load(Relaxed),
+    );
+    counter(
+        &mut out,
+        "switchboard_http_errors_total",
+        "HTTP API responses with status >= 400.",
+        "counter",
+        all,
+        |m| m.http_errors.load(Relaxed),
+    );
+    counter(
+        &mut out,
+        "switchboard_rate_limited_total",
+        "Frames, messages and connection attempts refused by a rate limit.",
+        "counter",
+        all,
+        |m| m.rate_limited.load(Relaxed),
     );
     counter(
         &mut out,

@@ -137,7 +137,11 @@ impl Server {
     pub fn http_get(&self, path: &str) -> (u16, String) {
         let mut s = TcpStream::connect(&self.addr).expect("connect");
         s.set_read_timeout(Some(T)).unwrap();
-        write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
         let mut out = String::new();
         let _ = s.read_to_string(&mut out);
         let status = out
@@ -252,4 +256,144 @@ fn socket_inodes(pid: u32) -> Vec<u64> {
             t.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
         })
         .collect()
+}
+
+/// One HTTP response as the test client read it.
+#[derive(Debug)]
+pub struct HttpResponse {
+    pub status: u16,
+    /// Header names lower-cased.
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl HttpResponse {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "status {}: body is not JSON ({e}): {:?}",
+                self.status,
+                String::from_utf8_lossy(&self.body)
+            )
+        })
+    }
+
+    /// The `code` of a JSON error body.
+    pub fn code(&self) -> String {
+        self.json()["code"].as_str().unwrap_or("").to_string()
+    }
+}
+
+/// A blocking HTTP/1.1 client on one keep-alive connection (plain `std::net::TcpStream`).
+pub struct Http {
+    pub stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Http {
+    pub fn connect(addr: &str) -> Http {
+        let stream = TcpStream::connect(addr).expect("connect");
+        stream.set_read_timeout(Some(T)).unwrap();
+        Http {
+            stream,
+            buf: Vec::new(),
+        }
+    }
+
+    /// Sends raw bytes (for malformed requests and pipelining).
+    pub fn send_raw(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).expect("write");
+    }
+
+    /// A request with an optional JSON body and bearer token.
+    pub fn request(
+        &mut self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        json: Option<&serde_json::Value>,
+    ) -> HttpResponse {
+        let mut head = format!("{method} {path} HTTP/1.1\r\nHost: test\r\n");
+        if let Some(t) = token {
+            head.push_str(&format!("Authorization: Bearer {t}\r\n"));
+        }
+        let body = json.map(|j| serde_json::to_vec(j).unwrap());
+        match &body {
+            Some(b) => head.push_str(&format!(
+                "Content-Type: application/json\r\nContent-Length: {}\r\n",
+                b.len()
+            )),
+            None if matches!(method, "POST" | "PUT" | "PATCH") => {
+                head.push_str("Content-Length: 0\r\n")
+            }
+            None => {}
+        }
+        head.push_str("\r\n");
+        let mut bytes = head.into_bytes();
+        bytes.extend_from_slice(body.as_deref().unwrap_or(&[]));
+        self.send_raw(&bytes);
+        self.read_response(method == "HEAD")
+    }
+
+    /// Reads one response (Content-Length framed, or no body for 1xx/204/304 and HEAD).
+    pub fn read_response(&mut self, head_request: bool) -> HttpResponse {
+        let head_end = loop {
+            if let Some(i) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            self.fill();
+        };
+        let head = String::from_utf8(self.buf[..head_end].to_vec()).expect("utf-8 head");
+        let mut lines = head.split("\r\n");
+        let status: u16 = lines
+            .next()
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|s| s.parse().ok())
+            .expect("status line");
+        let headers: Vec<(String, String)> = lines
+            .filter(|l| !l.is_empty())
+            .filter_map(|l| l.split_once(':'))
+            .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
+            .collect();
+        let len: usize = headers
+            .iter()
+            .find(|(n, _)| n == "content-length")
+            .map(|(_, v)| v.parse().expect("content-length"))
+            .unwrap_or(0);
+        let len = if head_request || status == 204 || status < 200 {
+            0
+        } else {
+            len
+        };
+        while self.buf.len() < head_end + len {
+            self.fill();
+        }
+        let body = self.buf[head_end..head_end + len].to_vec();
+        self.buf.drain(..head_end + len);
+        HttpResponse {
+            status,
+            headers,
+            body,
+        }
+    }
+
+    fn fill(&mut self) {
+        let mut chunk = [0u8; 16 * 1024];
+        let n = self.stream.read(&mut chunk).expect("read response");
+        assert!(n > 0, "server closed the connection mid-response");
+        self.buf.extend_from_slice(&chunk[..n]);
+    }
+
+    /// Whether the server closed the connection (reads EOF within the timeout).
+    pub fn is_closed_by_server(&mut self) -> bool {
+        let mut chunk = [0u8; 64];
+        matches!(self.stream.read(&mut chunk), Ok(0) | Err(_))
+    }
 }
