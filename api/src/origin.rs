@@ -78,12 +78,18 @@ impl OriginPolicy {
         if origins.next().is_some() {
             return false;
         }
+        let Ok(value) = std::str::from_utf8(&origin.value) else {
+            return self.any;
+        };
+        self.allows_value(value)
+    }
+
+    /// Whether one `Origin` header value is allowed (for callers that parsed the head
+    /// themselves, like the engine's WebSocket upgrade).
+    pub fn allows_value(&self, value: &str) -> bool {
         if self.any {
             return true;
         }
-        let Ok(value) = std::str::from_utf8(&origin.value) else {
-            return false;
-        };
         normalise(value.trim()).is_some_and(|o| self.allowed.contains(&o))
     }
 

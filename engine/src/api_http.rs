@@ -25,17 +25,24 @@
 //! Handlers run on the core that accepted the connection and must not block: state owned by
 //! another core is reached over the mesh (`calls.rs`), I/O is async.
 
+use crate::calls::Calls;
 use crate::core::Core;
 use crate::transport::Transport;
+use std::cell::RefCell;
 use std::net::IpAddr;
 use std::rc::Rc;
+use std::sync::atomic::AtomicUsize;
 use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
 use std::time::Duration;
 use switchboard_api::http1::{
     self, BodyMode, Event, Limits, Method, ParseError, RequestHead, Response,
 };
 use switchboard_api::origin::OriginPolicy;
+use switchboard_api::otp::{self, LogSender, Otp, OtpConfig, SmsSender, WebhookSender};
+use switchboard_api::ratelimit::{self, KeyedLimiter};
 use switchboard_api::router::{RouteError, Router};
+use switchboard_wire::UserId;
 
 /// Every endpoint of the HTTP API. The extension point: see the module docs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -43,6 +50,19 @@ use switchboard_api::router::{RouteError, Router};
 pub enum Endpoint {
     Health,
     Metrics,
+    Register,
+    Verify,
+    Refresh,
+    Logout,
+    ListDevices,
+    RemoveDevice,
+    GetMe,
+    PutMe,
+    GetUser,
+    ContactsLookup,
+    PutKeys,
+    OwnKeys,
+    GetKeys,
 }
 
 /// The routing table (built once per core).
@@ -50,7 +70,28 @@ pub fn router() -> Router<Endpoint> {
     let mut r = Router::new();
     r.add(Method::Get, "/health", Endpoint::Health)
         .add(Method::Get, "/healthz", Endpoint::Health)
-        .add(Method::Get, "/metrics", Endpoint::Metrics);
+        .add(Method::Get, "/metrics", Endpoint::Metrics)
+        .add(Method::Post, "/v1/auth/register", Endpoint::Register)
+        .add(Method::Post, "/v1/auth/verify", Endpoint::Verify)
+        .add(Method::Post, "/v1/auth/refresh", Endpoint::Refresh)
+        .add(Method::Post, "/v1/auth/logout", Endpoint::Logout)
+        .add(Method::Get, "/v1/devices", Endpoint::ListDevices)
+        .add(
+            Method::Delete,
+            "/v1/devices/{device}",
+            Endpoint::RemoveDevice,
+        )
+        .add(Method::Get, "/v1/users/me", Endpoint::GetMe)
+        .add(Method::Put, "/v1/users/me", Endpoint::PutMe)
+        .add(Method::Get, "/v1/users/{id}", Endpoint::GetUser)
+        .add(
+            Method::Post,
+            "/v1/contacts/lookup",
+            Endpoint::ContactsLookup,
+        )
+        .add(Method::Put, "/v1/keys", Endpoint::PutKeys)
+        .add(Method::Get, "/v1/keys", Endpoint::OwnKeys)
+        .add(Method::Get, "/v1/keys/{user}/{device}", Endpoint::GetKeys);
     r
 }
 
@@ -58,8 +99,24 @@ impl Endpoint {
     /// How this endpoint's request body is delivered. JSON endpoints buffer it (at most
     /// `http1::REQUEST_BODY_BYTES_MAX`); uploads stream it.
     pub fn body_mode(self) -> BodyMode {
+        // Exhaustive on purpose: a new endpoint must say how it reads its body. An upload
+        // answers `BodyMode::Stream { bytes_max: <media limit> }`.
         match self {
-            Endpoint::Health | Endpoint::Metrics => BodyMode::Buffer,
+            Endpoint::Health
+            | Endpoint::Metrics
+            | Endpoint::Register
+            | Endpoint::Verify
+            | Endpoint::Refresh
+            | Endpoint::Logout
+            | Endpoint::ListDevices
+            | Endpoint::RemoveDevice
+            | Endpoint::GetMe
+            | Endpoint::PutMe
+            | Endpoint::GetUser
+            | Endpoint::ContactsLookup
+            | Endpoint::PutKeys
+            | Endpoint::OwnKeys
+            | Endpoint::GetKeys => BodyMode::Buffer,
         }
     }
 }
@@ -336,21 +393,147 @@ impl HttpConn {
     }
 }
 
+/// SMS webhook POSTs in flight per core (each on its own short-lived thread); registrations
+/// past it get 503 `busy`.
+pub const SMS_POSTS_INFLIGHT_MAX: usize = 64;
+/// Time allowed for one SMS webhook POST (connect, write, read the status line).
+pub const SMS_POST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How login codes leave the server.
+pub enum Sms {
+    Log(LogSender),
+    Webhook(WebhookSender),
+}
+
+impl SmsSender for Sms {
+    fn deliver(&self, msg: &otp::SmsMessage, now_unix_s: u64) -> otp::SmsDelivery {
+        match self {
+            Sms::Log(s) => s.deliver(msg, now_unix_s),
+            Sms::Webhook(s) => s.deliver(msg, now_unix_s),
+        }
+    }
+}
+
 /// Per-core state of the HTTP API.
 pub struct ApiState {
     pub router: Router<Endpoint>,
     pub origins: OriginPolicy,
+    /// Calls to other cores waiting for their answers.
+    pub calls: Calls,
+    /// Login codes of the phones homed on this core.
+    pub otp: RefCell<Otp>,
+    pub code_ttl_ms: u64,
+    pub sms: Sms,
+    pub sms_inflight: Arc<AtomicUsize>,
+    /// Per user, on this core (a user's requests spread over cores by connection, so the
+    /// effective limit is at most `cores` times this).
+    pub contact_lookups: RefCell<KeyedLimiter<UserId>>,
+    pub prekey_fetches: RefCell<KeyedLimiter<UserId>>,
 }
 
 impl ApiState {
     pub fn new(cfg: &crate::config::Config) -> ApiState {
         let origins: Vec<&str> = cfg.allowed_origins.iter().map(String::as_str).collect();
+        let otp_cfg = OtpConfig::default();
+        let code_ttl_ms = otp_cfg.code_ttl_ms;
+        let sms = match cfg.sms.as_str() {
+            "webhook" => Sms::Webhook(WebhookSender::new(
+                &cfg.sms_webhook_url,
+                cfg.sms_webhook_secret.as_bytes(),
+            )),
+            _ => Sms::Log(LogSender),
+        };
         ApiState {
             router: router(),
             // Validated with the config.
             origins: OriginPolicy::new(&origins).expect("allowed_origins validated"),
+            calls: Calls::default(),
+            otp: RefCell::new(Otp::new(otp_cfg)),
+            code_ttl_ms,
+            sms,
+            sms_inflight: Arc::new(AtomicUsize::new(0)),
+            contact_lookups: RefCell::new(KeyedLimiter::new(
+                ratelimit::CONTACT_LOOKUPS_PER_USER,
+                ratelimit::LIMITER_KEYS_MAX,
+            )),
+            prekey_fetches: RefCell::new(KeyedLimiter::new(
+                ratelimit::PREKEY_FETCHES_PER_USER,
+                ratelimit::LIMITER_KEYS_MAX,
+            )),
         }
     }
+}
+
+/// `http://host:port/path` → (host:port, path). Only plain HTTP with an explicit authority.
+pub fn parse_http_url(url: &str) -> Option<(String, String)> {
+    let rest = url.strip_prefix("http://")?;
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    let valid = !authority.is_empty()
+        && authority.contains(':')
+        && !authority.contains(['@', ' '])
+        && !path.contains([' ', '\r', '\n']);
+    valid.then(|| (authority.to_owned(), path.to_owned()))
+}
+
+/// POSTs an SMS webhook off the reactor: a short-lived thread with blocking std sockets and a
+/// timeout (name resolution may block), bounded by `SMS_POSTS_INFLIGHT_MAX`. The registration
+/// does not wait for it; a failure is logged.
+pub fn post_webhook(core: &Core, post: otp::WebhookPost) {
+    let Some((authority, path)) = parse_http_url(&post.url) else {
+        eprintln!("switchboard: sms webhook: bad url {:?}", post.url);
+        return;
+    };
+    let inflight = core.api.sms_inflight.clone();
+    inflight.fetch_add(1, Relaxed);
+    let spawned = std::thread::Builder::new()
+        .name("sb-sms-post".into())
+        .spawn({
+            let inflight = inflight.clone();
+            move || {
+                if let Err(e) = post_blocking(&authority, &path, &post) {
+                    eprintln!("switchboard: sms webhook {authority}{path}: {e}");
+                }
+                inflight.fetch_sub(1, Relaxed);
+            }
+        });
+    if spawned.is_err() {
+        inflight.fetch_sub(1, Relaxed);
+        eprintln!("switchboard: sms webhook: cannot start a thread");
+    }
+}
+
+fn post_blocking(authority: &str, path: &str, post: &otp::WebhookPost) -> std::io::Result<()> {
+    use std::io::{Read, Write};
+    use std::net::ToSocketAddrs;
+    let addr = authority
+        .to_socket_addrs()?
+        .next()
+        .ok_or_else(|| std::io::Error::other("no address"))?;
+    let mut s = std::net::TcpStream::connect_timeout(&addr, SMS_POST_TIMEOUT)?;
+    s.set_read_timeout(Some(SMS_POST_TIMEOUT))?;
+    s.set_write_timeout(Some(SMS_POST_TIMEOUT))?;
+    let mut req = format!(
+        "POST {path} HTTP/1.1\r\nHost: {authority}\r\nContent-Length: {}\r\nConnection: close\r\n",
+        post.body.len()
+    );
+    for (n, v) in &post.headers {
+        req.push_str(&format!("{n}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes())?;
+    s.write_all(&post.body)?;
+    let mut status = [0u8; 12];
+    s.read_exact(&mut status)?;
+    if !status.starts_with(b"HTTP/1.1 2") && !status.starts_with(b"HTTP/1.0 2") {
+        return Err(std::io::Error::other(format!(
+            "gateway answered {:?}",
+            String::from_utf8_lossy(&status)
+        )));
+    }
+    Ok(())
 }
 
 /// Serves HTTP requests on one connection until it closes. `initial` holds the bytes already
@@ -462,8 +645,21 @@ fn route_error_reply(e: &RouteError) -> Reply {
 
 /// The one place requests reach their handlers.
 async fn dispatch(cx: &Ctx<'_>, endpoint: Endpoint, body: Body<'_>) -> Handled {
-    let _ = &body;
+    use crate::accounts_svc as acc;
     match endpoint {
+        Endpoint::Register => acc::register(cx, body).await,
+        Endpoint::Verify => acc::verify(cx, body).await,
+        Endpoint::Refresh => acc::refresh(cx, body).await,
+        Endpoint::Logout => acc::logout(cx, body).await,
+        Endpoint::ListDevices => acc::devices(cx, body).await,
+        Endpoint::RemoveDevice => acc::remove_device(cx, body).await,
+        Endpoint::GetMe => acc::get_me(cx, body).await,
+        Endpoint::PutMe => acc::put_me(cx, body).await,
+        Endpoint::GetUser => acc::get_user(cx, body).await,
+        Endpoint::ContactsLookup => acc::contacts_lookup(cx, body).await,
+        Endpoint::PutKeys => acc::put_keys(cx, body).await,
+        Endpoint::OwnKeys => acc::own_keys(cx, body).await,
+        Endpoint::GetKeys => acc::get_keys(cx, body).await,
         Endpoint::Health => Ok(Reply::bytes(200, "text/plain", b"ok\n".to_vec())),
         Endpoint::Metrics => {
             let text = crate::metrics::render(&cx.core.all_metrics);

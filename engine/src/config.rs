@@ -104,6 +104,18 @@ pub struct Config {
     /// are not affected. `"*"` allows any origin (development only). Default empty: no browser
     /// origin is allowed. At most 64 entries.
     pub allowed_origins: Vec<String>,
+    /// Lifetime of the session tokens `POST /v1/auth/verify` and `/refresh` mint, seconds.
+    /// Default 2_592_000 (30 days). Also how long a logout's revocation entry is kept.
+    pub token_ttl_s: u64,
+    /// How login codes are sent: `"log"` (written to stderr, development only) or `"webhook"`
+    /// (JSON POST to `sms_webhook_url`, signed with `sms_webhook_secret`). Default `"log"`.
+    pub sms: String,
+    /// The SMS gateway webhook, `http://host:port/path` (plain HTTP: run a local relay for an
+    /// https gateway). Used with `sms = "webhook"`.
+    pub sms_webhook_url: String,
+    /// Secret for the webhook's `x-switchboard-signature` (HMAC-SHA256). Required with
+    /// `sms = "webhook"`, at least 16 bytes.
+    pub sms_webhook_secret: String,
 }
 
 impl Default for Config {
@@ -140,6 +152,10 @@ impl Default for Config {
             segment_bytes_max: 64 * 1024 * 1024,
             dedup_entries_max: 1_000_000,
             allowed_origins: Vec::new(),
+            token_ttl_s: 30 * 86_400,
+            sms: "log".into(),
+            sms_webhook_url: String::new(),
+            sms_webhook_secret: String::new(),
         }
     }
 }
@@ -223,6 +239,21 @@ impl Config {
         let origins: Vec<&str> = self.allowed_origins.iter().map(String::as_str).collect();
         if let Err(e) = switchboard_api::origin::OriginPolicy::new(&origins) {
             return Err(ConfigError(format!("allowed_origins: {e}")));
+        }
+        if self.token_ttl_s < 60 || self.token_ttl_s > 365 * 86_400 {
+            return err("token_ttl_s must be within 60 ..= 31_536_000");
+        }
+        match self.sms.as_str() {
+            "log" => {}
+            "webhook" => {
+                if crate::api_http::parse_http_url(&self.sms_webhook_url).is_none() {
+                    return err("sms_webhook_url must be http://host:port/path");
+                }
+                if self.sms_webhook_secret.len() < 16 {
+                    return err("sms_webhook_secret must be at least 16 bytes");
+                }
+            }
+            _ => return err("sms must be \"log\" or \"webhook\""),
         }
         if self.sync_chat_messages_max == 0 || self.dedup_entries_max == 0 {
             return err("sync_chat_messages_max and dedup_entries_max must be positive");

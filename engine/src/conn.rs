@@ -320,14 +320,27 @@ pub async fn serve(core: Rc<Core>, mut stream: TcpStream) {
                 run_ws(&core, stream, leftover, Mode::Echo).await;
             }
         }
-        Route::WebSocket { key, token } => {
+        Route::WebSocket { key, token, origin } => {
+            // Browsers: the Origin must be on the allow-list before 101.
+            if let Some(o) = origin {
+                if !core.api.origins.allows_value(&o) {
+                    let e = http::HttpError {
+                        status: 403,
+                        reason: "Forbidden",
+                        detail: "this Origin is not on the server's allow-list",
+                    };
+                    let _ = stream.write_all(&http::error_response(&e)).await;
+                    return;
+                }
+            }
             let now_s = crate::core::unix_ms() / 1000;
             let claims = match token.as_deref().map(|t| core.key.verify(t, now_s)) {
-                Some(Ok(c)) => c,
+                Some(Ok(c)) if !core.is_revoked(&c) => c,
                 other => {
                     core.metrics().http_unauthorized.fetch_add(1, Relaxed);
                     let detail = match other {
                         None => "missing token: send Authorization: Bearer <token> or ?token=",
+                        Some(Ok(_)) => "token revoked (logged out or device removed)",
                         Some(Err(crate::token::TokenError::Expired)) => "token expired",
                         _ => "invalid token",
                     };

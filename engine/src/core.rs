@@ -104,6 +104,14 @@ pub struct Core {
     pub blocks: RefCell<HashSet<(UserId, UserId)>>,
     /// The HTTP API's per-core state (router, origin policy).
     pub api: crate::api_http::ApiState,
+    /// Replica of every shard's token revocations: (user, device) → tokens expiring at or before
+    /// this are refused. Fed by `CoreMsg::Revoked` broadcasts; bounded by the shards'
+    /// `REVOCATIONS_PER_SHARD_MAX` (entries are pruned once their tokens have expired).
+    pub revocations: RefCell<HashMap<(UserId, DeviceId), u64>>,
+    /// How many cores have sent all their recovered revocations (`RevocationsLoaded`); the core
+    /// accepts connections only when all have.
+    pub revocations_loaded: Cell<usize>,
+    pub revocations_ready: crate::notify::Notify,
 }
 
 impl Core {
@@ -141,6 +149,9 @@ impl Core {
             presence: RefCell::new(PresenceHub::default()),
             blocks: RefCell::new(HashSet::new()),
             api,
+            revocations: RefCell::new(HashMap::new()),
+            revocations_loaded: Cell::new(0),
+            revocations_ready: crate::notify::Notify::new(),
         }
     }
 
@@ -204,6 +215,37 @@ impl Core {
     /// the mesh free of wait cycles.
     pub fn handle(self: &Rc<Self>, msg: CoreMsg) {
         match msg {
+            CoreMsg::Api { from, req } => crate::accounts_svc::handle_api(self, from, req),
+            CoreMsg::ApiReply { id, reply } => self.api.calls.complete(id, reply),
+            CoreMsg::Revoked {
+                user,
+                device,
+                through_s,
+                removed,
+            } => {
+                let mut revs = self.revocations.borrow_mut();
+                let now_s = unix_ms() / 1000;
+                if revs.len()
+                    >= crate::accounts::REVOCATIONS_PER_SHARD_MAX * self.shards_total as usize
+                {
+                    revs.retain(|_, t| *t > now_s);
+                }
+                let e = revs.entry((user, device)).or_insert(0);
+                *e = (*e).max(through_s);
+                drop(revs);
+                if removed {
+                    for c in self.conns.borrow().values() {
+                        if c.user == user && c.device == device {
+                            c.close(crate::ws::close::REVOKED, "device logged out or removed");
+                        }
+                    }
+                }
+            }
+            CoreMsg::RevocationsLoaded => {
+                self.revocations_loaded
+                    .set(self.revocations_loaded.get() + 1);
+                self.revocations_ready.notify();
+            }
             CoreMsg::Send {
                 origin,
                 chat,
@@ -582,6 +624,22 @@ impl Core {
         }
     }
 
+    /// Whether a token is revoked (this core's replica).
+    pub fn is_revoked(&self, claims: &crate::token::Claims) -> bool {
+        self.revocations
+            .borrow()
+            .get(&(claims.user, claims.device))
+            .is_some_and(|through| claims.expires_unix_s <= *through)
+    }
+
+    /// Shard `id`, which this core must own (the caller routed by the same arithmetic).
+    pub fn owned_shard_id(&self, id: u32) -> Rc<Shard> {
+        self.shards
+            .get(&id)
+            .unwrap_or_else(|| panic!("core {} does not own shard {id}", self.id))
+            .clone()
+    }
+
     fn owned_shard(&self, chat: ChatId) -> Rc<Shard> {
         let shard = self.shard_of(chat);
         // A broken routing invariant, not bad input: the sender computed the owner the same way.
@@ -633,6 +691,28 @@ impl Core {
                 }
                 // Run by the shard's committer before the other effects.
                 Effect::Purge { .. } => unreachable!("purges are run by the shard"),
+                Effect::ApiReply { to, reply } => {
+                    if to.core == self.id {
+                        self.api.calls.complete(to.id, reply);
+                    } else {
+                        self.route(to.core, CoreMsg::ApiReply { id: to.id, reply })
+                            .await;
+                    }
+                }
+                Effect::Revoke {
+                    user,
+                    device,
+                    through_s,
+                    removed,
+                } => {
+                    self.broadcast(|| CoreMsg::Revoked {
+                        user,
+                        device,
+                        through_s,
+                        removed,
+                    })
+                    .await
+                }
                 Effect::Broadcast {
                     frame,
                     to_users,

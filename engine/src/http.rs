@@ -11,8 +11,13 @@ pub const REQUEST_HEADERS_MAX: usize = 32;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Route {
-    /// `GET /v1/ws` with a valid upgrade.
-    WebSocket { key: String, token: Option<String> },
+    /// `GET /v1/ws` with a valid upgrade. `origin`: the `Origin` header, if any (several are
+    /// refused here: 403).
+    WebSocket {
+        key: String,
+        token: Option<String>,
+        origin: Option<String>,
+    },
     /// `GET /v1/echo` with a valid upgrade.
     Echo { key: String },
     /// `GET /metrics`.
@@ -137,7 +142,17 @@ pub fn parse_request(buf: &[u8]) -> Result<Option<(Route, usize)>, HttpError> {
                 .then(|| rest.trim().to_string())
         })
         .or_else(|| query.and_then(|q| query_param(q, "token")));
-    Ok(Some((Route::WebSocket { key, token }, head_len)))
+    let mut origins = req
+        .headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("origin"));
+    let origin = origins
+        .next()
+        .map(|h| String::from_utf8_lossy(h.value).trim().to_string());
+    if origins.next().is_some() {
+        return Err(err(403, "Forbidden", "more than one Origin header"));
+    }
+    Ok(Some((Route::WebSocket { key, token, origin }, head_len)))
 }
 
 /// The value of `name` in a query string. Tokens are base64url, so no percent-decoding is needed
@@ -206,6 +221,7 @@ mod tests {
             Ok(Some(Route::WebSocket {
                 key: KEY.into(),
                 token: Some(t.into()),
+                origin: None,
             }))
         };
         check(&ws("Authorization: Bearer abc\r\n", "/v1/ws"), tok("abc"));
@@ -215,6 +231,7 @@ mod tests {
             Ok(Some(Route::WebSocket {
                 key: KEY.into(),
                 token: None,
+                origin: None,
             })),
         );
         check(

@@ -10,7 +10,10 @@
 //!
 //! See ARCHITECTURE.md for the code map and the life of a message.
 
+pub mod accounts;
+pub mod accounts_svc;
 pub mod api_http;
+pub mod calls;
 pub mod config;
 pub mod conn;
 pub mod core;

@@ -50,6 +50,12 @@ enum Cmd {
         /// Serve the unauthenticated echo endpoint GET /v1/echo (conformance testing only).
         #[arg(long)]
         echo: bool,
+        /// Send login codes to this SMS webhook (`http://host:port/path`) instead of the log.
+        #[arg(long)]
+        sms_webhook: Option<String>,
+        /// Secret signing the SMS webhook's requests (with --sms-webhook).
+        #[arg(long)]
+        sms_webhook_secret: Option<String>,
         /// Allow this browser Origin (repeatable; `*` for any): HTTP API and WebSocket upgrades.
         #[arg(long = "allow-origin")]
         allow_origin: Vec<String>,
@@ -91,6 +97,8 @@ fn main() {
         listen: None,
         cores: None,
         echo: false,
+        sms_webhook: None,
+        sms_webhook_secret: None,
         allow_origin: Vec::new(),
         print_config: false,
     }) {
@@ -99,9 +107,18 @@ fn main() {
             listen,
             cores,
             echo,
+            sms_webhook,
+            sms_webhook_secret,
             allow_origin,
             print_config,
         } => load(&common).and_then(|mut cfg| {
+            if let Some(url) = sms_webhook {
+                cfg.sms = "webhook".into();
+                cfg.sms_webhook_url = url;
+            }
+            if let Some(secret) = sms_webhook_secret {
+                cfg.sms_webhook_secret = secret;
+            }
             cfg.allowed_origins.extend(allow_origin);
             if let Some(l) = listen {
                 cfg.listen = l;

@@ -1,7 +1,10 @@
 //! What cores say to each other. Every item crosses a bounded core-to-core channel inside a
 //! batch (`Vec<CoreMsg>`); nothing here is shared mutable state.
 
+use std::net::IpAddr;
 use std::sync::Arc;
+use switchboard_api::accounts::Phone;
+use switchboard_api::keys::KeyUpload;
 use switchboard_storage::CursorKind;
 use switchboard_wire::{
     ChatId, ClientMsgId, CreateGroupReq, DeviceId, GroupUpdateReq, SendReq, Seq, UserId,
@@ -72,8 +75,86 @@ pub enum FrameKind {
     SyncMessage { chat: ChatId, seq: Seq },
 }
 
+/// A request of the HTTP API for the core owning the state (see `accounts_svc.rs`). Inputs are
+/// validated by the calling core; the owner checks them against its state.
+#[derive(Debug)]
+pub enum ApiReq {
+    /// At the phone's home core: start a login (code + SMS).
+    Register {
+        phone: Phone,
+        addr: IpAddr,
+    },
+    /// At the phone's home core: check the code, log the device in.
+    Verify {
+        phone: String,
+        code: String,
+        device_name: String,
+        addr: IpAddr,
+    },
+    /// At the user's core: a new token; tokens expiring by `expires_s` are revoked.
+    Refresh {
+        user: UserId,
+        device: DeviceId,
+        expires_s: u64,
+    },
+    /// Logout or device removal: the device, its keys and its tokens go.
+    RemoveDevice {
+        user: UserId,
+        device: DeviceId,
+    },
+    Devices {
+        user: UserId,
+    },
+    GetProfile {
+        user: UserId,
+        with_phone: bool,
+    },
+    PutProfile {
+        user: UserId,
+        patch: crate::accounts_svc::ProfilePatch,
+    },
+    /// Which of these phones (all homed on the receiving core) have accounts.
+    Lookup {
+        phones: Vec<Phone>,
+    },
+    PutKeys {
+        user: UserId,
+        device: DeviceId,
+        upload: KeyUpload,
+    },
+    /// Consumes one one-time prekey of (user, device).
+    FetchKeys {
+        user: UserId,
+        device: DeviceId,
+    },
+    /// The device's own prekey count.
+    KeyCount {
+        user: UserId,
+        device: DeviceId,
+    },
+}
+
 #[derive(Debug)]
 pub enum CoreMsg {
+    // ---- HTTP API calls (calls.rs)
+    Api {
+        from: crate::calls::CallRef,
+        req: ApiReq,
+    },
+    ApiReply {
+        id: u64,
+        reply: crate::api_http::Reply,
+    },
+    /// A durable revocation, for every core's replica: tokens of (user, device) expiring at or
+    /// before `through_s` are refused; `removed` also closes the device's connections.
+    Revoked {
+        user: UserId,
+        device: DeviceId,
+        through_s: u64,
+        removed: bool,
+    },
+    /// The sending core has broadcast every revocation it recovered at start-up.
+    RevocationsLoaded,
     // ---- to the chat's owner core
     Send {
         origin: Origin,

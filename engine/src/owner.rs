@@ -41,6 +41,18 @@ pub enum Effect {
     /// Purge the stored content of these messages (a delete for everyone, and the edits that
     /// carried the message's newer content). Runs after the `Deleted` event is durable.
     Purge { chat: ChatId, seqs: Vec<Seq> },
+    /// The answer to an HTTP API call (after its account records are durable).
+    ApiReply {
+        to: crate::calls::CallRef,
+        reply: crate::api_http::Reply,
+    },
+    /// A durable token revocation, for every core (`CoreMsg::Revoked`).
+    Revoke {
+        user: UserId,
+        device: switchboard_wire::DeviceId,
+        through_s: u64,
+        removed: bool,
+    },
 }
 
 /// What the owner needs to know about the target of an edit, delete or reaction (read from the
@@ -208,11 +220,17 @@ impl Owner {
         self.pending.push_back(Batch { records, effects });
     }
 
+    /// Stages records of another kind than chats (accounts) with the effects that wait for them.
+    /// `state.apply` ignores records it does not own.
+    pub fn stage(&mut self, records: Vec<Record>, effects: Vec<Effect>) {
+        self.push(records, effects);
+    }
+
     fn reply_only(&mut self, effect: Effect) {
         self.push(Vec::new(), vec![effect]);
     }
 
-    fn overloaded(&self) -> bool {
+    pub fn overloaded(&self) -> bool {
         self.pending_records >= self.limits.pending_records_max
     }
 

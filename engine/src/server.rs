@@ -164,7 +164,7 @@ pub fn run(mut cfg: Config) -> Result<(), String> {
                 let cfg = Rc::new((*cfg).clone());
                 let mut shards = HashMap::new();
                 for s in (0..shards_total).filter(|s| *s as usize % cores == id) {
-                    match Shard::open(&cfg.data_dir, s, &cfg).await {
+                    match Shard::open(&cfg.data_dir, s, shards_total, &cfg).await {
                         Ok(shard) => {
                             shards.insert(s, Rc::new(shard));
                         }
@@ -227,6 +227,40 @@ pub fn run(mut cfg: Config) -> Result<(), String> {
                 for rx in ends.receivers.into_iter().flatten() {
                     let c = core.clone();
                     glommio::spawn_local(mesh::run_receiver(rx, move |m| c.handle(m))).detach();
+                }
+                {
+                    // Every core learns the revocations recovered from this core's shards, then
+                    // a marker; a core accepts only after all markers (below), so no revoked
+                    // token is accepted after a restart. Per-pair FIFO keeps the marker last.
+                    let revs: Vec<_> = core
+                        .shards
+                        .values()
+                        .flat_map(|s| {
+                            s.accounts
+                                .borrow()
+                                .revocations
+                                .iter()
+                                .map(|(k, v)| (*k, *v))
+                                .collect::<Vec<_>>()
+                        })
+                        .collect();
+                    let c = core.clone();
+                    glommio::spawn_local(async move {
+                        for ((user, device), through_s) in revs {
+                            c.broadcast(|| CoreMsg::Revoked {
+                                user,
+                                device,
+                                through_s,
+                                removed: false,
+                            })
+                            .await;
+                        }
+                        c.broadcast(|| CoreMsg::RevocationsLoaded).await;
+                    })
+                    .detach();
+                }
+                while core.revocations_loaded.get() < cores {
+                    core.revocations_ready.notified().await;
                 }
                 // SAFETY: `into_raw_fd` hands us sole ownership of a valid listening socket.
                 let listener =

@@ -29,6 +29,8 @@ const SYNC_READ_CHUNK_MESSAGES: usize = 64;
 pub struct Shard {
     pub id: u32,
     pub owner: RefCell<Owner>,
+    /// The accounts homed on this shard (`accounts.rs`), staged through `owner` like chats.
+    pub accounts: RefCell<crate::accounts::Accounts>,
     pub store: EmbeddedStore,
     wake: Notify,
 }
@@ -37,6 +39,7 @@ impl Shard {
     pub async fn open(
         data_dir: &Path,
         id: u32,
+        shards_total: u32,
         cfg: &crate::config::Config,
     ) -> Result<Shard, StorageError> {
         let dir = data_dir.join(format!("shard-{id}"));
@@ -55,6 +58,12 @@ impl Shard {
             .max()
             .unwrap_or(MsgId(0));
         let state = ShardState::recover(cfg.dedup_entries_max, records.iter());
+        let mut accounts =
+            crate::accounts::Accounts::new(id, shards_total, cfg.devices_per_user_max);
+        for r in &records {
+            accounts.apply(r);
+        }
+        accounts.prune_revocations(crate::core::unix_ms() / 1000);
         // Finish purges a crash interrupted: deleted messages (and their edits) whose content is
         // still on disk. The Deleted event was durable before the purge started.
         let mut purge_targets: HashSet<(ChatId, Seq)> = HashSet::new();
@@ -88,6 +97,7 @@ impl Shard {
         Ok(Shard {
             id,
             owner: RefCell::new(owner),
+            accounts: RefCell::new(accounts),
             store,
             wake: Notify::new(),
         })

@@ -30,6 +30,8 @@ pub mod close {
     pub const SLOW_CONSUMER: u16 = 4002;
     /// Nothing received for `idle_timeout`.
     pub const IDLE_TIMEOUT: u16 = 4003;
+    /// The device logged out or was removed: its tokens are revoked.
+    pub const REVOKED: u16 = 4004;
 }
 
 /// tungstenite's read chunk: small, because every connection has one (tungstenite's 128 KiB

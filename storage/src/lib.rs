@@ -47,9 +47,10 @@ pub use log::{
     RecoveryReport, TailDamage, Truncation, PURGE_SEQS_MAX,
 };
 pub use record::{
-    decode_one, ChatKind, CursorKind, Record, RecordError, StoredMessage, CHAT_MEMBERS_MAX,
-    CONTENT_KIND_DELETED, CONTENT_KIND_EVENT, MESSAGE_FLAG_FORWARDED, MESSAGE_FORMAT_VERSION,
-    PAYLOAD_BYTES_MAX, RECORD_BYTES_MAX,
+    decode_one, AccountRecord, ChatKind, CursorKind, Record, RecordError, StoredMessage,
+    ACCOUNT_KEYS_BYTES_MAX, ACCOUNT_TEXT_BYTES_MAX, CHAT_MEMBERS_MAX, CONTENT_KIND_DELETED,
+    CONTENT_KIND_EVENT, MESSAGE_FLAG_FORWARDED, MESSAGE_FORMAT_VERSION, PAYLOAD_BYTES_MAX,
+    RECORD_BYTES_MAX,
 };
 pub use state::{ChatMeta, DedupEntry, GroupMeta, Membership, ShardState};
 

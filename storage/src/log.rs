@@ -1151,7 +1151,10 @@ impl EmbeddedStore {
             match r {
                 Record::Message(m) => messages.push((m.chat, at, len)),
                 Record::ChatCreated { chat, .. } => created.push(*chat),
-                Record::Cursor { .. } | Record::Block { .. } | Record::UserMeta { .. } => {}
+                Record::Cursor { .. }
+                | Record::Block { .. }
+                | Record::UserMeta { .. }
+                | Record::Account(_) => {}
             }
         }
         assert_eq!(buf.len(), bytes);
@@ -1283,7 +1286,10 @@ impl EmbeddedStore {
                     }
                     next.insert(m.chat, expected + 1);
                 }
-                Record::Cursor { .. } | Record::Block { .. } | Record::UserMeta { .. } => {}
+                Record::Cursor { .. }
+                | Record::Block { .. }
+                | Record::UserMeta { .. }
+                | Record::Account(_) => {}
             }
         }
         Ok(bytes)
@@ -1679,7 +1685,10 @@ fn index_record(
             }
             locs.push(loc);
         }
-        Record::Cursor { .. } | Record::Block { .. } | Record::UserMeta { .. } => {}
+        Record::Cursor { .. }
+        | Record::Block { .. }
+        | Record::UserMeta { .. }
+        | Record::Account(_) => {}
     }
     Ok(())
 }

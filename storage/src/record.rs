@@ -19,6 +19,14 @@
 //! | 3   | `Cursor`      | `chat u64, user u64, device u32, kind u8, seq u64`                                 |
 //! | 4   | `Block`       | `chat u64, blocker u64, blocked u8 (0/1)`                                          |
 //! | 5   | `UserMeta`    | `user u64, last_seen_ms u64, last_seen_visibility u8, online_visibility u8`        |
+//! | 6   | `Account(Created)` | `user u64, created_ms u64, phone str`                                         |
+//! | 7   | `Account(Device)`  | `user u64, device u32, created_ms u64, name str`                              |
+//! | 8   | `Account(Revoke)`  | `user u64, device u32, through_s u64, removed u8 (0/1)`                       |
+//! | 9   | `Account(Profile)` | `user u64, display_name str, about str, avatar_media_id str`                  |
+//! | 10  | `Account(Keys)`    | `user u64, device u32, keys_len u32, keys [u8]`                               |
+//! | 11  | `Account(PrekeyTaken)` | `user u64, device u32`                                                    |
+//!
+//! `str` is a `u16` length and UTF-8 bytes, at most [`ACCOUNT_TEXT_BYTES_MAX`].
 //!
 //! Decoding is strict: the CRC must match, the tag and version must be known, every length is
 //! bounded (`RECORD_BYTES_MAX`, `CHAT_MEMBERS_MAX`, `PAYLOAD_BYTES_MAX`) and a body must be consumed
@@ -75,6 +83,21 @@ const TAG_MESSAGE: u8 = 2;
 const TAG_CURSOR: u8 = 3;
 const TAG_BLOCK: u8 = 4;
 const TAG_USER_META: u8 = 5;
+const TAG_ACCOUNT_CREATED: u8 = 6;
+const TAG_ACCOUNT_DEVICE: u8 = 7;
+const TAG_ACCOUNT_REVOKE: u8 = 8;
+const TAG_ACCOUNT_PROFILE: u8 = 9;
+const TAG_ACCOUNT_KEYS: u8 = 10;
+const TAG_ACCOUNT_PREKEY_TAKEN: u8 = 11;
+
+/// Longest text field of an account record (phone, device name, display name, about, avatar
+/// media id), bytes of UTF-8. The API's own limits are lower (64 / 256 bytes).
+pub const ACCOUNT_TEXT_BYTES_MAX: usize = 256;
+/// Largest stored key-directory upload of one device (identity key, signed prekey, up to 100
+/// one-time prekeys, re-encoded compactly by the engine: about 13 KiB at the API's limits).
+pub const ACCOUNT_KEYS_BYTES_MAX: usize = 32 * 1024;
+const _: () = assert!(2 + 8 + 4 + 4 + ACCOUNT_KEYS_BYTES_MAX <= RECORD_BYTES_MAX);
+const _: () = assert!(2 + 8 + 3 * (2 + ACCOUNT_TEXT_BYTES_MAX) <= RECORD_BYTES_MAX);
 const BLOCK_BODY_BYTES: usize = 2 + 8 + 8 + 1;
 const USER_META_BODY_BYTES: usize = 2 + 8 + 8 + 1 + 1;
 
@@ -163,6 +186,204 @@ pub struct StoredMessage {
     pub payload: Vec<u8>,
 }
 
+/// Account facts, stored in the account's shard (`engine/src/accounts.rs` decides which).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AccountRecord {
+    /// A user was created for a phone number; `user` encodes the shard that allocated it.
+    Created {
+        user: UserId,
+        phone: String,
+        created_ms: u64,
+    },
+    /// A device was added to a user (device ids are never reused within a user).
+    Device {
+        user: UserId,
+        device: DeviceId,
+        name: String,
+        created_ms: u64,
+    },
+    /// Tokens of (user, device) expiring at or before `through_s` are revoked; `removed` also
+    /// removes the device (logout, device removal), with its keys.
+    Revoke {
+        user: UserId,
+        device: DeviceId,
+        through_s: u64,
+        removed: bool,
+    },
+    /// The whole profile, each time it changes.
+    Profile {
+        user: UserId,
+        display_name: String,
+        about: String,
+        avatar_media_id: String,
+    },
+    /// A device's key-directory upload (opaque to storage).
+    Keys {
+        user: UserId,
+        device: DeviceId,
+        keys: Vec<u8>,
+    },
+    /// One one-time prekey of the device was handed out (the oldest).
+    PrekeyTaken { user: UserId, device: DeviceId },
+}
+
+impl AccountRecord {
+    fn tag(&self) -> u8 {
+        match self {
+            AccountRecord::Created { .. } => TAG_ACCOUNT_CREATED,
+            AccountRecord::Device { .. } => TAG_ACCOUNT_DEVICE,
+            AccountRecord::Revoke { .. } => TAG_ACCOUNT_REVOKE,
+            AccountRecord::Profile { .. } => TAG_ACCOUNT_PROFILE,
+            AccountRecord::Keys { .. } => TAG_ACCOUNT_KEYS,
+            AccountRecord::PrekeyTaken { .. } => TAG_ACCOUNT_PREKEY_TAKEN,
+        }
+    }
+
+    fn texts(&self) -> Vec<&str> {
+        match self {
+            AccountRecord::Created { phone, .. } => vec![phone],
+            AccountRecord::Device { name, .. } => vec![name],
+            AccountRecord::Profile {
+                display_name,
+                about,
+                avatar_media_id,
+                ..
+            } => vec![display_name, about, avatar_media_id],
+            _ => Vec::new(),
+        }
+    }
+
+    fn body_len(&self) -> usize {
+        let texts: usize = self.texts().iter().map(|t| 2 + t.len()).sum();
+        2 + texts
+            + match self {
+                AccountRecord::Created { .. } => 8 + 8,
+                AccountRecord::Device { .. } => 8 + 4 + 8,
+                AccountRecord::Revoke { .. } => 8 + 4 + 8 + 1,
+                AccountRecord::Profile { .. } => 8,
+                AccountRecord::Keys { keys, .. } => 8 + 4 + 4 + keys.len(),
+                AccountRecord::PrekeyTaken { .. } => 8 + 4,
+            }
+    }
+
+    fn encode_fields(&self, out: &mut Vec<u8>) {
+        let text = |out: &mut Vec<u8>, t: &str| {
+            out.extend_from_slice(&(t.len() as u16).to_le_bytes());
+            out.extend_from_slice(t.as_bytes());
+        };
+        match self {
+            AccountRecord::Created {
+                user,
+                phone,
+                created_ms,
+            } => {
+                out.extend_from_slice(&user.0.to_le_bytes());
+                out.extend_from_slice(&created_ms.to_le_bytes());
+                text(out, phone);
+            }
+            AccountRecord::Device {
+                user,
+                device,
+                name,
+                created_ms,
+            } => {
+                out.extend_from_slice(&user.0.to_le_bytes());
+                out.extend_from_slice(&device.0.to_le_bytes());
+                out.extend_from_slice(&created_ms.to_le_bytes());
+                text(out, name);
+            }
+            AccountRecord::Revoke {
+                user,
+                device,
+                through_s,
+                removed,
+            } => {
+                out.extend_from_slice(&user.0.to_le_bytes());
+                out.extend_from_slice(&device.0.to_le_bytes());
+                out.extend_from_slice(&through_s.to_le_bytes());
+                out.push(u8::from(*removed));
+            }
+            AccountRecord::Profile {
+                user,
+                display_name,
+                about,
+                avatar_media_id,
+            } => {
+                out.extend_from_slice(&user.0.to_le_bytes());
+                text(out, display_name);
+                text(out, about);
+                text(out, avatar_media_id);
+            }
+            AccountRecord::Keys { user, device, keys } => {
+                out.extend_from_slice(&user.0.to_le_bytes());
+                out.extend_from_slice(&device.0.to_le_bytes());
+                out.extend_from_slice(&(keys.len() as u32).to_le_bytes());
+                out.extend_from_slice(keys);
+            }
+            AccountRecord::PrekeyTaken { user, device } => {
+                out.extend_from_slice(&user.0.to_le_bytes());
+                out.extend_from_slice(&device.0.to_le_bytes());
+            }
+        }
+    }
+
+    fn decode(tag: u8, r: &mut Reader<'_>) -> Result<AccountRecord, RecordError> {
+        fn text(r: &mut Reader<'_>) -> Result<String, RecordError> {
+            let len = u16::from_le_bytes(r.array()?) as usize;
+            if len > ACCOUNT_TEXT_BYTES_MAX {
+                return Err(RecordError::TextTooLong { len });
+            }
+            String::from_utf8(r.bytes(len)?.to_vec()).map_err(|_| RecordError::BadText)
+        }
+        Ok(match tag {
+            TAG_ACCOUNT_CREATED => AccountRecord::Created {
+                user: UserId(r.u64()?),
+                created_ms: r.u64()?,
+                phone: text(r)?,
+            },
+            TAG_ACCOUNT_DEVICE => AccountRecord::Device {
+                user: UserId(r.u64()?),
+                device: DeviceId(r.u32()?),
+                created_ms: r.u64()?,
+                name: text(r)?,
+            },
+            TAG_ACCOUNT_REVOKE => AccountRecord::Revoke {
+                user: UserId(r.u64()?),
+                device: DeviceId(r.u32()?),
+                through_s: r.u64()?,
+                removed: match r.u8()? {
+                    0 => false,
+                    1 => true,
+                    _ => return Err(RecordError::Truncated),
+                },
+            },
+            TAG_ACCOUNT_PROFILE => AccountRecord::Profile {
+                user: UserId(r.u64()?),
+                display_name: text(r)?,
+                about: text(r)?,
+                avatar_media_id: text(r)?,
+            },
+            TAG_ACCOUNT_KEYS => {
+                let user = UserId(r.u64()?);
+                let device = DeviceId(r.u32()?);
+                let len = r.u32()? as usize;
+                if len > ACCOUNT_KEYS_BYTES_MAX {
+                    return Err(RecordError::PayloadTooLarge { len });
+                }
+                AccountRecord::Keys {
+                    user,
+                    device,
+                    keys: r.bytes(len)?.to_vec(),
+                }
+            }
+            _ => AccountRecord::PrekeyTaken {
+                user: UserId(r.u64()?),
+                device: DeviceId(r.u32()?),
+            },
+        })
+    }
+}
+
 /// One durable fact about a shard. The log is a sequence of these; replaying them in order
 /// rebuilds [`crate::ShardState`].
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -199,6 +420,8 @@ pub enum Record {
         kind: CursorKind,
         seq: Seq,
     },
+    /// Users, devices, revocations, profiles, keys (tags 6..=11).
+    Account(AccountRecord),
 }
 
 /// Why bytes did not decode to a record, or why a record cannot be encoded.
@@ -227,6 +450,10 @@ pub enum RecordError {
     TooManyMembers { len: usize },
     /// A payload larger than `PAYLOAD_BYTES_MAX`.
     PayloadTooLarge { len: usize },
+    /// An account text field longer than `ACCOUNT_TEXT_BYTES_MAX`.
+    TextTooLong { len: usize },
+    /// An account text field that is not UTF-8.
+    BadText,
 }
 
 impl fmt::Display for RecordError {
@@ -258,6 +485,10 @@ impl fmt::Display for RecordError {
             RecordError::PayloadTooLarge { len } => {
                 write!(f, "payload of {len} bytes exceeds {PAYLOAD_BYTES_MAX}")
             }
+            RecordError::TextTooLong { len } => {
+                write!(f, "text of {len} bytes exceeds {ACCOUNT_TEXT_BYTES_MAX}")
+            }
+            RecordError::BadText => write!(f, "text field is not UTF-8"),
         }
     }
 }
@@ -277,6 +508,17 @@ impl Record {
                     len: m.payload.len(),
                 })
             }
+            Record::Account(a) => {
+                if let Some(t) = a.texts().iter().find(|t| t.len() > ACCOUNT_TEXT_BYTES_MAX) {
+                    return Err(RecordError::TextTooLong { len: t.len() });
+                }
+                match a {
+                    AccountRecord::Keys { keys, .. } if keys.len() > ACCOUNT_KEYS_BYTES_MAX => {
+                        Err(RecordError::PayloadTooLarge { len: keys.len() })
+                    }
+                    _ => Ok(()),
+                }
+            }
             _ => Ok(()),
         }
     }
@@ -295,6 +537,7 @@ impl Record {
             Record::Cursor { .. } => CURSOR_BODY_BYTES,
             Record::Block { .. } => BLOCK_BODY_BYTES,
             Record::UserMeta { .. } => USER_META_BODY_BYTES,
+            Record::Account(a) => a.body_len(),
         }
     }
 
@@ -388,6 +631,11 @@ impl Record {
                 out.push(*last_seen_visibility);
                 out.push(*online_visibility);
             }
+            Record::Account(a) => {
+                out.push(a.tag());
+                out.push(FORMAT_VERSION);
+                a.encode_fields(out);
+            }
         }
         assert_eq!(
             out.len() - body_start,
@@ -405,7 +653,7 @@ impl Record {
             | Record::Cursor { chat, .. }
             | Record::Block { chat, .. } => Some(*chat),
             Record::Message(m) => Some(m.chat),
-            Record::UserMeta { .. } => None,
+            Record::UserMeta { .. } | Record::Account(_) => None,
         }
     }
 }
@@ -448,7 +696,12 @@ fn decode_body(body: &[u8]) -> Result<Record, RecordError> {
     let version = r.u8()?;
     if !matches!(
         tag,
-        TAG_CHAT_CREATED | TAG_MESSAGE | TAG_CURSOR | TAG_BLOCK | TAG_USER_META
+        TAG_CHAT_CREATED
+            | TAG_MESSAGE
+            | TAG_CURSOR
+            | TAG_BLOCK
+            | TAG_USER_META
+            | TAG_ACCOUNT_CREATED..=TAG_ACCOUNT_PREKEY_TAKEN
     ) {
         return Err(RecordError::UnknownTag(tag));
     }
@@ -533,6 +786,9 @@ fn decode_body(body: &[u8]) -> Result<Record, RecordError> {
             last_seen_visibility: r.u8()?,
             online_visibility: r.u8()?,
         },
+        TAG_ACCOUNT_CREATED..=TAG_ACCOUNT_PREKEY_TAKEN => {
+            Record::Account(AccountRecord::decode(tag, &mut r)?)
+        }
         _ => {
             let chat = ChatId(r.u64()?);
             let user = UserId(r.u64()?);
@@ -648,6 +904,38 @@ mod tests {
                 kind: CursorKind::Read,
                 seq: Seq(u64::MAX),
             },
+            Record::Account(AccountRecord::Created {
+                user: UserId(3),
+                phone: "+14155550123".into(),
+                created_ms: 9,
+            }),
+            Record::Account(AccountRecord::Device {
+                user: UserId(3),
+                device: DeviceId(2),
+                name: "téléphone".into(),
+                created_ms: 10,
+            }),
+            Record::Account(AccountRecord::Revoke {
+                user: UserId(3),
+                device: DeviceId(2),
+                through_s: u64::MAX,
+                removed: true,
+            }),
+            Record::Account(AccountRecord::Profile {
+                user: UserId(3),
+                display_name: "Alice".into(),
+                about: String::new(),
+                avatar_media_id: "m".repeat(ACCOUNT_TEXT_BYTES_MAX),
+            }),
+            Record::Account(AccountRecord::Keys {
+                user: UserId(3),
+                device: DeviceId(2),
+                keys: vec![7; 300],
+            }),
+            Record::Account(AccountRecord::PrekeyTaken {
+                user: UserId(3),
+                device: DeviceId(2),
+            }),
         ]
     }
 
@@ -758,7 +1046,7 @@ mod tests {
         *bad_crc.last_mut().unwrap() ^= 1;
 
         let mut bad_tag = body(&good_msg);
-        bad_tag[0] = 9;
+        bad_tag[0] = 99;
         let mut bad_version = body(&good_msg);
         bad_version[1] = 3;
         let mut trailing = body(&good_msg);
@@ -824,7 +1112,7 @@ mod tests {
                     computed: crc32c::crc32c(&bad_crc[8..]),
                 }),
             ),
-            ("bad tag", frame(&bad_tag), Err(RecordError::UnknownTag(9))),
+            ("bad tag", frame(&bad_tag), Err(RecordError::UnknownTag(99))),
             (
                 "bad version",
                 frame(&bad_version),

@@ -303,6 +303,8 @@ impl ShardState {
                     (*last_seen_ms, *last_seen_visibility, *online_visibility),
                 );
             }
+            // Accounts are the engine's (`engine/src/accounts.rs` replays them).
+            Record::Account(_) => {}
             Record::Cursor {
                 chat,
                 user,

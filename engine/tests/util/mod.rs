@@ -397,3 +397,120 @@ impl Http {
         matches!(self.stream.read(&mut chunk), Ok(0) | Err(_))
     }
 }
+
+/// A local SMS gateway for tests: accepts the server's webhook POSTs and hands over the JSON
+/// bodies (with the signature header) on a channel.
+pub struct SmsGateway {
+    pub url: String,
+    pub rx: std::sync::mpsc::Receiver<(serde_json::Value, Option<String>, Option<String>)>,
+}
+
+pub const SMS_SECRET: &str = "test-sms-webhook-secret";
+
+impl SmsGateway {
+    pub fn start() -> SmsGateway {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}/sms", listener.local_addr().unwrap());
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for s in listener.incoming() {
+                let Ok(mut s) = s else { return };
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                let (head_end, len) = loop {
+                    let n = s.read(&mut chunk).unwrap_or(0);
+                    if n == 0 {
+                        break (0, 0);
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head = String::from_utf8_lossy(&buf[..i]).to_ascii_lowercase();
+                        let len = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .and_then(|v| v.trim().parse().ok())
+                            .unwrap_or(0);
+                        break (i + 4, len);
+                    }
+                };
+                if head_end == 0 {
+                    continue;
+                }
+                while buf.len() < head_end + len {
+                    let n = s.read(&mut chunk).unwrap_or(0);
+                    if n == 0 {
+                        break;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                }
+                let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+                let header = |name: &str| {
+                    head.lines().find_map(|l| {
+                        let (n, v) = l.split_once(':')?;
+                        n.eq_ignore_ascii_case(name).then(|| v.trim().to_string())
+                    })
+                };
+                let body: serde_json::Value =
+                    serde_json::from_slice(&buf[head_end..head_end + len]).unwrap_or_default();
+                let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n");
+                let _ = tx.send((
+                    body,
+                    header("x-switchboard-signature"),
+                    header("x-switchboard-timestamp"),
+                ));
+            }
+        });
+        SmsGateway { url, rx }
+    }
+
+    /// The code of the next SMS to `phone` (skipping others), within `T`.
+    pub fn code_for(&self, phone: &str) -> String {
+        let deadline = Instant::now() + T;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let (body, sig, ts) = self.rx.recv_timeout(left).expect("an SMS");
+            if body["to"] == phone {
+                assert!(sig.is_some_and(|s| s.starts_with("v1=")), "signed webhook");
+                assert!(ts.is_some(), "timestamped webhook");
+                return body["code"].as_str().expect("code").to_string();
+            }
+        }
+    }
+
+    /// Server flags that send codes here.
+    pub fn flags(&self) -> Vec<String> {
+        vec![
+            "--sms-webhook".into(),
+            self.url.clone(),
+            "--sms-webhook-secret".into(),
+            SMS_SECRET.into(),
+        ]
+    }
+}
+
+/// Registers and verifies `phone` on `server`; returns the verify answer (user_id, device_id,
+/// token, new_user).
+pub fn login(
+    server: &Server,
+    sms: &SmsGateway,
+    phone: &str,
+    device_name: &str,
+) -> serde_json::Value {
+    let mut c = Http::connect(&server.addr);
+    let r = c.request(
+        "POST",
+        "/v1/auth/register",
+        None,
+        Some(&serde_json::json!({ "phone": phone })),
+    );
+    assert_eq!(r.status, 202, "{:?}", String::from_utf8_lossy(&r.body));
+    let code = sms.code_for(phone);
+    let r = c.request(
+        "POST",
+        "/v1/auth/verify",
+        None,
+        Some(&serde_json::json!({"phone": phone, "code": code, "device_name": device_name})),
+    );
+    assert_eq!(r.status, 200, "{:?}", String::from_utf8_lossy(&r.body));
+    r.json()
+}
