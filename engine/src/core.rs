@@ -104,6 +104,8 @@ pub struct Core {
     pub blocks: RefCell<HashSet<(UserId, UserId)>>,
     /// The HTTP API's per-core state (router, origin policy).
     pub api: crate::api_http::ApiState,
+    /// Media stores and URL signers (`media_svc.rs`).
+    pub media: crate::media_svc::MediaService,
     /// Replica of every shard's token revocations: (user, device) → tokens expiring at or before
     /// this are refused. Fed by `CoreMsg::Revoked` broadcasts; bounded by the shards'
     /// `REVOCATIONS_PER_SHARD_MAX` (entries are pruned once their tokens have expired).
@@ -132,6 +134,7 @@ impl Core {
             cfg.mesh_batch_items_max,
         );
         let api = crate::api_http::ApiState::new(&cfg);
+        let media = crate::media_svc::MediaService::new(&cfg, &key);
         Core {
             id,
             cores,
@@ -149,6 +152,7 @@ impl Core {
             presence: RefCell::new(PresenceHub::default()),
             blocks: RefCell::new(HashSet::new()),
             api,
+            media,
             revocations: RefCell::new(HashMap::new()),
             revocations_loaded: Cell::new(0),
             revocations_ready: crate::notify::Notify::new(),
