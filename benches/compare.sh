@@ -39,7 +39,15 @@ set_tcp_nodelay true
 CONF
 
 DATA="$(mktemp -d "${TMPDIR:-/tmp}/switchboard-compare.XXXXXX")"
-"$SB" serve --listen 127.0.0.1:0 --data-dir "$DATA" --cores "$CORES" > "$OUT/switchboard.log" 2>&1 &
+# Lift the per-user message and per-connection frame rate limits (made for people, not for a
+# load generator); Mosquitto has none either.
+cat > "$OUT/switchboard.toml" <<'TOML'
+messages_per_user_burst = 1000000
+messages_per_user_refill_per_s = 1000
+frames_per_conn_burst = 1000000
+frames_per_conn_refill_per_s = 1000
+TOML
+"$SB" serve --config "$OUT/switchboard.toml" --listen 127.0.0.1:0 --data-dir "$DATA" --cores "$CORES" > "$OUT/switchboard.log" 2>&1 &
 SPID=$!
 "$MOSQ" -c "$OUT/mosquitto.conf" > "$OUT/mosquitto.log" 2>&1 &
 MPID=$!

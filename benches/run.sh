@@ -20,9 +20,17 @@ SB=target/release/switchboard
 LG=target/release/switchboard-loadgen
 
 DATA="$(mktemp -d "${TMPDIR:-/tmp}/switchboard-bench.XXXXXX")"
-"$SB" serve --listen 127.0.0.1:0 --data-dir "$DATA" --cores "$CORES" > "$OUT/server.log" 2>&1 &
+# The load generator's simulated users send far faster than the per-user message limit (60 burst,
+# 1/s) a real person needs; lift it (and the per-connection frame limit) for throughput runs.
+cat > "$DATA.toml" <<'TOML'
+messages_per_user_burst = 1000000
+messages_per_user_refill_per_s = 1000
+frames_per_conn_burst = 1000000
+frames_per_conn_refill_per_s = 1000
+TOML
+"$SB" serve --config "$DATA.toml" --listen 127.0.0.1:0 --data-dir "$DATA" --cores "$CORES" > "$OUT/server.log" 2>&1 &
 PID=$!
-cleanup() { kill "$PID" 2>/dev/null || true; wait "$PID" 2>/dev/null || true; rm -rf "$DATA"; }
+cleanup() { kill "$PID" 2>/dev/null || true; wait "$PID" 2>/dev/null || true; rm -rf "$DATA" "$DATA.toml"; }
 trap cleanup EXIT
 ADDR=
 for _ in $(seq 1 100); do

@@ -104,11 +104,13 @@ impl Accounts {
         };
         match a {
             AccountRecord::Created { user, phone, .. } => {
-                let Some(phone) = Phone::parse(phone) else {
+                // A record that passed its CRC but names no valid phone or user 0 cannot come
+                // from this code; skip it rather than panic on bytes from disk.
+                let (Some(phone), Some(id)) = (Phone::parse(phone), user.0.checked_sub(1)) else {
                     return;
                 };
-                let local = (user.0 - 1) / self.shards as u64;
-                self.next_local = self.next_local.max(local + 1);
+                let local = id / self.shards as u64;
+                self.next_local = self.next_local.max(local.saturating_add(1));
                 self.by_phone.insert(phone.clone(), *user);
                 self.users.entry(*user).or_insert(Account {
                     phone,
@@ -121,7 +123,7 @@ impl Accounts {
                 user, device, name, ..
             } => {
                 if let Some(a) = self.users.get_mut(user) {
-                    a.next_device = a.next_device.max(device.0 + 1);
+                    a.next_device = a.next_device.max(device.0.saturating_add(1));
                     a.devices.push(Device {
                         id: *device,
                         name: name.clone(),
@@ -230,6 +232,10 @@ impl Accounts {
             self.apply(r);
         }
         let device = DeviceId(self.users[&user].next_device);
+        if device.0 == u32::MAX {
+            // Four billion logins on one account: refuse rather than reuse an id.
+            return Err(StoreError::Unavailable("device ids exhausted".into()));
+        }
         let r = Record::Account(AccountRecord::Device {
             user,
             device,

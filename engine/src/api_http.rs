@@ -479,8 +479,19 @@ impl SmsSender for Sms {
     }
 }
 
+/// Counts an open HTTP connection while alive.
+struct OpenConn<'a>(&'a std::cell::Cell<usize>);
+
+impl Drop for OpenConn<'_> {
+    fn drop(&mut self) {
+        self.0.set(self.0.get() - 1);
+    }
+}
+
 /// Per-core state of the HTTP API.
 pub struct ApiState {
+    /// HTTP API connections open on this core (at most `conns_per_core_max`).
+    pub http_conns: std::cell::Cell<usize>,
     pub router: Router<Endpoint>,
     pub origins: OriginPolicy,
     /// Calls to other cores waiting for their answers.
@@ -509,6 +520,7 @@ impl ApiState {
             _ => Sms::Log(LogSender),
         };
         ApiState {
+            http_conns: std::cell::Cell::new(0),
             router: router(),
             // Validated with the config.
             origins: OriginPolicy::new(&origins).expect("allowed_origins validated"),
@@ -603,8 +615,23 @@ fn post_blocking(authority: &str, path: &str, post: &otp::WebhookPost) -> std::i
 
 /// Serves HTTP requests on one connection until it closes. `initial` holds the bytes already
 /// read while telling this connection apart from a WebSocket upgrade.
-pub async fn serve(core: Rc<Core>, io: Transport, initial: Vec<u8>, peer: IpAddr) {
+pub async fn serve(core: Rc<Core>, mut io: Transport, initial: Vec<u8>, peer: IpAddr) {
     core.metrics().http_connections.fetch_add(1, Relaxed);
+    // HTTP connections on this core are bounded like WebSocket ones (`conns_per_core_max`).
+    if core.api.http_conns.get() >= core.cfg.conns_per_core_max {
+        core.metrics().connections_rejected.fetch_add(1, Relaxed);
+        let mut out = Vec::new();
+        Reply {
+            close: true,
+            ..Reply::error(503, "unavailable", "connection limit reached")
+        }
+        .write(&mut out, false, false);
+        let _ = io.write_all(&out).await;
+        io.close().await;
+        return;
+    }
+    core.api.http_conns.set(core.api.http_conns.get() + 1);
+    let _open = OpenConn(&core.api.http_conns);
     let read_timeout = core.cfg.idle_timeout;
     let mut conn = HttpConn {
         core: core.clone(),
@@ -738,5 +765,96 @@ async fn dispatch(cx: &Ctx<'_>, endpoint: Endpoint, body: Body<'_>) -> Handled {
                 text.into_bytes(),
             ))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::metrics::CoreMetrics;
+    use crate::token::TokenKey;
+    use futures_lite::{AsyncReadExt, AsyncWriteExt};
+    use std::collections::HashMap;
+
+    /// The path an upload endpoint takes: `100 Continue` goes out when the body is first asked
+    /// for, the body arrives in pieces (chunked here), its end is seen, the connection carries
+    /// the next request, and a declared length over the stream limit is refused with 413.
+    #[test]
+    fn streamed_bodies_arrive_in_pieces_after_continue() {
+        glommio::LocalExecutorBuilder::default()
+            .make()
+            .unwrap()
+            .run(async {
+                let cfg = Rc::new(Config::default());
+                let metrics = Arc::new(vec![CoreMetrics::new(1)]);
+                let key = TokenKey::new(&[1u8; 32]);
+                let core = Rc::new(Core::new(0, 1, 1, cfg, key, metrics, HashMap::new()));
+                let listener = glommio::net::TcpListener::bind("127.0.0.1:0").unwrap();
+                let addr = listener.local_addr().unwrap();
+                let mut client = glommio::net::TcpStream::connect(addr).await.unwrap();
+                let server = listener.accept().await.unwrap();
+                let client_task = glommio::spawn_local(async move {
+                    client
+                        .write_all(b"PUT /up HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nExpect: 100-continue\r\n\r\n")
+                        .await
+                        .unwrap();
+                    let mut got = Vec::new();
+                    let mut buf = [0u8; 64];
+                    while !got.ends_with(b"\r\n\r\n") {
+                        let n = client.read(&mut buf).await.unwrap();
+                        assert!(n > 0);
+                        got.extend_from_slice(&buf[..n]);
+                    }
+                    assert_eq!(got, http1::CONTINUE_RESPONSE);
+                    client.write_all(b"5\r\nhello\r\n").await.unwrap();
+                    glommio::timer::sleep(Duration::from_millis(20)).await;
+                    client.write_all(b"3\r\nabc\r\n0\r\n\r\n").await.unwrap();
+                    client
+                        .write_all(b"PUT /up HTTP/1.1\r\nHost: a\r\nContent-Length: 20\r\n\r\n")
+                        .await
+                        .unwrap();
+                    client
+                });
+                let mut conn = HttpConn {
+                    core: core.clone(),
+                    io: Transport::plain(server),
+                    http: http1::Conn::new(Limits::default()),
+                    inbuf: Vec::new(),
+                    out: Vec::new(),
+                    read_timeout: Duration::from_secs(5),
+                };
+                let Next::Event(Event::Head(head)) = conn.next_event().await else {
+                    panic!("no head");
+                };
+                assert!(head.expect_continue);
+                conn.http
+                    .set_body_mode(BodyMode::Stream { bytes_max: 10 });
+                let mut stream = BodyStream {
+                    conn: &mut conn,
+                    finished: false,
+                };
+                let mut pieces = Vec::new();
+                while let Some(piece) = stream.next_chunk().await.unwrap() {
+                    pieces.push(piece);
+                }
+                assert!(stream.is_finished());
+                assert!(pieces.len() >= 2, "{pieces:?}");
+                assert_eq!(pieces.concat(), b"helloabc");
+                assert!(!conn.http.in_request());
+                // The next request: its declared body is over the stream limit.
+                let Next::Event(Event::Head(_)) = conn.next_event().await else {
+                    panic!("no second head");
+                };
+                conn.http
+                    .set_body_mode(BodyMode::Stream { bytes_max: 10 });
+                let mut stream = BodyStream {
+                    conn: &mut conn,
+                    finished: false,
+                };
+                let refused = stream.next_chunk().await.unwrap_err();
+                assert_eq!((refused.status, refused.close), (413, true));
+                drop(client_task.await);
+            });
     }
 }

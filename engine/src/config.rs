@@ -116,6 +116,31 @@ pub struct Config {
     /// Secret for the webhook's `x-switchboard-signature` (HMAC-SHA256). Required with
     /// `sms = "webhook"`, at least 16 bytes.
     pub sms_webhook_secret: String,
+    /// Messages (sends, group changes, edits, deletes, reactions) one user may send: a burst of
+    /// this many, default 60 ... (rate limits are kept per core: a user whose devices are
+    /// connected to several cores gets up to that many times the rate).
+    pub messages_per_user_burst: u32,
+    /// ... then this many per second, default 1 (1..=1000). Over the limit the frame is answered
+    /// with an `Error` frame `RATE_LIMITED` carrying its `client_msg_id`; nothing is stored and
+    /// the client retries with the same id.
+    pub messages_per_user_refill_per_s: u64,
+    /// Frames of any kind on one connection: a burst of this many, default 200 ...
+    pub frames_per_conn_burst: u32,
+    /// ... then this many per second, default 50 (1..=1000). Over it: `RATE_LIMITED`.
+    pub frames_per_conn_refill_per_s: u64,
+    /// New connections from one source address (IPv6: per /64), per core: burst, default 30 ...
+    pub connects_per_addr_burst: u32,
+    /// ... then this many per second, default 1 (1..=1000). Over it: HTTP 429 and close.
+    pub connects_per_addr_refill_per_s: u64,
+    /// Apply the per-address connection limit to loopback addresses too. Default false: behind
+    /// a local reverse proxy every client has the proxy's address (and the load generator runs
+    /// on the same box).
+    pub rate_limit_loopback: bool,
+    /// PEM certificate chain (leaf first) for https/wss on the same listener; with `tls_key`.
+    /// Default none: plain only. Connections are told apart by their first byte.
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) for `tls_cert`.
+    pub tls_key: Option<PathBuf>,
     /// Largest media object `POST /v1/media` accepts, bytes (413 over it). Default 104_857_600
     /// (100 MiB); at most 5 GiB (an upload is streamed, so memory does not grow with it).
     pub media_bytes_max: u64,
@@ -174,6 +199,15 @@ impl Default for Config {
             sms: "log".into(),
             sms_webhook_url: String::new(),
             sms_webhook_secret: String::new(),
+            messages_per_user_burst: 60,
+            messages_per_user_refill_per_s: 1,
+            frames_per_conn_burst: 200,
+            frames_per_conn_refill_per_s: 50,
+            connects_per_addr_burst: 30,
+            connects_per_addr_refill_per_s: 1,
+            rate_limit_loopback: false,
+            tls_cert: None,
+            tls_key: None,
             media_bytes_max: switchboard_media::MEDIA_BYTES_MAX_DEFAULT,
             media_backend: "local".into(),
             media_s3_endpoint: String::new(),
@@ -266,6 +300,32 @@ impl Config {
         if let Err(e) = switchboard_api::origin::OriginPolicy::new(&origins) {
             return Err(ConfigError(format!("allowed_origins: {e}")));
         }
+        for (burst, per_s, name) in [
+            (
+                self.messages_per_user_burst,
+                self.messages_per_user_refill_per_s,
+                "messages_per_user",
+            ),
+            (
+                self.frames_per_conn_burst,
+                self.frames_per_conn_refill_per_s,
+                "frames_per_conn",
+            ),
+            (
+                self.connects_per_addr_burst,
+                self.connects_per_addr_refill_per_s,
+                "connects_per_addr",
+            ),
+        ] {
+            if burst == 0 || !(1..=1000).contains(&per_s) {
+                return Err(ConfigError(format!(
+                    "{name}: burst must be positive and refill_per_s within 1..=1000"
+                )));
+            }
+        }
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return err("tls_cert and tls_key go together");
+        }
         if self.token_ttl_s < 60 || self.token_ttl_s > 365 * 86_400 {
             return err("token_ttl_s must be within 60 ..= 31_536_000");
         }
@@ -300,6 +360,11 @@ impl Config {
             return err("sync_chat_messages_max and dedup_entries_max must be positive");
         }
         Ok(())
+    }
+
+    /// A rate limit from its config pair (validated).
+    pub fn rate(burst: u32, per_s: u64) -> switchboard_api::ratelimit::Rate {
+        switchboard_api::ratelimit::Rate::per_second(burst, per_s)
     }
 
     /// The number of reactors to run.

@@ -10,18 +10,17 @@ use crate::core::Core;
 use crate::http::{self, Route};
 use crate::msg::{Action, ConnRef, CoreMsg, Frame, FrameKind, Origin};
 use crate::notify::Notify;
+use crate::transport::{ReadScratch, Transport};
 use crate::ws::{self, close, WsIo};
-use futures_lite::{AsyncRead, AsyncWriteExt};
+use futures_lite::AsyncWriteExt;
 use glommio::net::TcpStream;
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::future::Future;
-use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
+use switchboard_api::ratelimit::{self, Bucket, Decision, Rate};
 use switchboard_storage::CursorKind;
 use switchboard_wire::{
     decode_client, ChatId, ClientFrame, DeviceId, ErrorCode, ErrorFrame, Seq, ServerFrame, Target,
@@ -56,10 +55,12 @@ pub struct ConnShared {
     wake: Notify,
     /// Users whose presence this connection follows (at most `PRESENCE_SUBSCRIPTIONS_MAX`).
     presence_subs: RefCell<HashSet<UserId>>,
+    /// Frames per connection (config `frames_per_conn_*`).
+    frames: Cell<Bucket>,
 }
 
 impl ConnShared {
-    fn new(id: u64, user: UserId, device: DeviceId) -> ConnShared {
+    fn new(id: u64, user: UserId, device: DeviceId, frames: Rate) -> ConnShared {
         ConnShared {
             id,
             user,
@@ -71,6 +72,7 @@ impl ConnShared {
             sync: RefCell::new(None),
             wake: Notify::new(),
             presence_subs: RefCell::new(HashSet::new()),
+            frames: Cell::new(Bucket::new(frames)),
         }
     }
 
@@ -171,23 +173,6 @@ impl ConnShared {
     }
 }
 
-/// Reads from the socket into the core's shared scratch buffer. The buffer is borrowed only
-/// inside `poll`, never across a suspension, so thousands of idle connections share one buffer
-/// (glommio's non-buffered stream polls readiness and only then reads).
-struct ReadScratch<'a> {
-    stream: &'a mut TcpStream,
-    core: &'a Core,
-}
-
-impl Future for ReadScratch<'_> {
-    type Output = std::io::Result<usize>;
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.get_mut();
-        let mut scratch = this.core.read_scratch.borrow_mut();
-        Pin::new(&mut *this.stream).poll_read(cx, &mut scratch[..])
-    }
-}
-
 enum Event {
     Read(std::io::Result<usize>),
     Wake,
@@ -235,27 +220,41 @@ pub async fn serve(core: Rc<Core>, mut stream: TcpStream) {
         .peer_addr()
         .map(|a| a.ip())
         .unwrap_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
-    // Read until the request line tells which protocol this is. One deadline covers the
-    // sniff and the upgrade head.
+    if !peer.is_loopback() || core.cfg.rate_limit_loopback {
+        let decision = core
+            .connect_limiter
+            .borrow_mut()
+            .check(&ratelimit::source_key(peer), crate::core::unix_ms());
+        if let Decision::Limited { retry_after_ms } = decision {
+            core.metrics().rate_limited.fetch_add(1, Relaxed);
+            let mut out = Vec::new();
+            let retry = retry_after_ms.div_ceil(1000).max(1).to_string();
+            switchboard_api::http1::write_json_error(
+                &mut out,
+                429,
+                "rate_limited",
+                "too many connection attempts from this address",
+                false,
+                &[("retry-after", &retry)],
+            );
+            let _ = stream.write_all(&out).await;
+            let _ = stream.close().await;
+            return;
+        }
+    }
+    // Read until the request line tells which protocol this is (after the TLS handshake, when
+    // the first byte is a TLS handshake record and TLS is configured). One deadline covers the
+    // handshake, the sniff and the upgrade head.
     let deadline = Instant::now() + core.cfg.handshake_timeout;
-    let mut buf = Vec::new();
-    let sniffed = futures_lite::future::or(
+    let opened = futures_lite::future::or(
         async {
-            loop {
-                if let Some(upgrade) = is_upgrade_request(&buf) {
-                    return Some(upgrade);
-                }
-                let n = ReadScratch {
-                    stream: &mut stream,
-                    core: &core,
-                }
-                .await
-                .ok()?;
-                if n == 0 {
-                    return None;
-                }
-                buf.extend_from_slice(&core.read_scratch.borrow()[..n]);
+            let n = ReadScratch {
+                stream: &mut stream,
+                core: &core,
             }
+            .await
+            .ok()?;
+            (n > 0).then(|| core.read_scratch.borrow()[..n].to_vec())
         },
         async {
             glommio::timer::sleep(core.cfg.handshake_timeout).await;
@@ -263,11 +262,38 @@ pub async fn serve(core: Rc<Core>, mut stream: TcpStream) {
         },
     )
     .await;
+    let Some(first) = opened else {
+        return;
+    };
+    let (mut stream, mut buf) = match &core.tls {
+        Some(tls) if first[0] == 0x16 => match Transport::tls(stream, tls.clone(), &first) {
+            Ok(t) => (t, Vec::new()),
+            Err(_) => return,
+        },
+        _ => (Transport::plain(stream), first),
+    };
+    let sniffed = futures_lite::future::or(
+        async {
+            loop {
+                if let Some(upgrade) = is_upgrade_request(&buf) {
+                    return Some(upgrade);
+                }
+                match stream.read(&core, &mut buf).await {
+                    Ok(n) if n > 0 => {}
+                    _ => return None,
+                }
+            }
+        },
+        async {
+            glommio::timer::sleep(deadline.saturating_duration_since(Instant::now())).await;
+            None
+        },
+    )
+    .await;
     match sniffed {
-        None => return,
+        None => return stream.close().await,
         Some(false) => {
-            let io = crate::transport::Transport::plain(stream);
-            return crate::api_http::serve(core, io, buf, peer).await;
+            return crate::api_http::serve(core, stream, buf, peer).await;
         }
         Some(true) => {}
     }
@@ -393,6 +419,10 @@ pub async fn serve(core: Rc<Core>, mut stream: TcpStream) {
                 core.next_conn_id(),
                 claims.user,
                 claims.device,
+                crate::config::Config::rate(
+                    core.cfg.frames_per_conn_burst,
+                    core.cfg.frames_per_conn_refill_per_s,
+                ),
             ));
             core.conns.borrow_mut().insert(conn.id, conn.clone());
             core.metrics().connections.fetch_add(1, Relaxed);
@@ -428,23 +458,17 @@ pub async fn serve(core: Rc<Core>, mut stream: TcpStream) {
 /// Reads until a complete request head. `Err(None)`: the peer went away; `Err(Some(e))`: answer e.
 async fn read_head(
     core: &Core,
-    stream: &mut TcpStream,
+    stream: &mut Transport,
     mut buf: Vec<u8>,
 ) -> Result<(Route, Vec<u8>), Option<http::HttpError>> {
     loop {
         if let Some((route, len)) = http::parse_request(&buf).map_err(Some)? {
             return Ok((route, buf.split_off(len)));
         }
-        let n = ReadScratch {
-            stream: &mut *stream,
-            core,
+        match stream.read(core, &mut buf).await {
+            Ok(n) if n > 0 => {}
+            _ => return Err(None),
         }
-        .await
-        .map_err(|_| None)?;
-        if n == 0 {
-            return Err(None);
-        }
-        buf.extend_from_slice(&core.read_scratch.borrow()[..n]);
     }
 }
 
@@ -456,7 +480,7 @@ enum End {
     Gone,
 }
 
-async fn run_ws(core: &Rc<Core>, mut stream: TcpStream, leftover: Vec<u8>, mode: Mode) {
+async fn run_ws(core: &Rc<Core>, mut stream: Transport, leftover: Vec<u8>, mode: Mode) {
     let cfg = core.cfg.clone();
     let mut ctx = WebSocketContext::new(Role::Server, Some(ws::config(cfg.frame_bytes_max)));
     let mut io = WsIo::new(leftover);
@@ -547,15 +571,7 @@ async fn run_ws(core: &Rc<Core>, mut stream: TcpStream, leftover: Vec<u8>, mode:
             Event::Wake
         };
         let event = if can_read {
-            let read = async {
-                Event::Read(
-                    ReadScratch {
-                        stream: &mut stream,
-                        core,
-                    }
-                    .await,
-                )
-            };
+            let read = async { Event::Read(stream.read_with(core, |b| io.feed(b)).await) };
             futures_lite::future::or(read, futures_lite::future::or(wake, tick)).await
         } else {
             futures_lite::future::or(wake, tick).await
@@ -565,7 +581,6 @@ async fn run_ws(core: &Rc<Core>, mut stream: TcpStream, leftover: Vec<u8>, mode:
             Event::Read(Ok(n)) => {
                 last_rx = Instant::now();
                 core.metrics().bytes_in.fetch_add(n as u64, Relaxed);
-                io.feed(&core.read_scratch.borrow()[..n]);
                 fresh_input = true;
             }
             Event::Wake => {}
@@ -670,11 +685,63 @@ fn reply_error(
     );
 }
 
+/// The ids an answer to `frame` carries, so a refused request can be matched and retried.
+fn frame_ids(frame: &ClientFrame) -> (u32, Option<switchboard_wire::ClientMsgId>) {
+    match frame {
+        ClientFrame::Send(r) => (0, Some(r.client_msg_id)),
+        ClientFrame::CreateGroup(r) => (0, Some(r.client_msg_id)),
+        ClientFrame::GroupUpdate(r) => (0, Some(r.client_msg_id)),
+        ClientFrame::Edit { client_msg_id, .. }
+        | ClientFrame::Delete { client_msg_id, .. }
+        | ClientFrame::React { client_msg_id, .. } => (0, Some(*client_msg_id)),
+        ClientFrame::Sync { request_id, .. }
+        | ClientFrame::History { request_id, .. }
+        | ClientFrame::GetGroupInfo { request_id, .. }
+        | ClientFrame::GetReceipts { request_id, .. }
+        | ClientFrame::Block { request_id, .. }
+        | ClientFrame::Subscribe { request_id, .. }
+        | ClientFrame::SetPrivacy { request_id, .. } => (*request_id, None),
+        _ => (0, None),
+    }
+}
+
 async fn on_frame(core: &Rc<Core>, conn: &Rc<ConnShared>, bytes: &[u8]) {
     let frame = match decode_client(bytes) {
         Ok(f) => f,
         Err(e) => return reply_error(core, conn, e.code(), &e.to_string(), 0, None),
     };
+    // Rate limits: frames per connection, then messages (anything stored) per user. A refused
+    // frame stores nothing; the client retries it with the same ids.
+    let now_ms = crate::core::unix_ms();
+    let mut bucket = conn.frames.get();
+    let frame_ok = bucket.check(now_ms).is_allowed();
+    conn.frames.set(bucket);
+    let (request_id, client_msg_id) = frame_ids(&frame);
+    let stores = client_msg_id.is_some();
+    let limited = if !frame_ok {
+        Some("too many frames on this connection")
+    } else if stores
+        && !core
+            .msg_limiter
+            .borrow_mut()
+            .check(&conn.user, now_ms)
+            .is_allowed()
+    {
+        Some("too many messages: retry later with the same client_msg_id")
+    } else {
+        None
+    };
+    if let Some(text) = limited {
+        core.metrics().rate_limited.fetch_add(1, Relaxed);
+        return reply_error(
+            core,
+            conn,
+            ErrorCode::RateLimited,
+            text,
+            request_id,
+            client_msg_id,
+        );
+    }
     let origin = Origin {
         conn: ConnRef {
             core: core.id,
@@ -1016,7 +1083,7 @@ mod tests {
                 std::mem::size_of::<WebSocketContext>(),
                 std::mem::size_of::<TcpStream>(),
                 std::mem::size_of::<glommio::timer::Timer>(),
-                std::mem::size_of_val(&run_ws(&core2, stream2, Vec::new(), Mode::Echo)),
+                std::mem::size_of_val(&run_ws(&core2, Transport::plain(stream2), Vec::new(), Mode::Echo)),
             );
             assert!(size < 8192, "the connection future grew to {size} bytes");
         });

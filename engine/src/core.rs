@@ -114,6 +114,13 @@ pub struct Core {
     /// accepts connections only when all have.
     pub revocations_loaded: Cell<usize>,
     pub revocations_ready: crate::notify::Notify,
+    /// Messages per user (config `messages_per_user_*`), on this core.
+    pub msg_limiter: RefCell<switchboard_api::ratelimit::KeyedLimiter<UserId>>,
+    /// The TLS server config when `tls_cert`/`tls_key` are set (shared, read-only; loaded once
+    /// at start-up). Connections whose first byte is 0x16 speak TLS.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Connection attempts per source address (config `connects_per_addr_*`), on this core.
+    pub connect_limiter: RefCell<switchboard_api::ratelimit::KeyedLimiter<std::net::IpAddr>>,
 }
 
 impl Core {
@@ -134,6 +141,21 @@ impl Core {
             cfg.mesh_batch_items_max,
         );
         let api = crate::api_http::ApiState::new(&cfg);
+        use switchboard_api::ratelimit::{KeyedLimiter, LIMITER_KEYS_MAX};
+        let msg_limiter = KeyedLimiter::new(
+            Config::rate(
+                cfg.messages_per_user_burst,
+                cfg.messages_per_user_refill_per_s,
+            ),
+            LIMITER_KEYS_MAX,
+        );
+        let connect_limiter = KeyedLimiter::new(
+            Config::rate(
+                cfg.connects_per_addr_burst,
+                cfg.connects_per_addr_refill_per_s,
+            ),
+            LIMITER_KEYS_MAX,
+        );
         let media = crate::media_svc::MediaService::new(&cfg, &key);
         Core {
             id,
@@ -156,6 +178,9 @@ impl Core {
             revocations: RefCell::new(HashMap::new()),
             revocations_loaded: Cell::new(0),
             revocations_ready: crate::notify::Notify::new(),
+            tls: None,
+            msg_limiter: RefCell::new(msg_limiter),
+            connect_limiter: RefCell::new(connect_limiter),
         }
     }
 

@@ -50,6 +50,12 @@ enum Cmd {
         /// Serve the unauthenticated echo endpoint GET /v1/echo (conformance testing only).
         #[arg(long)]
         echo: bool,
+        /// PEM certificate chain: serve https/wss on the same port too (with --tls-key).
+        #[arg(long)]
+        tls_cert: Option<PathBuf>,
+        /// PEM private key for --tls-cert.
+        #[arg(long)]
+        tls_key: Option<PathBuf>,
         /// Send login codes to this SMS webhook (`http://host:port/path`) instead of the log.
         #[arg(long)]
         sms_webhook: Option<String>,
@@ -97,6 +103,8 @@ fn main() {
         listen: None,
         cores: None,
         echo: false,
+        tls_cert: None,
+        tls_key: None,
         sms_webhook: None,
         sms_webhook_secret: None,
         allow_origin: Vec::new(),
@@ -107,11 +115,19 @@ fn main() {
             listen,
             cores,
             echo,
+            tls_cert,
+            tls_key,
             sms_webhook,
             sms_webhook_secret,
             allow_origin,
             print_config,
         } => load(&common).and_then(|mut cfg| {
+            if tls_cert.is_some() {
+                cfg.tls_cert = tls_cert;
+            }
+            if tls_key.is_some() {
+                cfg.tls_key = tls_key;
+            }
             if let Some(url) = sms_webhook {
                 cfg.sms = "webhook".into();
                 cfg.sms_webhook_url = url;

@@ -123,6 +123,13 @@ pub fn run(mut cfg: Config) -> Result<(), String> {
     switchboard_media::LocalStore::prepare(&media)
         .map_err(|e| format!("media directory {}: {e}", media.display()))?;
     let shards_total = shard_count(&cfg.data_dir, cores)?;
+    // TLS material is read here, on the main thread, before any reactor runs.
+    let tls = match (&cfg.tls_cert, &cfg.tls_key) {
+        (Some(cert), Some(key)) => Some(
+            switchboard_api::tls::server_config_from_files(cert, key).map_err(|e| e.to_string())?,
+        ),
+        _ => None,
+    };
     // Bind the first listener here so port 0 resolves once and every core shares that port.
     let first = bind(cfg.listen, cfg.listen_backlog)
         .map_err(|e| format!("listen on {}: {e}", cfg.listen))?;
@@ -158,6 +165,7 @@ pub fn run(mut cfg: Config) -> Result<(), String> {
         };
         let (cfg, key, metrics, ready) =
             (cfg.clone(), key.clone(), metrics.clone(), ready_tx.clone());
+        let tls = tls.clone();
         let stop = stop.clone();
         let listener = match first.take() {
             Some(l) => l,
@@ -179,15 +187,9 @@ pub fn run(mut cfg: Config) -> Result<(), String> {
                         }
                     }
                 }
-                let core = Rc::new(Core::new(
-                    id,
-                    cores,
-                    shards_total,
-                    cfg,
-                    key,
-                    metrics,
-                    shards,
-                ));
+                let mut core = Core::new(id, cores, shards_total, cfg, key, metrics, shards);
+                core.tls = tls;
+                let core = Rc::new(core);
                 {
                     // Coalesced presence updates go out on a ticker.
                     let c = core.clone();

@@ -1,18 +1,31 @@
-//! The byte transport under one client connection: plain TCP now, TLS next to it (same
-//! listener). The HTTP API loop (`api_http.rs`) and, at its read/write call sites, the WebSocket
-//! loop see only this narrow interface: read what arrived (appended to a buffer), write all.
+//! The byte transport under one client connection: plain TCP, or TLS (rustls through
+//! `api::tls::TlsSession`) on the same listener, told apart by the first byte (0x16, a TLS
+//! handshake record, cannot start an HTTP request). The HTTP API loop (`api_http.rs`) and the
+//! WebSocket loop (at its read and write call sites only) see this narrow interface: read what
+//! arrived (handed to a closure, or appended to a buffer), write all, close.
 //!
 //! ```text
-//!  socket ──read──► core.read_scratch ──► (TLS: decrypt) ──► caller's buffer
-//!  caller's bytes ──► (TLS: encrypt) ──write_all──► socket
+//!  socket ──read──► core.read_scratch ──(TLS: feed_ciphertext, take_plaintext)──► caller
+//!  caller's bytes ──(TLS: write_plaintext, take_ciphertext)──write──► socket
 //! ```
+//!
+//! Cancellation: the WebSocket loop drops a pending read when another event wins. A plain read
+//! is cancel-safe (glommio polls readiness, then reads synchronously). A TLS read keeps what it
+//! decrypted in the session (taken first on the next call) and the handshake bytes it still
+//! has to send in `pending_out`, written before anything else, so nothing is lost.
 
 use crate::core::Core;
 use futures_lite::{AsyncRead, AsyncWriteExt};
 use glommio::net::TcpStream;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
+use switchboard_api::tls::TlsSession;
+
+/// TLS bytes buffered towards the socket before a write waits for it to drain: the session's
+/// own send buffer bound (`api::tls::TLS_SEND_BUFFER_BYTES_MAX`) plus one record of framing.
+const TLS_WRITE_CHUNK_BYTES: usize = 64 * 1024;
 
 /// Reads from the socket into the core's shared scratch buffer. The buffer is borrowed only
 /// inside `poll`, never across a suspension, so every idle connection of the core shares one
@@ -31,32 +44,141 @@ impl Future for ReadScratch<'_> {
     }
 }
 
+struct Tls {
+    session: TlsSession,
+    /// Ciphertext produced but not yet written (handshake replies, alerts).
+    pending_out: Vec<u8>,
+    plaintext: Vec<u8>,
+}
+
 /// One connection's transport.
 pub struct Transport {
-    pub stream: TcpStream,
+    stream: TcpStream,
+    tls: Option<Box<Tls>>,
 }
 
 impl Transport {
     pub fn plain(stream: TcpStream) -> Transport {
-        Transport { stream }
+        Transport { stream, tls: None }
     }
 
-    /// Waits for bytes and appends them to `out`. `Ok(0)`: the peer closed.
-    pub async fn read(&mut self, core: &Core, out: &mut Vec<u8>) -> std::io::Result<usize> {
-        let n = ReadScratch {
-            stream: &mut self.stream,
-            core,
+    /// A TLS server connection; `first` holds ciphertext already read from the socket.
+    pub fn tls(
+        stream: TcpStream,
+        config: Arc<rustls::ServerConfig>,
+        first: &[u8],
+    ) -> Result<Transport, switchboard_api::tls::TlsError> {
+        let mut session = TlsSession::new(config)?;
+        session.feed_ciphertext(first)?;
+        Ok(Transport {
+            stream,
+            tls: Some(Box::new(Tls {
+                session,
+                pending_out: Vec::new(),
+                plaintext: Vec::new(),
+            })),
+        })
+    }
+
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
+    }
+
+    /// Waits for bytes and hands them to `f` (the plaintext, for TLS). Returns how many;
+    /// `Ok(0)`: the peer closed.
+    pub async fn read_with(
+        &mut self,
+        core: &Core,
+        f: impl FnOnce(&[u8]),
+    ) -> std::io::Result<usize> {
+        let Some(tls) = self.tls.as_deref_mut() else {
+            let n = ReadScratch {
+                stream: &mut self.stream,
+                core,
+            }
+            .await?;
+            f(&core.read_scratch.borrow()[..n]);
+            return Ok(n);
+        };
+        loop {
+            tls.plaintext.clear();
+            tls.session.take_plaintext(&mut tls.plaintext);
+            if !tls.plaintext.is_empty() {
+                f(&tls.plaintext);
+                return Ok(tls.plaintext.len());
+            }
+            if tls.session.peer_closed() {
+                return Ok(0);
+            }
+            // Handshake replies first (cancel-safe: written bytes are drained as they go).
+            tls.session.take_ciphertext(&mut tls.pending_out);
+            write_drain(&mut self.stream, &mut tls.pending_out).await?;
+            let n = ReadScratch {
+                stream: &mut self.stream,
+                core,
+            }
+            .await?;
+            if n == 0 {
+                tls.session.feed_eof();
+                return Ok(0);
+            }
+            let fed = tls
+                .session
+                .feed_ciphertext(&core.read_scratch.borrow()[..n]);
+            if let Err(e) = fed {
+                // Send the alert rustls queued, then fail the connection.
+                tls.session.take_ciphertext(&mut tls.pending_out);
+                let _ = write_drain(&mut self.stream, &mut tls.pending_out).await;
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    e.to_string(),
+                ));
+            }
         }
-        .await?;
-        out.extend_from_slice(&core.read_scratch.borrow()[..n]);
-        Ok(n)
     }
 
-    pub async fn write_all(&mut self, data: &[u8]) -> std::io::Result<()> {
-        self.stream.write_all(data).await
+    /// Waits for bytes and appends them to `out`.
+    pub async fn read(&mut self, core: &Core, out: &mut Vec<u8>) -> std::io::Result<usize> {
+        self.read_with(core, |b| out.extend_from_slice(b)).await
     }
 
+    pub async fn write_all(&mut self, mut data: &[u8]) -> std::io::Result<()> {
+        let Some(tls) = self.tls.as_deref_mut() else {
+            return self.stream.write_all(data).await;
+        };
+        loop {
+            let n = tls.session.write_plaintext(data);
+            data = &data[n..];
+            tls.session.take_ciphertext(&mut tls.pending_out);
+            if data.is_empty() || tls.pending_out.len() >= TLS_WRITE_CHUNK_BYTES || n == 0 {
+                write_drain(&mut self.stream, &mut tls.pending_out).await?;
+            }
+            if data.is_empty() {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Closes the connection (with `close_notify` for TLS).
     pub async fn close(&mut self) {
+        if let Some(tls) = self.tls.as_deref_mut() {
+            tls.session.close();
+            tls.session.take_ciphertext(&mut tls.pending_out);
+            let _ = write_drain(&mut self.stream, &mut tls.pending_out).await;
+        }
         let _ = self.stream.close().await;
     }
+}
+
+/// Writes `buf` to the socket, removing what was written as it goes.
+async fn write_drain(stream: &mut TcpStream, buf: &mut Vec<u8>) -> std::io::Result<()> {
+    use futures_lite::AsyncWriteExt as _;
+    while !buf.is_empty() {
+        let n = stream.write(buf).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        buf.drain(..n);
+    }
+    Ok(())
 }

@@ -386,3 +386,47 @@ fn key_directory_consumes_prekeys_durably() {
     let r = c.request("GET", "/v1/keys", Some(&a_tok), None);
     assert_eq!(r.json(), json!({"one_time_prekeys": 13, "low": false}));
 }
+
+#[test]
+fn registered_devices_per_user_are_limited() {
+    let sms = SmsGateway::start();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("c.toml");
+    std::fs::write(
+        &cfg,
+        format!("{}devices_per_user_max = 2\n", util::UNLIMITED_RATES),
+    )
+    .unwrap();
+    let mut flags = sms.flags();
+    flags.extend(["--config".to_string(), cfg.to_str().unwrap().to_string()]);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let server = Server::start_with(2, &flags);
+    let phone = "+14155550021";
+    let first = login(&server, &sms, phone, "one");
+    login(&server, &sms, phone, "two");
+    let mut c = Http::connect(&server.addr);
+    let r = c.request(
+        "POST",
+        "/v1/auth/register",
+        None,
+        Some(&json!({ "phone": phone })),
+    );
+    assert_eq!(r.status, 202);
+    let code = sms.code_for(phone);
+    let r = c.request(
+        "POST",
+        "/v1/auth/verify",
+        None,
+        Some(&json!({"phone": phone, "code": code, "device_name": "three"})),
+    );
+    assert_eq!((r.status, r.code()), (409, "too_many_devices".into()));
+    // Logging out removes the device (a new login would need another code, which the
+    // per-phone registration limit now delays by minutes).
+    let tok = first["token"].as_str().unwrap();
+    assert_eq!(
+        c.request("POST", "/v1/auth/logout", Some(tok), None).status,
+        204
+    );
+    let r = c.request("GET", "/v1/devices", Some(tok), None);
+    assert_eq!(r.status, 401);
+}

@@ -106,3 +106,32 @@ fn browser_origins_must_be_allowed() {
     // No Origin: not a browser, not checked.
     assert_eq!(c.request("GET", "/health", None, None).status, 200);
 }
+
+#[test]
+fn http_connections_per_core_are_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("c.toml");
+    std::fs::write(
+        &cfg,
+        format!("{}conns_per_core_max = 2\n", util::UNLIMITED_RATES),
+    )
+    .unwrap();
+    let server = Server::start_with(1, &["--config", cfg.to_str().unwrap()]);
+    let mut a = Http::connect(&server.addr);
+    let mut b = Http::connect(&server.addr);
+    assert_eq!(a.request("GET", "/health", None, None).status, 200);
+    assert_eq!(b.request("GET", "/health", None, None).status, 200);
+    let mut c = Http::connect(&server.addr);
+    c.send_raw(b"GET /health HTTP/1.1\r\nHost: a\r\n\r\n");
+    let r = c.read_response(false);
+    assert_eq!((r.status, r.code()), (503, "unavailable".into()));
+    drop(a);
+    // The slot frees when a connection ends.
+    let ok = (0..50).any(|_| {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let mut d = Http::connect(&server.addr);
+        d.send_raw(b"GET /health HTTP/1.1\r\nHost: a\r\n\r\n");
+        d.read_response(false).status == 200
+    });
+    assert!(ok);
+}

@@ -13,7 +13,7 @@ use util::{Server, T};
 fn server_with_config(cores: usize, toml: &str) -> (Server, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("switchboard.toml");
-    std::fs::write(&path, toml).unwrap();
+    std::fs::write(&path, format!("{}{toml}", util::UNLIMITED_RATES)).unwrap();
     let server = Server::start_with(cores, &["--config", path.to_str().unwrap()]);
     (server, dir)
 }

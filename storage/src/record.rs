@@ -1022,6 +1022,69 @@ mod tests {
         out
     }
 
+    /// Account records: oversize or non-UTF-8 text, oversize keys, a bad flag byte and
+    /// truncation are typed errors, never panics; oversize values are refused before writing.
+    #[test]
+    fn account_records_are_bounded() {
+        let created = |phone: &str| {
+            Record::Account(AccountRecord::Created {
+                user: UserId(1),
+                phone: phone.into(),
+                created_ms: 0,
+            })
+        };
+        let long = created(&"9".repeat(ACCOUNT_TEXT_BYTES_MAX + 1));
+        assert_eq!(
+            long.validate(),
+            Err(RecordError::TextTooLong {
+                len: ACCOUNT_TEXT_BYTES_MAX + 1
+            })
+        );
+        let keys = Record::Account(AccountRecord::Keys {
+            user: UserId(1),
+            device: DeviceId(1),
+            keys: vec![0; ACCOUNT_KEYS_BYTES_MAX + 1],
+        });
+        assert!(matches!(
+            keys.validate(),
+            Err(RecordError::PayloadTooLarge { .. })
+        ));
+        // Hand-made bodies the encoder would never write.
+        let body = |text_len: u16, text: &[u8]| {
+            let mut b = vec![TAG_ACCOUNT_CREATED, FORMAT_VERSION];
+            b.extend_from_slice(&1u64.to_le_bytes());
+            b.extend_from_slice(&0u64.to_le_bytes());
+            b.extend_from_slice(&text_len.to_le_bytes());
+            b.extend_from_slice(text);
+            b
+        };
+        let too_long = vec![b'1'; ACCOUNT_TEXT_BYTES_MAX + 1];
+        assert_eq!(
+            decode_one(&frame(&body(too_long.len() as u16, &too_long))),
+            Err(RecordError::TextTooLong {
+                len: ACCOUNT_TEXT_BYTES_MAX + 1
+            })
+        );
+        assert_eq!(
+            decode_one(&frame(&body(2, &[0xff, 0xfe]))),
+            Err(RecordError::BadText)
+        );
+        assert_eq!(
+            decode_one(&frame(&body(5, b"+1"))),
+            Err(RecordError::Truncated)
+        );
+        let mut revoke = encode(&Record::Account(AccountRecord::Revoke {
+            user: UserId(1),
+            device: DeviceId(1),
+            through_s: 5,
+            removed: true,
+        }));
+        let last = revoke.len() - 1;
+        revoke[last] = 2; // the removed flag is 0 or 1
+        let body = revoke[RECORD_HEADER_BYTES..].to_vec();
+        assert!(decode_one(&frame(&body)).is_err());
+    }
+
     #[test]
     fn round_trip_every_kind() {
         for r in samples() {

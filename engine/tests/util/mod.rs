@@ -12,6 +12,10 @@ use switchboard_wire::{DeviceId, UserId};
 
 pub const T: Duration = Duration::from_secs(10);
 
+/// Config lines that lift the per-user message and per-connection frame rate limits (tests
+/// send far faster than a person types); tests with their own config prepend them.
+pub const UNLIMITED_RATES: &str = "messages_per_user_burst = 1000000\nmessages_per_user_refill_per_s = 1000\nframes_per_conn_burst = 1000000\nframes_per_conn_refill_per_s = 1000\n";
+
 /// A server process on a fresh port with its own data directory. Killed on drop.
 pub struct Server {
     pub child: Option<Child>,
@@ -28,15 +32,25 @@ impl Server {
         Self::start_with(cores, &[])
     }
 
+    /// Tests that do not bring a `--config` get one that lifts the per-user message and
+    /// per-connection frame rate limits: they send far faster than a person types. The limits
+    /// themselves are tested in `ws_limits.rs` with their own configs.
     pub fn start_with(cores: usize, extra: &[&str]) -> Server {
         let tmp = tempfile::tempdir().expect("tempdir");
         let data_dir = tmp.path().join("data");
+        let mut extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        if !extra.iter().any(|a| a == "--config") {
+            let path = tmp.path().join("test.toml");
+            std::fs::write(&path, UNLIMITED_RATES).expect("test config");
+            extra.push("--config".into());
+            extra.push(path.to_str().expect("utf-8 path").into());
+        }
         let mut s = Server {
             child: None,
             addr: String::new(),
             data_dir,
             cores,
-            extra: extra.iter().map(|s| s.to_string()).collect(),
+            extra,
             _tmp: Some(tmp),
         };
         s.spawn("127.0.0.1:0");
