@@ -31,6 +31,7 @@ fn send(len: usize) -> ClientFrame {
         reply_to: Seq(0),
         content_kind: ContentKind::Text,
         forwarded: false,
+        media_ids: Vec::new(),
     })
 }
 

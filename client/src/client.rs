@@ -312,6 +312,27 @@ impl Client {
             reply_to: Seq(0),
             content_kind: ContentKind::Text,
             forwarded: false,
+            media_ids: Vec::new(),
+        }))
+    }
+
+    /// Sends a message referring to media objects (uploaded through `POST /v1/media`): the
+    /// chat's members may then get download URLs for them.
+    pub fn send_with_media(
+        &mut self,
+        id: ClientMsgId,
+        target: Target,
+        payload: &[u8],
+        media_ids: Vec<String>,
+    ) -> Result<(), ClientError> {
+        self.send(&ClientFrame::Send(SendReq {
+            client_msg_id: id,
+            target,
+            payload: payload.to_vec(),
+            reply_to: Seq(0),
+            content_kind: ContentKind::Text,
+            forwarded: false,
+            media_ids,
         }))
     }
 

@@ -372,7 +372,7 @@ pub async fn get_keys(cx: &Ctx<'_>, _body: Body<'_>) -> Handled {
 // ---------------------------------------------------------------- owner side (Core::handle)
 
 /// Answers a call now (reads, refusals).
-fn reply_now(core: &Rc<Core>, to: CallRef, reply: Reply) {
+pub fn reply_now(core: &Rc<Core>, to: CallRef, reply: Reply) {
     if to.core == core.id {
         core.api.calls.complete(to.id, reply);
     } else {
@@ -700,6 +700,11 @@ pub fn handle_api(core: &Rc<Core>, from: CallRef, req: ApiReq) {
                 }
             }
         }
+        ApiReq::MediaAccess {
+            user,
+            chat,
+            media_id,
+        } => crate::media_svc::handle_access(core, from, user, chat, &media_id),
         ApiReq::KeyCount { user, device } => {
             let shard = core.owned_shard_id(shard_of_user(user));
             let reply = match shard.accounts.borrow().keys.prekey_count(user, device) {

@@ -66,6 +66,10 @@ pub enum Endpoint {
     PutKeys,
     OwnKeys,
     GetKeys,
+    MediaCreate,
+    MediaUpload,
+    MediaUrl,
+    MediaDownload,
 }
 
 /// The routing table (built once per core).
@@ -97,7 +101,11 @@ pub fn router() -> Router<Endpoint> {
         )
         .add(Method::Put, "/v1/keys", Endpoint::PutKeys)
         .add(Method::Get, "/v1/keys", Endpoint::OwnKeys)
-        .add(Method::Get, "/v1/keys/{user}/{device}", Endpoint::GetKeys);
+        .add(Method::Get, "/v1/keys/{user}/{device}", Endpoint::GetKeys)
+        .add(Method::Post, "/v1/media", Endpoint::MediaCreate)
+        .add(Method::Post, "/v1/media/{id}/url", Endpoint::MediaUrl)
+        .add(Method::Put, "/v1/media/{id}/blob", Endpoint::MediaUpload)
+        .add(Method::Get, "/v1/media/{id}/blob", Endpoint::MediaDownload);
     r
 }
 
@@ -125,7 +133,15 @@ impl Endpoint {
             | Endpoint::ContactsLookup
             | Endpoint::PutKeys
             | Endpoint::OwnKeys
-            | Endpoint::GetKeys => BodyMode::Buffer,
+            | Endpoint::GetKeys
+            | Endpoint::MediaCreate
+            | Endpoint::MediaUrl
+            | Endpoint::MediaDownload => BodyMode::Buffer,
+            // The configured media limit is checked against the declared size before any body
+            // byte is read, and no byte past the declared size is accepted.
+            Endpoint::MediaUpload => BodyMode::Stream {
+                bytes_max: crate::media_svc::MEDIA_BODY_BYTES_CAP,
+            },
         }
     }
 }
@@ -142,6 +158,17 @@ pub struct Reply {
     pub body: Vec<u8>,
     /// Close the connection after this response.
     pub close: bool,
+    /// A body streamed from a media file instead of `body` (media downloads).
+    pub blob: Option<BlobBody>,
+}
+
+/// Part of an uploaded media object (local store), written to the socket in bounded pieces
+/// after the head. Named, not held open: a `Reply` may cross cores, a file handle may not.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlobBody {
+    pub media_id: String,
+    pub start: u64,
+    pub len: u64,
 }
 
 impl Reply {
@@ -160,6 +187,7 @@ impl Reply {
             headers: Vec::new(),
             body,
             close: false,
+            blob: None,
         }
     }
 
@@ -171,6 +199,7 @@ impl Reply {
             headers: Vec::new(),
             body: Vec::new(),
             close: false,
+            blob: None,
         }
     }
 
@@ -204,6 +233,9 @@ impl Reply {
         }
         if self.status == 204 {
             r.write_head(out, http1::ResponseBody::Empty);
+        } else if let Some(b) = &self.blob {
+            // The bytes follow (unless HEAD): see `HttpConn::write_reply`.
+            r.write_head_only(out, b.len);
         } else if head_only {
             r.write_head_only(out, self.body.len() as u64);
         } else {
@@ -397,8 +429,41 @@ impl HttpConn {
         let keep_alive = self.http.keep_alive();
         self.out.clear();
         reply.write(&mut self.out, keep_alive, head_only);
-        let ok = self.io.write_all(&self.out).await.is_ok();
+        let mut ok = self.io.write_all(&self.out).await.is_ok();
+        if let (Some(b), false, true) = (&reply.blob, head_only, ok) {
+            ok = self.write_blob(b).await;
+        }
         ok && keep_alive
+    }
+
+    /// Streams a media body: at most `IO_CHUNK_BYTES_MAX` in memory, one file read then one
+    /// socket write at a time. A failed read cuts the response short, which the client sees as
+    /// a body shorter than `Content-Length`; the connection then closes.
+    async fn write_blob(&mut self, b: &BlobBody) -> bool {
+        // Objects are never changed or deleted once published, so this is the file the handler
+        // checked.
+        let Ok((_, blob)) = self.core.media.local.open(&b.media_id).await else {
+            return false;
+        };
+        let mut pos = b.start;
+        let end = b.start + b.len;
+        let mut ok = end <= blob.len();
+        while ok && pos < end {
+            let want = (end - pos).min(switchboard_media::IO_CHUNK_BYTES_MAX as u64) as usize;
+            let chunk = match blob.read_at(pos, want).await {
+                Ok(c) if !c.is_empty() => c,
+                Ok(_) | Err(_) => break,
+            };
+            let n = chunk.len().min(want);
+            if self.io.write_all(&chunk[..n]).await.is_err() {
+                break;
+            }
+            self.core.metrics().bytes_out.fetch_add(n as u64, Relaxed);
+            pos += n as u64;
+        }
+        ok &= pos == end;
+        let _ = blob.close().await;
+        ok
     }
 }
 
@@ -696,6 +761,10 @@ async fn dispatch(cx: &Ctx<'_>, endpoint: Endpoint, body: Body<'_>) -> Handled {
         Endpoint::PutKeys => acc::put_keys(cx, body).await,
         Endpoint::OwnKeys => acc::own_keys(cx, body).await,
         Endpoint::GetKeys => acc::get_keys(cx, body).await,
+        Endpoint::MediaCreate => crate::media_svc::create(cx, body).await,
+        Endpoint::MediaUpload => crate::media_svc::upload(cx, body).await,
+        Endpoint::MediaUrl => crate::media_svc::download_url(cx, body).await,
+        Endpoint::MediaDownload => crate::media_svc::download(cx, body).await,
         Endpoint::Health => Ok(Reply::bytes(200, "text/plain", b"ok\n".to_vec())),
         Endpoint::Metrics => {
             let mut text = crate::metrics::render(&cx.core.all_metrics);

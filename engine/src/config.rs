@@ -158,6 +158,24 @@ pub struct Config {
     /// the other cores, a timer arm and cancel, and a wake-up (`eventfd` write by the waking
     /// core, a context switch); spinning instead burns the CPU while it waits.
     pub spin_before_park_us: u64,
+    /// Largest media object `POST /v1/media` accepts, bytes (413 over it). Default 104_857_600
+    /// (100 MiB); at most 5 GiB (an upload is streamed, so memory does not grow with it).
+    pub media_bytes_max: u64,
+    /// Where media bytes live: `"local"` (default: `<data_dir>/media`, served by this server) or
+    /// `"s3"` (clients PUT/GET straight to an S3-compatible store with presigned SigV4 URLs;
+    /// the `media_s3_*` settings are then required). Metadata is under `<data_dir>/media` either
+    /// way.
+    pub media_backend: String,
+    /// S3 endpoint, e.g. `https://s3.eu-west-1.amazonaws.com` or `http://127.0.0.1:9000`.
+    pub media_s3_endpoint: String,
+    pub media_s3_bucket: String,
+    /// Default `"us-east-1"`.
+    pub media_s3_region: String,
+    pub media_s3_access_key: String,
+    pub media_s3_secret_key: String,
+    /// Path-style URLs (`endpoint/bucket/key`, most self-hosted stores) rather than
+    /// virtual-hosted (`bucket.endpoint/key`, AWS). Default true.
+    pub media_s3_path_style: bool,
 }
 
 impl Default for Config {
@@ -210,6 +228,14 @@ impl Default for Config {
             tls_key: None,
             io_ring_entries: 4096,
             spin_before_park_us: 0,
+            media_bytes_max: switchboard_media::MEDIA_BYTES_MAX_DEFAULT,
+            media_backend: "local".into(),
+            media_s3_endpoint: String::new(),
+            media_s3_bucket: String::new(),
+            media_s3_region: "us-east-1".into(),
+            media_s3_access_key: String::new(),
+            media_s3_secret_key: String::new(),
+            media_s3_path_style: true,
         }
     }
 }
@@ -340,6 +366,21 @@ impl Config {
                 }
             }
             _ => return err("sms must be \"log\" or \"webhook\""),
+        }
+        if self.media_bytes_max == 0
+            || self.media_bytes_max > crate::media_svc::MEDIA_BODY_BYTES_CAP
+        {
+            return err("media_bytes_max must be within 1 ..= 5 GiB");
+        }
+        match self.media_backend.as_str() {
+            "local" => {}
+            "s3" => {
+                if let Err(e) = switchboard_media::S3Store::new(&crate::media_svc::s3_config(self))
+                {
+                    return Err(ConfigError(format!("media_s3_*: {e}")));
+                }
+            }
+            _ => return err("media_backend must be \"local\" or \"s3\""),
         }
         if self.sync_chat_messages_max == 0 || self.dedup_entries_max == 0 {
             return err("sync_chat_messages_max and dedup_entries_max must be positive");

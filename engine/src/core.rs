@@ -109,6 +109,8 @@ pub struct Core {
     pub push: std::cell::OnceCell<switchboard_push::PushHandle>,
     /// The HTTP API's per-core state (router, origin policy).
     pub api: crate::api_http::ApiState,
+    /// Media stores and URL signers (`media_svc.rs`).
+    pub media: crate::media_svc::MediaService,
     /// Replica of every shard's token revocations: (user, device) → tokens expiring at or before
     /// this are refused. Fed by `CoreMsg::Revoked` broadcasts; bounded by the shards'
     /// `REVOCATIONS_PER_SHARD_MAX` (entries are pruned once their tokens have expired).
@@ -159,6 +161,7 @@ impl Core {
             ),
             LIMITER_KEYS_MAX,
         );
+        let media = crate::media_svc::MediaService::new(&cfg, &key);
         Core {
             id,
             cores,
@@ -177,6 +180,7 @@ impl Core {
             blocks: RefCell::new(HashSet::new()),
             push: std::cell::OnceCell::new(),
             api,
+            media,
             revocations: RefCell::new(HashMap::new()),
             revocations_loaded: Cell::new(0),
             revocations_ready: crate::notify::Notify::new(),

@@ -19,6 +19,7 @@ pub mod config;
 pub mod conn;
 pub mod core;
 pub mod http;
+pub mod media_svc;
 pub mod mesh;
 pub mod metrics;
 pub mod msg;

@@ -132,6 +132,13 @@ pub enum ApiReq {
         user: UserId,
         device: DeviceId,
     },
+    /// At the chat's owner core: may `user` fetch `media_id` because a message of `chat` named
+    /// it? (`media_svc.rs`; 204 yes, 403 no.)
+    MediaAccess {
+        user: UserId,
+        chat: ChatId,
+        media_id: String,
+    },
 }
 
 #[derive(Debug)]

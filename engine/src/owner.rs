@@ -194,6 +194,8 @@ struct NewMessage {
     content_kind: u8,
     flags: u8,
     payload: Vec<u8>,
+    /// Media objects the message refers to: one `MediaGrant` record each, in the same batch.
+    media_ids: Vec<String>,
 }
 
 impl Owner {
@@ -305,6 +307,12 @@ impl Owner {
         let msg = message_frame(&stored);
         let mut records = extra;
         records.push(Record::Message(stored));
+        // After the message, in the same batch: durable together, and the grant's seq exists.
+        records.extend(m.media_ids.into_iter().map(|media_id| Record::MediaGrant {
+            chat,
+            seq: next_seq,
+            media_id,
+        }));
         let mut effects = vec![
             Effect::Reply {
                 to: origin.conn,
@@ -406,6 +414,7 @@ impl Owner {
                 0
             },
             payload: req.payload,
+            media_ids: req.media_ids,
         };
         self.stage_message(
             now_ms,
@@ -491,6 +500,7 @@ impl Owner {
             content_kind: CONTENT_KIND_EVENT,
             flags: 0,
             payload: encode_event(&ev),
+            media_ids: Vec::new(),
         };
         // The answer is the group as it will be once the creation is durable.
         let info = GroupInfo {
@@ -672,6 +682,7 @@ impl Owner {
             content_kind: CONTENT_KIND_EVENT,
             flags: 0,
             payload: encode_event(ev),
+            media_ids: Vec::new(),
         };
         let fanout = Fanout {
             extra: Vec::new(),
@@ -1196,6 +1207,7 @@ mod tests {
             reply_to: Seq(reply_to),
             content_kind: ContentKind::Text,
             forwarded: false,
+            media_ids: Vec::new(),
         }
     }
 

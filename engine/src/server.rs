@@ -117,6 +117,11 @@ pub fn run(mut cfg: Config) -> Result<(), String> {
     std::fs::create_dir_all(&cfg.data_dir)
         .map_err(|e| format!("create {}: {e}", cfg.data_dir.display()))?;
     let key = TokenKey::new(&token_secret(&cfg)?);
+    // Media directories, and uploads a previous process left half-written: once, before any
+    // core serves.
+    let media = crate::media_svc::media_dir(&cfg);
+    switchboard_media::LocalStore::prepare(&media)
+        .map_err(|e| format!("media directory {}: {e}", media.display()))?;
     let shards_total = shard_count(&cfg.data_dir, cores)?;
     // TLS material is read here, on the main thread, before any reactor runs.
     let tls = match (&cfg.tls_cert, &cfg.tls_key) {

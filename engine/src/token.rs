@@ -56,6 +56,15 @@ impl TokenKey {
         }
     }
 
+    /// A 256-bit key for another purpose (`label`), derived from the token secret with HMAC,
+    /// so one secret file serves every signer while keys for different uses stay unrelated.
+    pub fn derive_key(&self, label: &str) -> [u8; 32] {
+        let mut mac = self.mac.clone();
+        mac.update(b"derive\0");
+        mac.update(label.as_bytes());
+        mac.finalize().into_bytes().into()
+    }
+
     pub fn mint(&self, claims: Claims) -> String {
         let mut buf = [0u8; TOKEN_BYTES];
         buf[..8].copy_from_slice(&claims.user.0.to_be_bytes());

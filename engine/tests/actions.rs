@@ -89,6 +89,7 @@ fn edit_delete_react_live_through_sync_and_after_restart() {
         reply_to: ack.seq,
         content_kind: ContentKind::Text,
         forwarded: true,
+        media_ids: Vec::new(),
     }))
     .unwrap();
     let reply = next_message(&mut a);

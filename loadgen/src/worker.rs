@@ -1078,6 +1078,7 @@ fn run(spec_line: &str, cmds: &mpsc::Receiver<String>) -> Result<(), String> {
         reply_to: Seq(0),
         content_kind: ContentKind::Text,
         forwarded: false,
+        media_ids: Vec::new(),
     });
     if let ClientFrame::Send(r) = &mut send_req {
         r.payload.reserve(sc.payload_bytes.max() as usize);

@@ -1154,7 +1154,8 @@ impl EmbeddedStore {
                 Record::Cursor { .. }
                 | Record::Block { .. }
                 | Record::UserMeta { .. }
-                | Record::Account(_) => {}
+                | Record::Account(_)
+                | Record::MediaGrant { .. } => {}
             }
         }
         assert_eq!(buf.len(), bytes);
@@ -1289,7 +1290,8 @@ impl EmbeddedStore {
                 Record::Cursor { .. }
                 | Record::Block { .. }
                 | Record::UserMeta { .. }
-                | Record::Account(_) => {}
+                | Record::Account(_)
+                | Record::MediaGrant { .. } => {}
             }
         }
         Ok(bytes)
@@ -1688,7 +1690,8 @@ fn index_record(
         Record::Cursor { .. }
         | Record::Block { .. }
         | Record::UserMeta { .. }
-        | Record::Account(_) => {}
+        | Record::Account(_)
+        | Record::MediaGrant { .. } => {}
     }
     Ok(())
 }

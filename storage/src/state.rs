@@ -59,6 +59,10 @@ pub struct ChatMeta {
     pub member_cursors: HashMap<UserId, (Seq, Seq)>,
     /// 1:1 only: members who blocked the other member.
     pub blocked_by: Vec<UserId>,
+    /// Media objects messages of this chat referred to (`Record::MediaGrant`): id → the first
+    /// and the latest seq that named it. One entry per distinct id (memory ~100 bytes each,
+    /// like the per-message seq index); looked up by id, never scanned.
+    pub media: HashMap<Box<str>, (Seq, Seq)>,
 }
 
 impl ChatMeta {
@@ -79,6 +83,20 @@ impl ChatMeta {
             Some(g) => g.roles.get(&user).copied(),
             None => self.members.contains(&user).then_some(MemberRole::Member),
         }
+    }
+
+    /// Whether `user` may fetch media object `media_id`: a durable message of this chat that
+    /// `user` may read (its first or latest mention) refers to it.
+    pub fn media_visible_to(&self, user: UserId, media_id: &str) -> bool {
+        let Some(&(first, last)) = self.media.get(media_id) else {
+            return false;
+        };
+        let Some((from, to)) = self.visible_range(user) else {
+            return false;
+        };
+        [first, last]
+            .into_iter()
+            .any(|s| s <= self.durable_seq && from <= s && s <= to)
     }
 
     /// The seqs `user` may read: `first..=last` (`last` = `Seq(u64::MAX)` while a member).
@@ -215,6 +233,7 @@ impl ShardState {
                     memberships: HashMap::new(),
                     member_cursors: HashMap::new(),
                     blocked_by: Vec::new(),
+                    media: HashMap::new(),
                 });
                 for user in members {
                     let list = self.user_chats.entry(*user).or_default();
@@ -289,6 +308,20 @@ impl ShardState {
                     meta.blocked_by.retain(|u| u != blocker);
                     if *blocked {
                         meta.blocked_by.push(*blocker);
+                    }
+                }
+            }
+            Record::MediaGrant {
+                chat,
+                seq,
+                media_id,
+            } => {
+                if let Some(meta) = self.chats.get_mut(chat) {
+                    match meta.media.get_mut(media_id.as_str()) {
+                        Some((_, last)) => *last = (*last).max(*seq),
+                        None => {
+                            meta.media.insert(media_id.as_str().into(), (*seq, *seq));
+                        }
                     }
                 }
             }
@@ -619,6 +652,42 @@ mod tests {
         assert_eq!(s.chats_of_user(UserId(1)).collect::<Vec<_>>(), vec![CHAT]);
         assert_eq!(s.chats_of_user(UserId(5)).count(), 0);
         assert_eq!(s.chats_len(), 2);
+    }
+
+    #[test]
+    fn media_grants_follow_durability_and_visibility() {
+        let mut s = ShardState::new(10);
+        s.apply(&created(CHAT, &[1, 2]));
+        s.apply(&msg(CHAT, 1, 1, 1));
+        let grant = |seq: u64, id: &str| Record::MediaGrant {
+            chat: CHAT,
+            seq: Seq(seq),
+            media_id: id.to_owned(),
+        };
+        s.apply(&grant(1, "photo"));
+        let meta = s.chat(&CHAT).unwrap();
+        // Not durable yet.
+        assert!(!meta.media_visible_to(UserId(2), "photo"));
+        s.mark_durable(CHAT, Seq(1));
+        let meta = s.chat(&CHAT).unwrap();
+        assert!(meta.media_visible_to(UserId(1), "photo"));
+        assert!(meta.media_visible_to(UserId(2), "photo"));
+        assert!(!meta.media_visible_to(UserId(3), "photo"), "not a member");
+        assert!(
+            !meta.media_visible_to(UserId(2), "other"),
+            "never sent here"
+        );
+        // A later mention keeps the first.
+        s.apply(&msg(CHAT, 2, 1, 2));
+        s.apply(&grant(2, "photo"));
+        assert_eq!(s.chat(&CHAT).unwrap().media["photo"], (Seq(1), Seq(2)));
+        // Grants for unknown chats are ignored (never staged by the owner).
+        s.apply(&Record::MediaGrant {
+            chat: ChatId(999),
+            seq: Seq(1),
+            media_id: "x".to_owned(),
+        });
+        assert!(s.chat(&ChatId(999)).is_none());
     }
 
     #[test]

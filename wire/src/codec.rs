@@ -31,8 +31,8 @@ use crate::limits::{
     EDIT_PAYLOAD_BYTES_MAX, ERROR_TEXT_BYTES_MAX, FRAME_BYTES_MAX, GROUP_DESCRIPTION_BYTES_MAX,
     GROUP_NAME_BYTES_MAX, GROUP_USERS_MAX, HISTORY_PAGE_MESSAGES_DEFAULT,
     HISTORY_PAGE_MESSAGES_MAX, MEDIA_ID_BYTES_MAX, PAYLOAD_BYTES_MAX, PRESENCE_SUBSCRIPTIONS_MAX,
-    REACTION_BYTES_MAX, SERVER_FRAME_BYTES_MAX, SYNC_CURSORS_MAX, VERIFIER_DEPTH_MAX,
-    VERIFIER_TABLES_MAX,
+    REACTION_BYTES_MAX, SEND_MEDIA_IDS_MAX, SEND_MEDIA_ID_BYTES_MAX, SERVER_FRAME_BYTES_MAX,
+    SYNC_CURSORS_MAX, VERIFIER_DEPTH_MAX, VERIFIER_TABLES_MAX,
 };
 
 /// The file identifier of a [`ChatEvent`] buffer (the payload of a `Message` whose content kind
@@ -822,6 +822,25 @@ fn send_req(s: fb::Send<'_>) -> Result<SendReq, DecodeError> {
             "content_kind Event and Deleted are server-only",
         ));
     }
+    let mut media_ids = Vec::new();
+    if let Some(ids) = s.media_ids() {
+        if ids.len() > SEND_MEDIA_IDS_MAX {
+            return Err(DecodeError::Invalid(
+                "send has more than SEND_MEDIA_IDS_MAX media_ids",
+            ));
+        }
+        media_ids.reserve_exact(ids.len());
+        for id in ids.iter() {
+            if !is_valid_media_id(id) {
+                return Err(DecodeError::Invalid(
+                    "media_ids holds an id that is not 1..=64 of [A-Za-z0-9_-]",
+                ));
+            }
+            if !media_ids.iter().any(|m: &String| m == id) {
+                media_ids.push(id.to_owned());
+            }
+        }
+    }
     Ok(SendReq {
         client_msg_id,
         target,
@@ -829,7 +848,18 @@ fn send_req(s: fb::Send<'_>) -> Result<SendReq, DecodeError> {
         reply_to: Seq(s.reply_to()),
         content_kind,
         forwarded: s.forwarded(),
+        media_ids,
     })
+}
+
+/// Whether `id` is a media id as the HTTP API mints and accepts them: 1..=`SEND_MEDIA_ID_BYTES_MAX`
+/// of `[A-Za-z0-9_-]`.
+pub fn is_valid_media_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= SEND_MEDIA_ID_BYTES_MAX
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 fn sync(s: fb::Sync<'_>) -> Result<ClientFrame, DecodeError> {
@@ -980,6 +1010,20 @@ impl Encoder {
         let (body_type, body) = match f {
             ClientFrame::Send(s) => {
                 let payload = fbb.create_vector(&s.payload);
+                let media_ids = if s.media_ids.is_empty() {
+                    None
+                } else if s.media_ids.len() <= SEND_MEDIA_IDS_MAX {
+                    // On the stack: encoding allocates nothing after warm-up.
+                    let mut ids = [flatbuffers::WIPOffset::new(0); SEND_MEDIA_IDS_MAX];
+                    for (slot, m) in ids.iter_mut().zip(&s.media_ids) {
+                        *slot = fbb.create_string(m);
+                    }
+                    Some(fbb.create_vector(&ids[..s.media_ids.len()]))
+                } else {
+                    // More than the server accepts (it will refuse the frame); encoded as asked.
+                    let ids: Vec<_> = s.media_ids.iter().map(|m| fbb.create_string(m)).collect();
+                    Some(fbb.create_vector(&ids))
+                };
                 let id = uuid(s.client_msg_id);
                 let (chat_id, peer_user) = match s.target {
                     Target::Chat(c) => (c.0, 0),
@@ -993,6 +1037,7 @@ impl Encoder {
                     reply_to: s.reply_to.0,
                     content_kind: s.content_kind,
                     forwarded: s.forwarded,
+                    media_ids,
                 };
                 (
                     fb::Body::Send,

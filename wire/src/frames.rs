@@ -114,6 +114,9 @@ pub struct SendReq {
     pub reply_to: Seq,
     pub content_kind: ContentKind,
     pub forwarded: bool,
+    /// Media objects the message refers to (unencrypted so the owner can grant access to the
+    /// chat's members); at most `SEND_MEDIA_IDS_MAX`.
+    pub media_ids: Vec<String>,
 }
 
 /// Frames the server sends.

@@ -74,3 +74,14 @@ const _: () = assert!(
 pub const PRESENCE_SUBSCRIPTIONS_MAX: usize = 256;
 
 const _: () = assert!(PRESENCE_SUBSCRIPTIONS_MAX * 8 + 1024 <= FRAME_BYTES_MAX);
+
+/// Most media ids one `Send` may reference (an album of photos is a handful; the owner stores one
+/// grant record per id, so this bounds the records one message adds).
+pub const SEND_MEDIA_IDS_MAX: usize = 32;
+/// Longest media id in a `Send` (ids the server mints are 22 characters; the HTTP API accepts at
+/// most 64).
+pub const SEND_MEDIA_ID_BYTES_MAX: usize = 64;
+
+// The ids travel in the same frame as the payload and count toward `FRAME_BYTES_MAX` (a
+// message with a maximal payload carries fewer); a full list alone fits easily.
+const _: () = assert!(SEND_MEDIA_IDS_MAX * (SEND_MEDIA_ID_BYTES_MAX + 8) + 1024 <= FRAME_BYTES_MAX);

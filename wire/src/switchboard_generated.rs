@@ -1365,6 +1365,7 @@ impl<'a> Send<'a> {
   pub const VT_REPLY_TO: ::flatbuffers::VOffsetT = 12;
   pub const VT_CONTENT_KIND: ::flatbuffers::VOffsetT = 14;
   pub const VT_FORWARDED: ::flatbuffers::VOffsetT = 16;
+  pub const VT_MEDIA_IDS: ::flatbuffers::VOffsetT = 18;
 
   #[inline]
   pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
@@ -1379,6 +1380,7 @@ impl<'a> Send<'a> {
     builder.add_reply_to(args.reply_to);
     builder.add_peer_user(args.peer_user);
     builder.add_chat_id(args.chat_id);
+    if let Some(x) = args.media_ids { builder.add_media_ids(x); }
     if let Some(x) = args.payload { builder.add_payload(x); }
     if let Some(x) = args.client_msg_id { builder.add_client_msg_id(x); }
     builder.add_forwarded(args.forwarded);
@@ -1436,6 +1438,13 @@ impl<'a> Send<'a> {
     // which contains a valid value in this slot
     unsafe { self._tab.get::<bool>(Send::VT_FORWARDED, Some(false)).unwrap()}
   }
+  #[inline]
+  pub fn media_ids(&self) -> Option<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<&'a str>>> {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<&'a str>>>>(Send::VT_MEDIA_IDS, None)}
+  }
 }
 
 impl ::flatbuffers::Verifiable for Send<'_> {
@@ -1451,6 +1460,7 @@ impl ::flatbuffers::Verifiable for Send<'_> {
      .visit_field::<u64>("reply_to", Self::VT_REPLY_TO, false)?
      .visit_field::<ContentKind>("content_kind", Self::VT_CONTENT_KIND, false)?
      .visit_field::<bool>("forwarded", Self::VT_FORWARDED, false)?
+     .visit_field::<::flatbuffers::ForwardsUOffset<::flatbuffers::Vector<'_, ::flatbuffers::ForwardsUOffset<&'_ str>>>>("media_ids", Self::VT_MEDIA_IDS, false)?
      .finish();
     Ok(())
   }
@@ -1463,6 +1473,7 @@ pub struct SendArgs<'a> {
     pub reply_to: u64,
     pub content_kind: ContentKind,
     pub forwarded: bool,
+    pub media_ids: Option<::flatbuffers::WIPOffset<::flatbuffers::Vector<'a, ::flatbuffers::ForwardsUOffset<&'a str>>>>,
 }
 impl<'a> Default for SendArgs<'a> {
   #[inline]
@@ -1475,6 +1486,7 @@ impl<'a> Default for SendArgs<'a> {
       reply_to: 0,
       content_kind: ContentKind::Text,
       forwarded: false,
+      media_ids: None,
     }
   }
 }
@@ -1513,6 +1525,10 @@ impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> SendBuilder<'a, 'b, A> {
     self.fbb_.push_slot::<bool>(Send::VT_FORWARDED, forwarded, false);
   }
   #[inline]
+  pub fn add_media_ids(&mut self, media_ids: ::flatbuffers::WIPOffset<::flatbuffers::Vector<'b , ::flatbuffers::ForwardsUOffset<&'b  str>>>) {
+    self.fbb_.push_slot_always::<::flatbuffers::WIPOffset<_>>(Send::VT_MEDIA_IDS, media_ids);
+  }
+  #[inline]
   pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> SendBuilder<'a, 'b, A> {
     let start = _fbb.start_table();
     SendBuilder {
@@ -1537,6 +1553,7 @@ impl ::core::fmt::Debug for Send<'_> {
       ds.field("reply_to", &self.reply_to());
       ds.field("content_kind", &self.content_kind());
       ds.field("forwarded", &self.forwarded());
+      ds.field("media_ids", &self.media_ids());
       ds.finish()
   }
 }

@@ -7,7 +7,8 @@ use switchboard_wire::limits::{
     EDIT_PAYLOAD_BYTES_MAX, ERROR_TEXT_BYTES_MAX, FRAME_BYTES_MAX, GROUP_DESCRIPTION_BYTES_MAX,
     GROUP_NAME_BYTES_MAX, GROUP_USERS_MAX, HISTORY_PAGE_MESSAGES_DEFAULT,
     HISTORY_PAGE_MESSAGES_MAX, MEDIA_ID_BYTES_MAX, PAYLOAD_BYTES_MAX, PRESENCE_SUBSCRIPTIONS_MAX,
-    REACTION_BYTES_MAX, SERVER_FRAME_BYTES_MAX, SYNC_CURSORS_MAX,
+    REACTION_BYTES_MAX, SEND_MEDIA_IDS_MAX, SEND_MEDIA_ID_BYTES_MAX, SERVER_FRAME_BYTES_MAX,
+    SYNC_CURSORS_MAX,
 };
 use switchboard_wire::{
     decode_client, decode_event, decode_server, encode_event, fb, ChatEvent, ChatId, ClientFrame,
@@ -77,6 +78,7 @@ fn send(target: Target, payload: Vec<u8>) -> SendReq {
         reply_to: Seq(0),
         content_kind: ContentKind::Text,
         forwarded: false,
+        media_ids: Vec::new(),
     }
 }
 
@@ -195,6 +197,14 @@ fn client_frames() -> Vec<ClientFrame> {
         ClientFrame::Send(SendReq {
             forwarded: true,
             ..send(Target::Chat(ChatId(2)), b"fwd".to_vec())
+        }),
+        ClientFrame::Send(SendReq {
+            media_ids: vec!["AbC_-09".to_owned(), "x".repeat(SEND_MEDIA_ID_BYTES_MAX)],
+            ..send(Target::Chat(ChatId(2)), b"photo".to_vec())
+        }),
+        ClientFrame::Send(SendReq {
+            media_ids: (0..SEND_MEDIA_IDS_MAX).map(|i| format!("m{i}")).collect(),
+            ..send(Target::Peer(UserId(2)), b"album".to_vec())
         }),
         ClientFrame::CreateGroup(create_group()),
         // Only what is required: a name.
@@ -1083,6 +1093,42 @@ fn client_rule_violations() {
                 ..raw::ok_send()
             }),
             Invalid("send needs a payload"),
+            ErrorCode::InvalidArgument,
+        ),
+        (
+            "send with too many media ids",
+            enc_client(&ClientFrame::Send(SendReq {
+                media_ids: (0..=SEND_MEDIA_IDS_MAX).map(|i| format!("m{i}")).collect(),
+                ..send(Target::Chat(ChatId(1)), vec![1])
+            })),
+            Invalid("send has more than SEND_MEDIA_IDS_MAX media_ids"),
+            ErrorCode::InvalidArgument,
+        ),
+        (
+            "send with a media id that is not one",
+            enc_client(&ClientFrame::Send(SendReq {
+                media_ids: vec!["ok".to_owned(), "../etc".to_owned()],
+                ..send(Target::Chat(ChatId(1)), vec![1])
+            })),
+            Invalid("media_ids holds an id that is not 1..=64 of [A-Za-z0-9_-]"),
+            ErrorCode::InvalidArgument,
+        ),
+        (
+            "send with an empty media id",
+            enc_client(&ClientFrame::Send(SendReq {
+                media_ids: vec![String::new()],
+                ..send(Target::Chat(ChatId(1)), vec![1])
+            })),
+            Invalid("media_ids holds an id that is not 1..=64 of [A-Za-z0-9_-]"),
+            ErrorCode::InvalidArgument,
+        ),
+        (
+            "send with an over-long media id",
+            enc_client(&ClientFrame::Send(SendReq {
+                media_ids: vec!["y".repeat(SEND_MEDIA_ID_BYTES_MAX + 1)],
+                ..send(Target::Chat(ChatId(1)), vec![1])
+            })),
+            Invalid("media_ids holds an id that is not 1..=64 of [A-Za-z0-9_-]"),
             ErrorCode::InvalidArgument,
         ),
         (
@@ -2414,4 +2460,16 @@ fn decoders_never_panic_on_mutated_or_random_input() {
         ok_client > 1_000 && ok_server > 1_000 && ok_event > 1_000,
         "decoded ok: client {ok_client}, server {ok_server}, event {ok_event}"
     );
+}
+
+#[test]
+fn repeated_media_ids_are_recorded_once() {
+    let f = ClientFrame::Send(SendReq {
+        media_ids: vec!["a".to_owned(), "b".to_owned(), "a".to_owned()],
+        ..send(Target::Chat(ChatId(1)), vec![1])
+    });
+    let ClientFrame::Send(got) = decode_client(&enc_client(&f)).expect("decodes") else {
+        panic!("a send");
+    };
+    assert_eq!(got.media_ids, vec!["a".to_owned(), "b".to_owned()]);
 }

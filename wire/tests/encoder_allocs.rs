@@ -78,6 +78,7 @@ fn encoding_does_not_allocate_after_warm_up() {
             reply_to: Seq(0),
             content_kind: ContentKind::Text,
             forwarded: true,
+            media_ids: vec!["m1".to_owned(), "media_2".to_owned()],
         }),
         ClientFrame::Delivered {
             chat: ChatId(1),
