@@ -718,11 +718,19 @@ pub fn handle_api(core: &Rc<Core>, from: CallRef, req: ApiReq) {
             }
             let fetched = shard.accounts.borrow_mut().keys.fetch(user, device);
             match fetched {
-                Ok((bundle, _low)) => {
-                    // The owner learns it is running low from `GET /v1/keys` (`low: true`);
-                    // a push over its WebSocket needs a new server frame (not done yet).
+                Ok((bundle, low)) => {
+                    // The owner learns it is running low from a `PrekeysLow` frame on its live
+                    // connections (once per drop below the mark) and from `GET /v1/keys`.
                     let reply = Reply::json(200, &bundle.to_json(user, device));
-                    let effects = vec![Effect::ApiReply { to: from, reply }];
+                    let mut effects = Vec::with_capacity(2);
+                    if let Some(low) = low {
+                        effects.push(Effect::PrekeysLow {
+                            user: low.user,
+                            device: low.device,
+                            remaining: u32::try_from(low.remaining).unwrap_or(u32::MAX),
+                        });
+                    }
+                    effects.push(Effect::ApiReply { to: from, reply });
                     // Only a handed-out one-time prekey changes durable state.
                     let records = if bundle.one_time_prekey.is_some() {
                         vec![Record::Account(AccountRecord::PrekeyTaken { user, device })]

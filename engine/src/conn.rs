@@ -1060,6 +1060,28 @@ mod tests {
     use crate::metrics::CoreMetrics;
     use crate::token::TokenKey;
 
+    #[test]
+    fn upgrade_requests_are_told_apart_by_their_request_line() {
+        for (input, expect) in [
+            ("", None),
+            ("G", None),
+            ("GET /v1/w", None),
+            ("GET /v1/ws?token=abc", None),
+            ("GET /v1/ws HTTP/1.1\r\n", Some(true)),
+            ("GET /v1/ws?token=abc HTTP/1.1\r\n", Some(true)),
+            ("GET /v1/echo HTTP/1.1\r\n", Some(true)),
+            ("GET /v1/wsx HTTP/1.1\r\n", Some(false)),
+            ("POST /v1/ws HTTP/1.1\r\n", Some(false)),
+            ("GET /health", Some(false)),
+            ("PUT /v1/keys", Some(false)),
+            ("\x16\x03\x01", Some(false)),
+        ] {
+            assert_eq!(is_upgrade_request(input.as_bytes()), expect, "{input:?}");
+        }
+        let long = format!("GET /v1/ws?{}", "a".repeat(UPGRADE_SNIFF_BYTES_MAX));
+        assert_eq!(is_upgrade_request(long.as_bytes()), Some(false));
+    }
+
     /// Every idle connection is one task holding this future; its size is most of the
     /// per-connection user-space memory, so it is guarded here.
     #[test]

@@ -728,6 +728,30 @@ impl Core {
                             .await;
                     }
                 }
+                Effect::PrekeysLow {
+                    user,
+                    device,
+                    remaining,
+                } => {
+                    let conns: Vec<ConnRef> = self
+                        .directory
+                        .borrow()
+                        .devices(user)
+                        .iter()
+                        .filter(|(d, _)| *d == device)
+                        .map(|(_, c)| *c)
+                        .collect();
+                    if conns.is_empty() {
+                        continue;
+                    }
+                    let frame = self.encode(&ServerFrame::PrekeysLow { device, remaining });
+                    for conn in conns {
+                        let kind = FrameKind::Reply {
+                            completes_send: false,
+                        };
+                        self.to_conn(conn, frame.clone(), kind).await;
+                    }
+                }
                 Effect::Revoke {
                     user,
                     device,

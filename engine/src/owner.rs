@@ -46,6 +46,12 @@ pub enum Effect {
         to: crate::calls::CallRef,
         reply: crate::api_http::Reply,
     },
+    /// Tell `device`'s live connections that its one-time prekeys ran low.
+    PrekeysLow {
+        user: UserId,
+        device: switchboard_wire::DeviceId,
+        remaining: u32,
+    },
     /// A durable token revocation, for every core (`CoreMsg::Revoked`).
     Revoke {
         user: UserId,

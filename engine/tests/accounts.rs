@@ -326,6 +326,7 @@ fn key_directory_consumes_prekeys_durably() {
     let a_id = alice["user_id"].as_u64().unwrap();
     let a_tok = alice["token"].as_str().unwrap().to_string();
     let b_tok = bob["token"].as_str().unwrap().to_string();
+    let mut a_ws = Client::connect(&server.addr, &a_tok).expect("alice ws");
     let mut c = Http::connect(&server.addr);
     let path = format!("/v1/keys/{a_id}/1");
     let r = c.request("GET", &path, Some(&b_tok), None);
@@ -368,6 +369,15 @@ fn key_directory_consumes_prekeys_durably() {
     }
     let r = c.request("GET", "/v1/keys", Some(&a_tok), None);
     assert_eq!(r.json(), json!({"one_time_prekeys": 9, "low": true}));
+    // Alice's device was told over its WebSocket, once, when the count dropped below 10.
+    let mut notices = Vec::new();
+    while let Some(f) = a_ws.recv(Duration::from_millis(300)).unwrap() {
+        if let switchboard_wire::ServerFrame::PrekeysLow { device, remaining } = f {
+            notices.push((device.0, remaining));
+        }
+    }
+    assert_eq!(notices, vec![(1, 9)]);
+    drop(a_ws);
     server.restart();
     let mut c = Http::connect(&server.addr);
     let r = c.request("GET", &path, Some(&b_tok), None);

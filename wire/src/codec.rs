@@ -461,6 +461,16 @@ pub fn decode_server(bytes: &[u8]) -> Result<ServerFrame, DecodeError> {
                 hidden: p.hidden(),
             }))
         }
+        fb::Body::PrekeysLow => {
+            let p = member(env.body_as_prekeys_low())?;
+            if p.device_id() == 0 {
+                return Err(DecodeError::Invalid("prekeys_low needs a device_id"));
+            }
+            Ok(ServerFrame::PrekeysLow {
+                device: DeviceId(p.device_id()),
+                remaining: p.remaining(),
+            })
+        }
         other => Err(unexpected_body(other)),
     }
 }
@@ -1446,6 +1456,16 @@ impl Encoder {
                 (
                     fb::Body::Presence,
                     fb::Presence::create(fbb, &args).as_union_value(),
+                )
+            }
+            ServerFrame::PrekeysLow { device, remaining } => {
+                let args = fb::PrekeysLowArgs {
+                    device_id: device.0,
+                    remaining: *remaining,
+                };
+                (
+                    fb::Body::PrekeysLow,
+                    fb::PrekeysLow::create(fbb, &args).as_union_value(),
                 )
             }
         };

@@ -151,6 +151,11 @@ pub enum ServerFrame {
     },
     /// A subscribed user's presence: the current state after `Subscribe`'s `Done`, then changes.
     Presence(Presence),
+    /// This device's one-time prekeys in the key directory ran low (v1.3): upload more.
+    PrekeysLow {
+        device: DeviceId,
+        remaining: u32,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -367,10 +367,10 @@ impl ::flatbuffers::SimpleToVerifyInSlice for ErrorCode {}
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 pub const ENUM_MIN_BODY: u8 = 0;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
-pub const ENUM_MAX_BODY: u8 = 29;
+pub const ENUM_MAX_BODY: u8 = 30;
 #[deprecated(since = "2.0.0", note = "Use associated constants instead. This will no longer be generated in 2021.")]
 #[allow(non_camel_case_types)]
-pub const ENUM_VALUES_BODY: [Body; 30] = [
+pub const ENUM_VALUES_BODY: [Body; 31] = [
   Body::NONE,
   Body::Send,
   Body::Delivered,
@@ -401,6 +401,7 @@ pub const ENUM_VALUES_BODY: [Body; 30] = [
   Body::Subscribe,
   Body::Presence,
   Body::SetPrivacy,
+  Body::PrekeysLow,
 ];
 
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -438,9 +439,10 @@ impl Body {
   pub const Subscribe: Self = Self(27);
   pub const Presence: Self = Self(28);
   pub const SetPrivacy: Self = Self(29);
+  pub const PrekeysLow: Self = Self(30);
 
   pub const ENUM_MIN: u8 = 0;
-  pub const ENUM_MAX: u8 = 29;
+  pub const ENUM_MAX: u8 = 30;
   pub const ENUM_VALUES: &'static [Self] = &[
     Self::NONE,
     Self::Send,
@@ -472,6 +474,7 @@ impl Body {
     Self::Subscribe,
     Self::Presence,
     Self::SetPrivacy,
+    Self::PrekeysLow,
   ];
   /// Returns the variant's name or "" if unknown.
   pub fn variant_name(self) -> Option<&'static str> {
@@ -506,6 +509,7 @@ impl Body {
       Self::Subscribe => Some("Subscribe"),
       Self::Presence => Some("Presence"),
       Self::SetPrivacy => Some("SetPrivacy"),
+      Self::PrekeysLow => Some("PrekeysLow"),
       _ => None,
     }
   }
@@ -3765,6 +3769,21 @@ impl<'a> Envelope<'a> {
     }
   }
 
+  #[inline]
+  #[allow(non_snake_case)]
+  pub fn body_as_prekeys_low(&self) -> Option<PrekeysLow<'a>> {
+    if self.body_type() == Body::PrekeysLow {
+      self.body().map(|t| {
+       // Safety:
+       // Created from a valid Table for this object
+       // Which contains a valid union in this slot
+       unsafe { PrekeysLow::init_from_table(t) }
+     })
+    } else {
+      None
+    }
+  }
+
 }
 
 impl ::flatbuffers::Verifiable for Envelope<'_> {
@@ -3804,6 +3823,7 @@ impl ::flatbuffers::Verifiable for Envelope<'_> {
           Body::Subscribe => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Subscribe>>("Body::Subscribe", pos),
           Body::Presence => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<Presence>>("Body::Presence", pos),
           Body::SetPrivacy => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<SetPrivacy>>("Body::SetPrivacy", pos),
+          Body::PrekeysLow => v.verify_union_variant::<::flatbuffers::ForwardsUOffset<PrekeysLow>>("Body::PrekeysLow", pos),
           _ => Ok(()),
         }
      })?
@@ -4056,6 +4076,13 @@ impl ::core::fmt::Debug for Envelope<'_> {
         },
         Body::SetPrivacy => {
           if let Some(x) = self.body_as_set_privacy() {
+            ds.field("body", &x)
+          } else {
+            ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
+          }
+        },
+        Body::PrekeysLow => {
+          if let Some(x) = self.body_as_prekeys_low() {
             ds.field("body", &x)
           } else {
             ds.field("body", &"InvalidFlatbuffer: Union discriminant does not match value.")
@@ -6687,6 +6714,122 @@ impl ::core::fmt::Debug for SetPrivacy<'_> {
       ds.field("request_id", &self.request_id());
       ds.field("last_seen", &self.last_seen());
       ds.field("online", &self.online());
+      ds.finish()
+  }
+}
+pub enum PrekeysLowOffset {}
+#[derive(Copy, Clone, PartialEq)]
+
+/// Server → the device whose one-time prekeys ran low in the E2E key directory (HTTP
+/// `GET /v1/keys/{user}/{device}` consumed one): upload more with `PUT /v1/keys`. Sent once each
+/// time the count drops below the low mark, to the device's live connections only.
+pub struct PrekeysLow<'a> {
+  pub _tab: ::flatbuffers::Table<'a>,
+}
+
+impl<'a> ::flatbuffers::Follow<'a> for PrekeysLow<'a> {
+  type Inner = PrekeysLow<'a>;
+  #[inline]
+  unsafe fn follow(buf: &'a [u8], loc: usize) -> Self::Inner {
+    Self { _tab: unsafe { ::flatbuffers::Table::new(buf, loc) } }
+  }
+}
+
+impl<'a> PrekeysLow<'a> {
+  pub const VT_DEVICE_ID: ::flatbuffers::VOffsetT = 4;
+  pub const VT_REMAINING: ::flatbuffers::VOffsetT = 6;
+
+  #[inline]
+  pub unsafe fn init_from_table(table: ::flatbuffers::Table<'a>) -> Self {
+    PrekeysLow { _tab: table }
+  }
+  #[allow(unused_mut)]
+  pub fn create<'bldr: 'args, 'args: 'mut_bldr, 'mut_bldr, A: ::flatbuffers::Allocator + 'bldr>(
+    _fbb: &'mut_bldr mut ::flatbuffers::FlatBufferBuilder<'bldr, A>,
+    args: &'args PrekeysLowArgs
+  ) -> ::flatbuffers::WIPOffset<PrekeysLow<'bldr>> {
+    let mut builder = PrekeysLowBuilder::new(_fbb);
+    builder.add_remaining(args.remaining);
+    builder.add_device_id(args.device_id);
+    builder.finish()
+  }
+
+
+  #[inline]
+  pub fn device_id(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(PrekeysLow::VT_DEVICE_ID, Some(0)).unwrap()}
+  }
+  #[inline]
+  pub fn remaining(&self) -> u32 {
+    // Safety:
+    // Created from valid Table for this object
+    // which contains a valid value in this slot
+    unsafe { self._tab.get::<u32>(PrekeysLow::VT_REMAINING, Some(0)).unwrap()}
+  }
+}
+
+impl ::flatbuffers::Verifiable for PrekeysLow<'_> {
+  #[inline]
+  fn run_verifier(
+    v: &mut ::flatbuffers::Verifier, pos: usize
+  ) -> Result<(), ::flatbuffers::InvalidFlatbuffer> {
+    v.visit_table(pos)?
+     .visit_field::<u32>("device_id", Self::VT_DEVICE_ID, false)?
+     .visit_field::<u32>("remaining", Self::VT_REMAINING, false)?
+     .finish();
+    Ok(())
+  }
+}
+pub struct PrekeysLowArgs {
+    pub device_id: u32,
+    pub remaining: u32,
+}
+impl<'a> Default for PrekeysLowArgs {
+  #[inline]
+  fn default() -> Self {
+    PrekeysLowArgs {
+      device_id: 0,
+      remaining: 0,
+    }
+  }
+}
+
+pub struct PrekeysLowBuilder<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> {
+  fbb_: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>,
+  start_: ::flatbuffers::WIPOffset<::flatbuffers::TableUnfinishedWIPOffset>,
+}
+impl<'a: 'b, 'b, A: ::flatbuffers::Allocator + 'a> PrekeysLowBuilder<'a, 'b, A> {
+  #[inline]
+  pub fn add_device_id(&mut self, device_id: u32) {
+    self.fbb_.push_slot::<u32>(PrekeysLow::VT_DEVICE_ID, device_id, 0);
+  }
+  #[inline]
+  pub fn add_remaining(&mut self, remaining: u32) {
+    self.fbb_.push_slot::<u32>(PrekeysLow::VT_REMAINING, remaining, 0);
+  }
+  #[inline]
+  pub fn new(_fbb: &'b mut ::flatbuffers::FlatBufferBuilder<'a, A>) -> PrekeysLowBuilder<'a, 'b, A> {
+    let start = _fbb.start_table();
+    PrekeysLowBuilder {
+      fbb_: _fbb,
+      start_: start,
+    }
+  }
+  #[inline]
+  pub fn finish(self) -> ::flatbuffers::WIPOffset<PrekeysLow<'a>> {
+    let o = self.fbb_.end_table(self.start_);
+    ::flatbuffers::WIPOffset::new(o.value())
+  }
+}
+
+impl ::core::fmt::Debug for PrekeysLow<'_> {
+  fn fmt(&self, f: &mut ::core::fmt::Formatter<'_>) -> ::core::fmt::Result {
+    let mut ds = f.debug_struct("PrekeysLow");
+      ds.field("device_id", &self.device_id());
+      ds.field("remaining", &self.remaining());
       ds.finish()
   }
 }

@@ -555,6 +555,14 @@ fn server_frames() -> Vec<ServerFrame> {
             last_seen_ms: 0,
             hidden: true,
         }),
+        ServerFrame::PrekeysLow {
+            device: DeviceId(1),
+            remaining: 9,
+        },
+        ServerFrame::PrekeysLow {
+            device: DeviceId(u32::MAX),
+            remaining: 0,
+        },
     ]
 }
 
