@@ -313,6 +313,10 @@ pub async fn download(cx: &Ctx<'_>, _body: Body<'_>) -> Handled {
             ("content-type", meta.content_type.clone()),
             ("accept-ranges", "bytes".to_owned()),
             ("cache-control", "private, max-age=3600".to_owned()),
+            // The type is the uploader's claim: never let a browser sniff or run it in the API's
+            // origin (an uploaded text/html must not become a page of this site).
+            ("x-content-type-options", "nosniff".to_owned()),
+            ("content-security-policy", "sandbox".to_owned()),
         ],
         body: Vec::new(),
         close: false,

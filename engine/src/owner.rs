@@ -1280,6 +1280,44 @@ mod tests {
     }
 
     #[test]
+    fn media_ids_become_grants_in_the_message_batch() {
+        let mut o = owner();
+        let chat = ChatId::direct(A, B);
+        let mut req = send(1, B, 0);
+        req.media_ids = vec!["photo1".into(), "photo2".into()];
+        o.on_send(1_700_000_000_000, origin(A), chat, Some(B), req);
+        let b = o.take_batch(100);
+        let grants: Vec<(u64, &str)> = b
+            .records
+            .iter()
+            .filter_map(|r| match r {
+                Record::MediaGrant {
+                    chat: c,
+                    seq,
+                    media_id,
+                } if *c == chat => Some((seq.0, media_id.as_str())),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(grants, vec![(1, "photo1"), (1, "photo2")]);
+        // After the message record, in the same batch.
+        assert!(matches!(b.records[1], Record::Message(_)));
+        let meta = o.state.chat(&chat).unwrap();
+        assert!(!meta.media_visible_to(B, "photo1"), "not durable yet");
+        o.committed(&b);
+        let meta = o.state.chat(&chat).unwrap();
+        assert!(meta.media_visible_to(B, "photo1") && meta.media_visible_to(A, "photo2"));
+        assert!(!meta.media_visible_to(UserId(99), "photo1"));
+        // A refused send records no grant.
+        let mut req = send(2, B, 0);
+        req.media_ids = vec!["photo3".into()];
+        o.on_send(1_700_000_000_001, origin(UserId(99)), chat, None, req);
+        let b = o.take_batch(100);
+        assert!(b.records.is_empty());
+        assert!(!o.state.chat(&chat).unwrap().media.contains_key("photo3"));
+    }
+
+    #[test]
     fn retries_are_answered_with_the_original_ack_and_store_nothing() {
         let mut o = owner();
         let chat = ChatId::direct(A, B);

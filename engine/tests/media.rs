@@ -104,6 +104,8 @@ fn upload_grant_download_range_and_restart() {
     assert_eq!(r.status, 200);
     assert_eq!(r.header("content-type"), Some("image/jpeg"));
     assert_eq!(r.header("accept-ranges"), Some("bytes"));
+    assert_eq!(r.header("x-content-type-options"), Some("nosniff"));
+    assert_eq!(r.header("content-security-policy"), Some("sandbox"));
     assert!(r.body == data, "downloaded bytes differ");
     let r = get(&mut c, "GET", &url, Some("bytes=262140-262149"));
     assert_eq!(r.status, 206);

@@ -856,4 +856,49 @@ mod tests {
         // Aggregates: member cursors follow sends and cursor records.
         assert_eq!(s.member_cursors(g, UserId(1)), (Seq(5), Seq(5)));
     }
+
+    #[test]
+    fn group_media_follows_each_members_visible_range() {
+        let g = ChatId(1 << 63 | 6);
+        let mut s = ShardState::new(10);
+        s.apply(&Record::ChatCreated {
+            chat: g,
+            kind: ChatKind::Group,
+            members: vec![UserId(1), UserId(2)],
+            created_ms: 1,
+        });
+        let mut created = ChatEvent::new(EventKind::GroupCreated);
+        created.users = vec![UserId(2)];
+        s.apply(&event(g, 1, 1, &created));
+        // seq 2 names "early"; user 3 joins at seq 3; user 2 is removed at seq 4; seq 5 names
+        // "late".
+        s.apply(&msg(g, 2, 1, 2));
+        let grant = |seq: u64, id: &str| Record::MediaGrant {
+            chat: g,
+            seq: Seq(seq),
+            media_id: id.to_owned(),
+        };
+        s.apply(&grant(2, "early"));
+        let mut add = ChatEvent::new(EventKind::MembersAdded);
+        add.users = vec![UserId(3)];
+        s.apply(&event(g, 3, 1, &add));
+        let mut remove = ChatEvent::new(EventKind::MembersRemoved);
+        remove.users = vec![UserId(2)];
+        s.apply(&event(g, 4, 1, &remove));
+        s.apply(&msg(g, 5, 1, 5));
+        s.apply(&grant(5, "late"));
+        s.mark_durable(g, Seq(5));
+        let meta = s.chat(&g).unwrap();
+        let can = |u: u64, id: &str| meta.media_visible_to(UserId(u), id);
+        assert!(can(1, "early") && can(1, "late"));
+        // Removed before "late": keeps what it could read.
+        assert!(can(2, "early") && !can(2, "late"));
+        // Joined after "early".
+        assert!(!can(3, "early") && can(3, "late"));
+        // Forwarded again after user 3 joined: now visible to it too.
+        s.apply(&msg(g, 6, 1, 6));
+        s.apply(&grant(6, "early"));
+        s.mark_durable(g, Seq(6));
+        assert!(s.chat(&g).unwrap().media_visible_to(UserId(3), "early"));
+    }
 }
