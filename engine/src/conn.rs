@@ -215,8 +215,18 @@ enum Mode {
 /// this future, so it keeps only what the WebSocket loop needs: the handshake (request head,
 /// token, HTTP answers) and the directory broadcasts run in boxed futures that live on the heap
 /// only while they run.
-pub async fn serve(core: Rc<Core>, stream: TcpStream) {
-    let Some((stream, leftover, mode)) = Box::pin(handshake(&core, stream)).await else {
+pub fn serve(core: Rc<Core>, stream: TcpStream) -> impl Future<Output = ()> {
+    // An async fn keeps its arguments for its whole life: the stream (120 bytes) moves into
+    // the boxed handshake here instead, and comes back out of it for the WebSocket loop.
+    let handshake = Box::pin(handshake(core.clone(), stream));
+    serve_upgraded(core, handshake)
+}
+
+async fn serve_upgraded(
+    core: Rc<Core>,
+    handshake: Pin<Box<impl Future<Output = Option<(TcpStream, Vec<u8>, Mode)>>>>,
+) {
+    let Some((stream, leftover, mode)) = handshake.await else {
         return;
     };
     let conn = match &mode {
@@ -246,7 +256,8 @@ pub async fn serve(core: Rc<Core>, stream: TcpStream) {
 /// metrics / health / errors answered and closed here, the token and limits checked, the
 /// upgrade answered, and a chat connection registered and announced (`Online`). `None`: the
 /// connection is done.
-async fn handshake(core: &Rc<Core>, mut stream: TcpStream) -> Option<(TcpStream, Vec<u8>, Mode)> {
+async fn handshake(core: Rc<Core>, mut stream: TcpStream) -> Option<(TcpStream, Vec<u8>, Mode)> {
+    let core = &core;
     core.metrics().connections_accepted.fetch_add(1, Relaxed);
     let _ = stream.set_nodelay(true);
     let head =
@@ -1007,7 +1018,9 @@ mod tests {
                 std::mem::size_of::<glommio::timer::Timer>(),
                 std::mem::size_of_val(&run_ws(&core2, stream2, Vec::new(), Mode::Echo)),
             );
-            assert!(size < 8192, "the connection future grew to {size} bytes");
+            // 648 bytes when written; with glommio's task header it fits mimalloc's 768-byte
+            // size class. Idle RSS per connection was measured at this size (issue 4 target 2 KB).
+            assert!(size <= 704, "the connection future grew to {size} bytes");
         });
     }
 }
