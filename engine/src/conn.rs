@@ -347,7 +347,7 @@ async fn handshake(core: Rc<Core>, mut stream: TcpStream) -> Option<(TcpStream, 
                 .borrow()
                 .devices(claims.user)
                 .iter()
-                .filter(|(d, _)| *d != claims.device)
+                .filter(|(d, _, _)| *d != claims.device)
                 .count();
             if other_devices >= core.cfg.devices_per_user_max {
                 core.metrics().connections_rejected.fetch_add(1, Relaxed);
