@@ -17,6 +17,8 @@ use futures_lite::AsyncWriteExt;
 use glommio::net::TcpStream;
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
@@ -233,8 +235,18 @@ fn is_upgrade_request(buf: &[u8]) -> Option<bool> {
 /// this future, so it keeps only what the WebSocket loop needs: the handshake (request head,
 /// token, HTTP answers) and the directory broadcasts run in boxed futures that live on the heap
 /// only while they run.
-pub async fn serve(core: Rc<Core>, stream: TcpStream) {
-    let Some((stream, leftover, mode)) = Box::pin(handshake(&core, stream)).await else {
+pub fn serve(core: Rc<Core>, stream: TcpStream) -> impl Future<Output = ()> {
+    // An async fn keeps its arguments for its whole life: the stream (120 bytes) moves into
+    // the boxed handshake here instead, and comes back out of it for the WebSocket loop.
+    let handshake = Box::pin(handshake(core.clone(), stream));
+    serve_upgraded(core, handshake)
+}
+
+async fn serve_upgraded(
+    core: Rc<Core>,
+    handshake: Pin<Box<impl Future<Output = Option<(Transport, Vec<u8>, Mode)>>>>,
+) {
+    let Some((stream, leftover, mode)) = handshake.await else {
         return;
     };
     let conn = match &mode {
@@ -264,7 +276,8 @@ pub async fn serve(core: Rc<Core>, stream: TcpStream) {
 /// metrics / health / errors answered and closed here, the token and limits checked, the
 /// upgrade answered, and a chat connection registered and announced (`Online`). `None`: the
 /// connection is done.
-async fn handshake(core: &Rc<Core>, mut stream: TcpStream) -> Option<(Transport, Vec<u8>, Mode)> {
+async fn handshake(core: Rc<Core>, mut stream: TcpStream) -> Option<(Transport, Vec<u8>, Mode)> {
+    let core = &core;
     core.metrics().connections_accepted.fetch_add(1, Relaxed);
     let _ = stream.set_nodelay(true);
     let peer = stream
@@ -451,7 +464,7 @@ async fn handshake(core: &Rc<Core>, mut stream: TcpStream) -> Option<(Transport,
                 .borrow()
                 .devices(claims.user)
                 .iter()
-                .filter(|(d, _)| *d != claims.device)
+                .filter(|(d, _, _)| *d != claims.device)
                 .count();
             if other_devices >= core.cfg.devices_per_user_max {
                 core.metrics().connections_rejected.fetch_add(1, Relaxed);
@@ -628,11 +641,7 @@ async fn run_ws(core: &Rc<Core>, mut stream: Transport, leftover: Vec<u8>, mode:
             .is_none_or(|c| c.inflight.get() < core.cfg.conn_inflight_sends_max);
         let read = async {
             if can_read {
-                let (rx, events, failed) = (&mut rx, &mut events, &mut failed);
-                let read = stream.read_with(core, |bytes| {
-                    *failed = rx.feed(bytes, frame_bytes_max, events).err();
-                });
-                Event::Read(read.await)
+                Event::Read(stream.read_to_scratch(core).await)
             } else {
                 std::future::pending().await
             }
@@ -663,6 +672,10 @@ async fn run_ws(core: &Rc<Core>, mut stream: Transport, leftover: Vec<u8>, mode:
                     None => echo_last_rx = now,
                 }
                 core.metrics().bytes_in.fetch_add(n as u64, Relaxed);
+                let mut scratch = core.read_scratch.borrow_mut();
+                failed = rx
+                    .feed(&mut scratch[..n], frame_bytes_max, &mut events)
+                    .err();
             }
             Event::Wake => {}
             Event::Tick => {
@@ -1171,7 +1184,9 @@ mod tests {
                     Mode::Echo,
                 )),
             );
-            assert!(size < 8192, "the connection future grew to {size} bytes");
+            // 648 bytes when written; with glommio's task header it fits mimalloc's 768-byte
+            // size class. Idle RSS per connection was measured at this size (issue 4 target 2 KB).
+            assert!(size <= 704, "the connection future grew to {size} bytes");
         });
     }
 }

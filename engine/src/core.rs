@@ -32,8 +32,9 @@ use switchboard_wire::{splitmix64, ChatId, DeviceId, Encoder, ServerFrame, UserI
 /// arrival order: every replica converges on the same winner.
 #[derive(Default)]
 pub struct Directory {
-    users: HashMap<UserId, Vec<(DeviceId, ConnRef)>>,
-    epochs: HashMap<ConnRef, u64>,
+    /// Each device's current connection and its connect epoch (kept in the entry, not in a
+    /// second map: every core holds one entry per connection of the whole server).
+    users: HashMap<UserId, Vec<(DeviceId, ConnRef, u64)>>,
 }
 
 impl Directory {
@@ -47,40 +48,33 @@ impl Directory {
         epoch: u64,
     ) -> Option<ConnRef> {
         let devices = self.users.entry(user).or_default();
-        if let Some(entry) = devices.iter_mut().find(|(d, _)| *d == device) {
-            let current = entry.1;
-            let current_epoch = self.epochs.get(&current).copied().unwrap_or(0);
+        if let Some(entry) = devices.iter_mut().find(|(d, _, _)| *d == device) {
+            let (current, current_epoch) = (entry.1, entry.2);
             if (current_epoch, current) > (epoch, conn) {
                 return Some(conn);
             }
-            entry.1 = conn;
-            self.epochs.remove(&current);
-            self.epochs.insert(conn, epoch);
+            *entry = (device, conn, epoch);
             return Some(current);
         }
         // Most users have one device connected: no room for four (Vec's first growth), since
         // every core keeps this entry for every connection.
         devices.reserve_exact(1);
-        devices.push((device, conn));
-        self.epochs.insert(conn, epoch);
+        devices.push((device, conn, epoch));
         None
     }
 
     /// Forgets a connection, unless a newer connection of the same device replaced it.
     pub fn offline(&mut self, user: UserId, device: DeviceId, conn: ConnRef) {
         if let Some(devices) = self.users.get_mut(&user) {
-            let before = devices.len();
-            devices.retain(|(d, c)| !(*d == device && *c == conn));
-            if devices.len() != before {
-                self.epochs.remove(&conn);
-            }
+            devices.retain(|(d, c, _)| !(*d == device && *c == conn));
             if devices.is_empty() {
                 self.users.remove(&user);
             }
         }
     }
 
-    pub fn devices(&self, user: UserId) -> &[(DeviceId, ConnRef)] {
+    /// The user's connected devices: (device, connection, connect epoch).
+    pub fn devices(&self, user: UserId) -> &[(DeviceId, ConnRef, u64)] {
         self.users.get(&user).map(Vec::as_slice).unwrap_or(&[])
     }
 }
@@ -750,8 +744,8 @@ impl Core {
                         .borrow()
                         .devices(user)
                         .iter()
-                        .filter(|(d, _)| *d == device)
-                        .map(|(_, c)| *c)
+                        .filter(|(d, _, _)| *d == device)
+                        .map(|(_, c, _)| *c)
                         .collect();
                     if conns.is_empty() {
                         continue;
@@ -822,7 +816,7 @@ pub fn fanout_targets(
 ) -> Vec<(usize, Vec<u64>)> {
     let mut by_core: Vec<(usize, Vec<u64>)> = Vec::new();
     for user in users {
-        for (_, conn) in dir.devices(*user) {
+        for (_, conn, _) in dir.devices(*user) {
             if Some(*conn) == skip {
                 continue;
             }
@@ -859,10 +853,11 @@ mod tests {
         // An older connection arriving late loses, whatever the arrival order.
         let c0 = ConnRef { core: 3, conn: 9 };
         assert_eq!(d.online(u, dev, c0, 5), Some(c0));
-        assert!(d.devices(u).contains(&(dev, c2)));
+        let has = |d: &Directory, c: ConnRef| d.devices(u).iter().any(|e| (e.0, e.1) == (dev, c));
+        assert!(has(&d, c2));
         // The replaced connection's late Offline must not remove the new one.
         d.offline(u, dev, c1);
-        assert!(d.devices(u).contains(&(dev, c2)));
+        assert!(has(&d, c2));
         d.offline(u, dev, c2);
         d.offline(u, DeviceId(2), c2);
         assert!(d.devices(u).is_empty());

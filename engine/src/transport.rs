@@ -49,6 +49,21 @@ struct Tls {
     /// Ciphertext produced but not yet written (handshake replies, alerts).
     pending_out: Vec<u8>,
     plaintext: Vec<u8>,
+    /// How much of `plaintext` a caller has taken (`read_to_scratch` hands it out in pieces of
+    /// at most the scratch buffer's size).
+    plain_taken: usize,
+}
+
+impl Tls {
+    /// Copies the next untaken plaintext to the start of the core's read scratch.
+    fn copy_to_scratch(&mut self, core: &Core) -> usize {
+        let mut scratch = core.read_scratch.borrow_mut();
+        let rest = &self.plaintext[self.plain_taken..];
+        let n = rest.len().min(scratch.len());
+        scratch[..n].copy_from_slice(&rest[..n]);
+        self.plain_taken += n;
+        n
+    }
 }
 
 /// One connection's transport.
@@ -76,6 +91,7 @@ impl Transport {
                 session,
                 pending_out: Vec::new(),
                 plaintext: Vec::new(),
+                plain_taken: 0,
             })),
         })
     }
@@ -91,7 +107,7 @@ impl Transport {
         core: &Core,
         f: impl FnOnce(&mut [u8]),
     ) -> std::io::Result<usize> {
-        let Some(tls) = self.tls.as_deref_mut() else {
+        if self.tls.is_none() {
             let n = ReadScratch {
                 stream: &mut self.stream,
                 core,
@@ -99,13 +115,29 @@ impl Transport {
             .await?;
             f(&mut core.read_scratch.borrow_mut()[..n]);
             return Ok(n);
+        }
+        // Boxed: every idle connection's task holds the plain read's state, and the TLS read's
+        // (handshake writes included) is several times larger.
+        Box::pin(self.read_tls(core, f)).await
+    }
+
+    async fn read_tls(&mut self, core: &Core, f: impl FnOnce(&mut [u8])) -> std::io::Result<usize> {
+        let Some(tls) = self.tls.as_deref_mut() else {
+            unreachable!("read_tls on a plain transport");
         };
         loop {
+            if tls.plain_taken < tls.plaintext.len() {
+                let rest = &mut tls.plaintext[tls.plain_taken..];
+                let n = rest.len();
+                f(rest);
+                tls.plain_taken = tls.plaintext.len();
+                return Ok(n);
+            }
             tls.plaintext.clear();
+            tls.plain_taken = 0;
             tls.session.take_plaintext(&mut tls.plaintext);
             if !tls.plaintext.is_empty() {
-                f(&mut tls.plaintext);
-                return Ok(tls.plaintext.len());
+                continue;
             }
             if tls.session.peer_closed() {
                 return Ok(0);
@@ -137,14 +169,56 @@ impl Transport {
         }
     }
 
+    /// Waits for bytes and leaves them at the start of the core's shared read scratch; returns
+    /// how many (`Ok(0)`: the peer closed). The WebSocket loop's read: for a plain connection its
+    /// future is as small as a socket read, which every idle connection's task holds.
+    pub async fn read_to_scratch(&mut self, core: &Core) -> std::io::Result<usize> {
+        if self.tls.is_none() {
+            return ReadScratch {
+                stream: &mut self.stream,
+                core,
+            }
+            .await;
+        }
+        Box::pin(self.read_tls_to_scratch(core)).await
+    }
+
+    async fn read_tls_to_scratch(&mut self, core: &Core) -> std::io::Result<usize> {
+        let pending = self
+            .tls
+            .as_deref()
+            .is_some_and(|t| t.plain_taken < t.plaintext.len());
+        if !pending {
+            // Decrypts the next bytes into `plaintext` without taking them.
+            let n = self.read_tls(core, |_| ()).await?;
+            if n == 0 {
+                return Ok(0);
+            }
+            if let Some(tls) = self.tls.as_deref_mut() {
+                tls.plain_taken = 0;
+            }
+        }
+        Ok(self
+            .tls
+            .as_deref_mut()
+            .map_or(0, |tls| tls.copy_to_scratch(core)))
+    }
+
     /// Waits for bytes and appends them to `out`.
     pub async fn read(&mut self, core: &Core, out: &mut Vec<u8>) -> std::io::Result<usize> {
         self.read_with(core, |b| out.extend_from_slice(b)).await
     }
 
-    pub async fn write_all(&mut self, mut data: &[u8]) -> std::io::Result<()> {
-        let Some(tls) = self.tls.as_deref_mut() else {
+    pub async fn write_all(&mut self, data: &[u8]) -> std::io::Result<()> {
+        if self.tls.is_none() {
             return self.stream.write_all(data).await;
+        }
+        Box::pin(self.write_all_tls(data)).await
+    }
+
+    async fn write_all_tls(&mut self, mut data: &[u8]) -> std::io::Result<()> {
+        let Some(tls) = self.tls.as_deref_mut() else {
+            unreachable!("write_all_tls on a plain transport");
         };
         loop {
             let n = tls.session.write_plaintext(data);
@@ -164,7 +238,8 @@ impl Transport {
         if let Some(tls) = self.tls.as_deref_mut() {
             tls.session.close();
             tls.session.take_ciphertext(&mut tls.pending_out);
-            let _ = write_drain(&mut self.stream, &mut tls.pending_out).await;
+            // Boxed like the other TLS paths: the connection task's size counts every state.
+            let _ = Box::pin(write_drain(&mut self.stream, &mut tls.pending_out)).await;
         }
         let _ = self.stream.close().await;
     }
