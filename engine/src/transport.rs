@@ -2,7 +2,8 @@
 //! `api::tls::TlsSession`) on the same listener, told apart by the first byte (0x16, a TLS
 //! handshake record, cannot start an HTTP request). The HTTP API loop (`api_http.rs`) and the
 //! WebSocket loop (at its read and write call sites only) see this narrow interface: read what
-//! arrived (handed to a closure, or appended to a buffer), write all, close.
+//! arrived (handed to a closure, appended to a buffer, or — for the WebSocket loop — left in
+//! the core's read scratch by `read_to_scratch`), write all, close.
 //!
 //! ```text
 //!  socket ──read──► core.read_scratch ──(TLS: feed_ciphertext, take_plaintext)──► caller
@@ -11,7 +12,7 @@
 //!
 //! Cancellation: the WebSocket loop drops a pending read when another event wins. A plain read
 //! is cancel-safe (glommio polls readiness, then reads synchronously). A TLS read keeps what it
-//! decrypted in the session (taken first on the next call) and the handshake bytes it still
+//! decrypted in `plaintext` (taken first on the next call) and the handshake bytes it still
 //! has to send in `pending_out`, written before anything else, so nothing is lost.
 
 use crate::core::Core;
