@@ -734,7 +734,12 @@ impl Owner {
             ));
         }
         let group = meta.kind == ChatKind::Group;
-        let members = meta.members.clone();
+        // Groups: only the aggregate is told (below), so the member list is not copied.
+        let members = if group {
+            Vec::new()
+        } else {
+            meta.members.clone()
+        };
         let before_all = meta.all_members_cursors();
         let (delivered, read) = self.state.cursors(chat, origin.user, origin.device);
         let old = match kind {

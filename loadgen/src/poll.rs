@@ -21,6 +21,9 @@ pub struct Ready {
     pub writable: bool,
     /// Error or hang-up: a read will tell which.
     pub error: bool,
+    /// The peer shut down its side (`EPOLLRDHUP`): read until end of stream, even after a
+    /// short read.
+    pub peer_closed: bool,
 }
 
 impl Epoll {
@@ -84,6 +87,7 @@ impl Epoll {
                 readable: bits & (libc::EPOLLIN | libc::EPOLLRDHUP) as u32 != 0,
                 writable: bits & libc::EPOLLOUT as u32 != 0,
                 error: bits & (libc::EPOLLERR | libc::EPOLLHUP) as u32 != 0,
+                peer_closed: bits & libc::EPOLLRDHUP as u32 != 0,
             });
         }
         Ok(())

@@ -11,6 +11,7 @@
 //!                     dedup (sender, client_msg_id) → DedupEntry         bounded FIFO
 //! ```
 
+use std::cell::Cell;
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet, VecDeque};
 
@@ -63,9 +64,60 @@ pub struct ChatMeta {
     /// and the latest seq that named it. One entry per distinct id (memory ~100 bytes each,
     /// like the per-message seq index); looked up by id, never scanned.
     pub media: HashMap<Box<str>, (Seq, Seq)>,
+    /// Cache of [`ChatMeta::all_members_cursors`], kept up to date by every cursor raise so the
+    /// aggregated receipts of a group cost O(1) per cursor instead of a walk over all members.
+    pub min_cursors: MinCursorCache,
+}
+
+/// For (delivered, read): the lowest member cursor and how many current members sit at it.
+/// `None`: not known (a membership change, or the last member at the minimum moved): the next
+/// [`ChatMeta::all_members_cursors`] recomputes it with one walk over the members. So a group
+/// message whose delivered receipts arrive from all `n` members costs `n` O(1) updates and one
+/// O(n) walk, not `n` walks. Not state: equal whatever it holds, rebuilt on demand.
+#[derive(Clone, Debug, Default)]
+pub struct MinCursorCache(Cell<Option<[(Seq, u32); 2]>>);
+
+impl PartialEq for MinCursorCache {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for MinCursorCache {}
+
+impl MinCursorCache {
+    fn invalidate(&self) {
+        self.0.set(None);
+    }
 }
 
 impl ChatMeta {
+    /// Raises `user`'s member-level cursors to at least `to` (they never move back) and keeps
+    /// the minimum cache right.
+    fn raise_member_cursors(&mut self, user: UserId, to: (Seq, Seq)) {
+        let member = self.is_member(user);
+        let m = self.member_cursors.entry(user).or_default();
+        let old = *m;
+        let new = (old.0.max(to.0), old.1.max(to.1));
+        *m = new;
+        if !member {
+            return;
+        }
+        let Some(mut cache) = self.min_cursors.0.get() else {
+            return;
+        };
+        for (i, (o, n)) in [(old.0, new.0), (old.1, new.1)].into_iter().enumerate() {
+            debug_assert!(o >= cache[i].0, "a member below the cached minimum");
+            if n > o && o == cache[i].0 {
+                cache[i].1 -= 1;
+                if cache[i].1 == 0 {
+                    return self.min_cursors.invalidate();
+                }
+            }
+        }
+        self.min_cursors.0.set(Some(cache));
+    }
+
     /// Whether `user` is a member of this chat.
     pub fn is_member(&self, user: UserId) -> bool {
         match self.kind {
@@ -117,15 +169,30 @@ impl ChatMeta {
     /// The lowest (delivered, read) over current members: every member has every message up to
     /// these seqs.
     pub fn all_members_cursors(&self) -> (Seq, Seq) {
-        let mut out = (Seq(u64::MAX), Seq(u64::MAX));
-        for m in &self.members {
-            let (d, r) = self.member_cursors.get(m).copied().unwrap_or_default();
-            out = (out.0.min(d), out.1.min(r));
-        }
         if self.members.is_empty() {
             return (Seq(0), Seq(0));
         }
-        out
+        if let Some(c) = self.min_cursors.0.get() {
+            return (c[0].0, c[1].0);
+        }
+        let mut min = [(Seq(u64::MAX), 0u32); 2];
+        for (i, m) in self.members.iter().enumerate() {
+            // A direct chat with oneself lists the user twice: count each member once, as
+            // `raise_member_cursors` does.
+            if self.kind == ChatKind::Direct && self.members[..i].contains(m) {
+                continue;
+            }
+            let (d, r) = self.member_cursors.get(m).copied().unwrap_or_default();
+            for (slot, v) in min.iter_mut().zip([d, r]) {
+                if v < slot.0 {
+                    *slot = (v, 1);
+                } else if v == slot.0 {
+                    slot.1 += 1;
+                }
+            }
+        }
+        self.min_cursors.0.set(Some(min));
+        (min[0].0, min[1].0)
     }
 }
 
@@ -234,6 +301,7 @@ impl ShardState {
                     member_cursors: HashMap::new(),
                     blocked_by: Vec::new(),
                     media: HashMap::new(),
+                    min_cursors: MinCursorCache::default(),
                 });
                 for user in members {
                     let list = self.user_chats.entry(*user).or_default();
@@ -284,9 +352,7 @@ impl ShardState {
                         }
                     }
                 }
-                let own = meta.member_cursors.entry(m.sender_user).or_default();
-                own.0 = own.0.max(m.seq);
-                own.1 = own.1.max(m.seq);
+                meta.raise_member_cursors(m.sender_user, (m.seq, m.seq));
                 if !m.client_msg_id.is_nil() {
                     self.insert_dedup(
                         (m.sender_user, m.client_msg_id),
@@ -359,8 +425,7 @@ impl ShardState {
                 }
                 let c = *c;
                 if let Some(meta) = self.chats.get_mut(chat) {
-                    let m = meta.member_cursors.entry(*user).or_default();
-                    *m = (m.0.max(c.0), m.1.max(c.1));
+                    meta.raise_member_cursors(*user, c);
                 }
             }
         }
@@ -497,6 +562,7 @@ fn apply_group_event(meta: &mut ChatMeta, actor: UserId, seq: Seq, ev: &ChatEven
         let g = meta.group.get_or_insert_with(Default::default);
         if g.roles.insert(user, role).is_none() {
             meta.members.push(user);
+            meta.min_cursors.invalidate();
             meta.memberships.insert(
                 user,
                 Membership {
@@ -511,6 +577,7 @@ fn apply_group_event(meta: &mut ChatMeta, actor: UserId, seq: Seq, ev: &ChatEven
         if let Some(g) = meta.group.as_mut() {
             if g.roles.remove(&user).is_some() {
                 meta.members.retain(|m| *m != user);
+                meta.min_cursors.invalidate();
                 if let Some(ms) = meta.memberships.get_mut(&user) {
                     ms.left = Some(seq);
                 }
@@ -855,6 +922,96 @@ mod tests {
         assert_eq!(meta.role(UserId(3)), Some(MemberRole::Owner));
         // Aggregates: member cursors follow sends and cursor records.
         assert_eq!(s.member_cursors(g, UserId(1)), (Seq(5), Seq(5)));
+    }
+
+    /// The cached minimum behind the aggregated receipts equals a brute-force walk after every
+    /// step of a random mix of member cursors, member sends, joins and removals.
+    #[test]
+    fn cached_member_minimum_matches_a_walk_over_members() {
+        fn walk(meta: &ChatMeta) -> (Seq, Seq) {
+            if meta.members.is_empty() {
+                return (Seq(0), Seq(0));
+            }
+            meta.members
+                .iter()
+                .fold((Seq(u64::MAX), Seq(u64::MAX)), |acc, m| {
+                    let (d, r) = meta.member_cursors.get(m).copied().unwrap_or_default();
+                    (acc.0.min(d), acc.1.min(r))
+                })
+        }
+        let g = ChatId(1 << 63 | 7);
+        let mut s = ShardState::new(10);
+        s.apply(&Record::ChatCreated {
+            chat: g,
+            kind: ChatKind::Group,
+            members: vec![UserId(1)],
+            created_ms: 1,
+        });
+        let mut created = ChatEvent::new(EventKind::GroupCreated);
+        created.users = (2..=8).map(UserId).collect();
+        s.apply(&event(g, 1, 1, &created));
+        let mut seq = 1u64;
+        let mut rng = 0x2545_f491_4f6c_dd1du64;
+        let mut next = |n: u64| {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng % n
+        };
+        let mut moved_min = 0;
+        for _ in 0..5_000 {
+            let members = s.chat(&g).unwrap().members.clone();
+            let before = s.chat(&g).unwrap().all_members_cursors();
+            match next(10) {
+                0 => {
+                    // A member sends a message (raises its own cursors).
+                    let actor = members[next(members.len() as u64) as usize];
+                    seq += 1;
+                    let mut m =
+                        match event(g, seq, actor.0, &ChatEvent::new(EventKind::InfoChanged)) {
+                            Record::Message(m) => m,
+                            _ => unreachable!(),
+                        };
+                    m.content_kind = 0;
+                    m.payload = vec![1, 2, 3];
+                    s.apply(&Record::Message(m));
+                }
+                1 if members.len() > 2 => {
+                    let mut remove = ChatEvent::new(EventKind::MembersRemoved);
+                    remove.users = vec![members[1 + next(members.len() as u64 - 1) as usize]];
+                    seq += 1;
+                    s.apply(&event(g, seq, members[0].0, &remove));
+                }
+                2 => {
+                    let mut add = ChatEvent::new(EventKind::MembersAdded);
+                    add.users = vec![UserId(1 + next(12))];
+                    seq += 1;
+                    s.apply(&event(g, seq, members[0].0, &add));
+                }
+                _ => {
+                    let user = members[next(members.len() as u64) as usize];
+                    let kind = if next(3) == 0 {
+                        CursorKind::Read
+                    } else {
+                        CursorKind::Delivered
+                    };
+                    s.apply(&Record::Cursor {
+                        chat: g,
+                        user,
+                        device: DeviceId(1 + next(2) as u32),
+                        kind,
+                        seq: Seq(1 + next(seq)),
+                    });
+                }
+            }
+            let meta = s.chat(&g).unwrap();
+            let cached = meta.all_members_cursors();
+            assert_eq!(cached, walk(meta), "after {seq} events");
+            if cached != before {
+                moved_min += 1;
+            }
+        }
+        assert!(moved_min > 100, "the minimum moved only {moved_min} times");
     }
 
     #[test]
