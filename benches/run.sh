@@ -96,13 +96,13 @@ cat "$OUT/plan.md"
   grep -E '^\*\*|^Started|throughput|send → |^Knee' "$OUT/default/report.md" | sed 's/^/    /' || true
   echo
   echo "1:1 sweep (2K connections, receipts):"
-  grep -E '^Knee' "$OUT/sweep/report.md" || true
+  grep -E '^Knee|^At half the knee' "$OUT/sweep/report.md" || true
   echo
   echo "100-member groups (2K connections, aggregated receipts):"
   grep -E '^Knee' "$OUT/groups/report.md" || true
   grep -E '^\| deliveries' "$OUT/groups/report.md" | sed 's/^/    /' || true
   echo
-  echo "Load average during the runs (2 CPUs; other sessions were building on the same machine):"
+  echo "Load average during the runs (2 CPUs, shared with other work on the machine):"
   echo
   sed 's/^/    /' "$OUT/load.txt"
 } > "$OUT/README.md"

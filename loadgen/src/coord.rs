@@ -671,9 +671,25 @@ fn drive(
     Ok((merged, timeline, run_s))
 }
 
+/// What a sweep measured: every step in ascending rate order, the knee (index of the highest
+/// passing step) and, with `half_knee`, one extra run at half the knee's offered rate.
+pub struct Sweep {
+    pub steps: Vec<RunResult>,
+    pub knee: Option<usize>,
+    pub half_knee: Option<RunResult>,
+}
+
+impl Sweep {
+    /// The step a report details: the knee, else the last step.
+    pub fn main_step(&self) -> &RunResult {
+        &self.steps[self.knee.unwrap_or(self.steps.len() - 1)]
+    }
+}
+
 /// A sweep: one run per rate, ascending; stops after the first rate that fails the knee test
-/// unless `sweep_all`. Returns every step and the knee (index of the highest passing rate).
-pub fn sweep(sc: &Scenario, opts: &RunOpts) -> Result<(Vec<RunResult>, Option<usize>), String> {
+/// unless `sweep_all`. With `half_knee` and a knee found, then runs once more at half the knee's
+/// offered rate (a fresh run, not a swept step: the latency at 2× headroom).
+pub fn sweep(sc: &Scenario, opts: &RunOpts) -> Result<Sweep, String> {
     let mut rates = sc.sweep.clone();
     rates.sort_by(f64::total_cmp);
     rates.dedup();
@@ -713,7 +729,35 @@ pub fn sweep(sc: &Scenario, opts: &RunOpts) -> Result<(Vec<RunResult>, Option<us
             break;
         }
     }
-    Ok((steps, knee))
+    let half_knee = match knee {
+        Some(k) if sc.half_knee => {
+            let rate = steps[k].scenario.rate / 2.0;
+            std::thread::sleep(SWEEP_PAUSE);
+            if opts.progress {
+                eprintln!("== half the knee: {rate:.0} msgs/s");
+            }
+            let step = run_once(&sc.at_rate(rate), opts)?;
+            if opts.progress {
+                eprintln!(
+                    "== half the knee, {rate:.0} msgs/s: throughput {:.0}/s, e2e p99 {:.2} ms, {}",
+                    step.throughput(),
+                    ms(step.hist("e2e").value_at_quantile(0.99)),
+                    if step.failures.is_empty() {
+                        "checks ok".to_string()
+                    } else {
+                        step.failures.join("; ")
+                    },
+                );
+            }
+            Some(step)
+        }
+        _ => None,
+    };
+    Ok(Sweep {
+        steps,
+        knee,
+        half_knee,
+    })
 }
 
 #[cfg(test)]

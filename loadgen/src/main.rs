@@ -171,6 +171,9 @@ struct RunFlags {
     /// The knee's p95 e2e latency limit in ms. [default: 100]
     #[arg(long)]
     knee_p95_ms: Option<f64>,
+    /// After the sweep, run one more step at half the knee's rate and report its latency.
+    #[arg(long)]
+    half_knee: bool,
     /// Seed of all random choices. [default: 1]
     #[arg(long)]
     seed: Option<u64>,
@@ -231,6 +234,9 @@ impl RunFlags {
             first_user,
             name
         );
+        if self.half_knee {
+            s.half_knee = true;
+        }
         if let Some(d) = &self.data_dir {
             s.secret_file = Some(d.join("token.secret"));
         }
@@ -303,15 +309,14 @@ fn cmd_run(flags: &RunFlags) -> Result<bool, String> {
         println!("{}", out.1);
         out
     } else {
-        let (steps, knee) = coord::sweep(&sc, &opts)?;
-        let main = knee.unwrap_or(steps.len() - 1);
-        let sw = Some((&steps[..], knee));
+        let sw = coord::sweep(&sc, &opts)?;
         let out = (
-            run_report::sweep_json(&steps, knee),
-            run_report::markdown(&steps[main], sw),
-            run_report::html(&steps[main], sw),
-            // A sweep passes when it found a knee; the steps above it fail by design.
-            knee.is_some(),
+            run_report::sweep_json(&sw),
+            run_report::markdown(sw.main_step(), Some(&sw)),
+            run_report::html(sw.main_step(), Some(&sw)),
+            // A sweep passes when it found a knee (the steps above it fail by design) and its
+            // half-knee run, when asked for, passed its checks.
+            sw.knee.is_some() && sw.half_knee.as_ref().is_none_or(|h| h.ok()),
         );
         println!("{}", out.1);
         out

@@ -2,7 +2,7 @@
 //! report.html (inline SVG plots). Built from `coord::RunResult`s; no I/O except the final writes.
 //!
 //! ```text
-//!  RunResult (or sweep steps + knee) ─► json() ─► report.json ─► `plan` reads it back
+//!  RunResult (or a Sweep)            ─► json() ─► report.json ─► `plan` reads it back
 //!                                     ─► markdown() ─► report.md
 //!                                     ─► html() + svg::render ─► report.html
 //! ```
@@ -13,7 +13,7 @@ use std::path::Path;
 use hdrhistogram::Histogram;
 use serde_json::{json, Map, Value};
 
-use crate::coord::{Row, RunResult};
+use crate::coord::{Row, RunResult, Sweep};
 use crate::report::human_bytes;
 use crate::svg::{self, Axis, Chart, Series};
 use crate::worker::phase;
@@ -195,35 +195,37 @@ pub fn run_json(r: &RunResult) -> Value {
     })
 }
 
+/// One sweep step (or the half-knee run) in report.json.
+fn step_json(s: &RunResult) -> Value {
+    json!({
+        "rate": s.scenario.rate,
+        "throughput_msgs_per_s": round3(s.throughput()),
+        "deliveries_per_s": round3(s.deliveries_per_s()),
+        "latency_ms": {
+            "e2e": latency_json(&s.hist("e2e")),
+            "ack": latency_json(&s.hist("ack")),
+            "receipt": latency_json(&s.hist("receipt")),
+        },
+        "lost": s.result.num("lost"),
+        "errors": s.errors_total(),
+        "ok": s.ok(),
+        "under_knee": s.under_knee(),
+        "failures": s.failures,
+        "server_cpu_s": s.server.cpu_s.map(round3),
+        "client_cpu_s": round3(s.client_cpu_s),
+        "server_rss_bytes": server_memory(s).0,
+        "bytes_per_connection": server_memory(s).1.map(f64::round),
+    })
+}
+
 /// report.json of a sweep: the knee step's fields at the top (the last step when none passed),
-/// every step under `sweep.steps`.
-pub fn sweep_json(steps: &[RunResult], knee: Option<usize>) -> Value {
+/// every step under `sweep.steps`, the half-knee run under `sweep.half_knee` (null without).
+pub fn sweep_json(sw: &Sweep) -> Value {
+    let steps = &sw.steps;
+    let knee = sw.knee;
     let main = knee.unwrap_or(steps.len().saturating_sub(1));
     let mut top = steps.get(main).map(run_json).unwrap_or_else(|| json!({}));
-    let step_vals: Vec<Value> = steps
-        .iter()
-        .map(|s| {
-            json!({
-                "rate": s.scenario.rate,
-                "throughput_msgs_per_s": round3(s.throughput()),
-                "deliveries_per_s": round3(s.deliveries_per_s()),
-                "latency_ms": {
-                    "e2e": latency_json(&s.hist("e2e")),
-                    "ack": latency_json(&s.hist("ack")),
-                    "receipt": latency_json(&s.hist("receipt")),
-                },
-                "lost": s.result.num("lost"),
-                "errors": s.errors_total(),
-                "ok": s.ok(),
-                "under_knee": s.under_knee(),
-                "failures": s.failures,
-                "server_cpu_s": s.server.cpu_s.map(round3),
-                "client_cpu_s": round3(s.client_cpu_s),
-                "server_rss_bytes": server_memory(s).0,
-                "bytes_per_connection": server_memory(s).1.map(f64::round),
-            })
-        })
-        .collect();
+    let step_vals: Vec<Value> = steps.iter().map(step_json).collect();
     let knee_step = knee.map(|k| &steps[k]);
     if let Value::Object(m) = &mut top {
         m.insert(
@@ -234,6 +236,7 @@ pub fn sweep_json(steps: &[RunResult], knee: Option<usize>) -> Value {
                 "knee_throughput_msgs_per_s": knee_step.map(|s| round3(s.throughput())),
                 "report_step": main,
                 "steps": step_vals,
+                "half_knee": sw.half_knee.as_ref().map(step_json),
             }),
         );
     }
@@ -261,7 +264,7 @@ fn opt<T: std::fmt::Display>(v: Option<T>) -> String {
 }
 
 /// report.md of one run (or the main step of a sweep, with the sweep table when given).
-pub fn markdown(r: &RunResult, sweep: Option<(&[RunResult], Option<usize>)>) -> String {
+pub fn markdown(r: &RunResult, sweep: Option<&Sweep>) -> String {
     let res = &r.result;
     let sc = &r.scenario;
     let (rss, per_conn) = server_memory(r);
@@ -279,7 +282,8 @@ pub fn markdown(r: &RunResult, sweep: Option<(&[RunResult], Option<usize>)>) -> 
             format!(": {}", r.failures.join("; "))
         }
     );
-    if let Some((steps, knee)) = sweep {
+    if let Some(Sweep { steps, knee, .. }) = sweep {
+        let knee = *knee;
         let _ = writeln!(
             o,
             "Sweep of {} rates; this page details the {} step ({:.0} msgs/s offered); every step is in the Sweep table.\n",
@@ -435,7 +439,8 @@ pub fn markdown(r: &RunResult, sweep: Option<(&[RunResult], Option<usize>)>) -> 
     {
         let _ = writeln!(o, "| &nbsp; {k} | {v} |");
     }
-    if let Some((steps, knee)) = sweep {
+    if let Some(sw) = sweep {
+        let (steps, knee) = (&sw.steps, sw.knee);
         let _ = writeln!(o, "\n## Sweep\n");
         let limit = steps.first().map_or(100.0, |s| s.scenario.knee_p95_ms);
         let _ = writeln!(
@@ -476,6 +481,34 @@ pub fn markdown(r: &RunResult, sweep: Option<(&[RunResult], Option<usize>)>) -> 
                 } else {
                     "failed checks"
                 }
+            );
+        }
+        if let Some(h) = &sw.half_knee {
+            let e2e = h.hist("e2e");
+            let rc = h.hist("receipt");
+            let q = |hist: &Histogram<u64>, p: f64| {
+                if hist.is_empty() {
+                    "–".to_string()
+                } else {
+                    format!("{:.2}", ms(hist.value_at_quantile(p)))
+                }
+            };
+            let _ = writeln!(
+                o,
+                "\nAt half the knee (a separate run at {:.0} msgs/s offered, {:.0} achieved; {}): \
+                 e2e p50 {} ms, p95 {} ms, **p99 {} ms**, p99.9 {} ms; send → delivered receipt p99 {} ms.",
+                h.scenario.rate,
+                h.throughput(),
+                if h.ok() {
+                    "checks passed".to_string()
+                } else {
+                    format!("FAILED: {}", h.failures.join("; "))
+                },
+                q(&e2e, 0.5),
+                q(&e2e, 0.95),
+                q(&e2e, 0.99),
+                q(&e2e, 0.999),
+                q(&rc, 0.99),
             );
         }
     }
@@ -538,10 +571,10 @@ fn hdr_ticks() -> Vec<(f64, String)> {
         .collect()
 }
 
-pub fn charts(r: &RunResult, sweep: Option<(&[RunResult], Option<usize>)>) -> Vec<String> {
+pub fn charts(r: &RunResult, sweep: Option<&Sweep>) -> Vec<String> {
     let mut out = Vec::new();
     let rows = &r.timeline;
-    if let Some((steps, _)) = sweep {
+    if let Some(Sweep { steps, .. }) = sweep {
         let limit = steps.first().map_or(100.0, |s| s.scenario.knee_p95_ms);
         let mut series = Vec::new();
         for (name, p) in [("e2e p50", 0.5), ("e2e p95", 0.95), ("e2e p99", 0.99)] {
@@ -623,7 +656,7 @@ pub fn charts(r: &RunResult, sweep: Option<(&[RunResult], Option<usize>)>) -> Ve
 }
 
 /// report.html: the Markdown report's numbers as HTML tables plus the charts.
-pub fn html(r: &RunResult, sweep: Option<(&[RunResult], Option<usize>)>) -> String {
+pub fn html(r: &RunResult, sweep: Option<&Sweep>) -> String {
     let md = markdown(r, sweep);
     let mut charts = String::new();
     for c in self::charts(r, sweep) {
@@ -840,15 +873,38 @@ mod tests {
             sample(4000.0, 300_000),
         ];
         assert!(steps[1].under_knee() && !steps[2].under_knee());
-        let j = sweep_json(&steps, Some(1));
+        let mut sw = Sweep {
+            steps,
+            knee: Some(1),
+            half_knee: None,
+        };
+        let j = sweep_json(&sw);
         assert_eq!(j["sweep"]["knee_rate"], json!(2000.0));
         assert_eq!(j["sweep"]["steps"].as_array().expect("steps").len(), 3);
+        assert_eq!(j["sweep"]["half_knee"], Value::Null);
         assert_eq!(j["rate_target"], json!(2000.0));
-        let md = markdown(&steps[1], Some((&steps, Some(1))));
+        let md = markdown(sw.main_step(), Some(&sw));
         assert!(md.contains("## Sweep") && md.contains("under the knee"));
-        let h = html(&steps[1], Some((&steps, Some(1))));
+        assert!(!md.contains("half the knee"));
+        let h = html(sw.main_step(), Some(&sw));
         assert_eq!(h.matches("<svg").count(), 4);
         assert!(h.contains("<table>") && !h.contains("NaN"));
         assert!(h.contains("<b>PASS</b>"));
+
+        // The half-knee run is reported beside the steps, with its own p99.
+        sw.half_knee = Some(sample(1000.0, 7000));
+        let j = sweep_json(&sw);
+        assert_eq!(j["sweep"]["half_knee"]["rate"], json!(1000.0));
+        assert_eq!(j["sweep"]["steps"].as_array().expect("steps").len(), 3);
+        let p99 = j["sweep"]["half_knee"]["latency_ms"]["e2e"]["p99"]
+            .as_f64()
+            .expect("half-knee p99");
+        let md = markdown(sw.main_step(), Some(&sw));
+        let line = md
+            .lines()
+            .find(|l| l.starts_with("At half the knee"))
+            .expect("half-knee line");
+        assert!(line.contains("1000 msgs/s offered"), "{line}");
+        assert!(line.contains(&format!("**p99 {p99:.2} ms**")), "{line}");
     }
 }

@@ -255,6 +255,9 @@ pub struct Scenario {
     /// The knee: the highest swept rate with p95 e2e latency below this, no errors, nothing lost.
     /// Default 100.
     pub knee_p95_ms: f64,
+    /// After a sweep finds its knee, run one more step at half the knee's offered rate (the
+    /// latency a box shows with 2× headroom) and report it beside the sweep. Default false.
+    pub half_knee: bool,
     /// Seed of every random choice (send times, senders, peers, sizes). Default 1.
     pub seed: u64,
     /// First user id; 0 = a fresh block derived from the clock (so chats start empty). Default 0.
@@ -289,6 +292,7 @@ impl Default for Scenario {
             conns_per_worker_max: CONNS_PER_WORKER_DEFAULT,
             sweep: Vec::new(),
             knee_p95_ms: 100.0,
+            half_knee: false,
             seed: 1,
             first_user: 0,
         }

@@ -1,0 +1,197 @@
+//! The load generator end to end: a real `switchboard serve` process, `switchboard-loadgen run`
+//! as a child (with its worker processes), and the report it writes read back.
+//!
+//! The server binary is the workspace's `target/<profile>/switchboard`, next to this package's
+//! binary; `cargo test --workspace` builds it. When it is missing (`cargo test -p
+//! switchboard-loadgen` on a fresh tree) the test builds it with the same cargo.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+struct Server {
+    child: Child,
+    addr: String,
+    dir: PathBuf,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn server_binary() -> PathBuf {
+    let lg = PathBuf::from(env!("CARGO_BIN_EXE_switchboard-loadgen"));
+    let bin = lg.with_file_name("switchboard");
+    if !bin.exists() {
+        let release = lg
+            .parent()
+            .and_then(Path::file_name)
+            .is_some_and(|p| p == "release");
+        let mut c = Command::new(env!("CARGO"));
+        c.args(["build", "-p", "switchboard", "--bin", "switchboard"]);
+        if release {
+            c.arg("--release");
+        }
+        let st = c.status().expect("run cargo build for the server binary");
+        assert!(st.success(), "building the server binary failed");
+    }
+    assert!(bin.exists(), "no server binary at {}", bin.display());
+    bin
+}
+
+fn start_server(name: &str) -> Server {
+    let dir = std::env::temp_dir().join(format!("sb-loadgen-e2e-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("mkdir");
+    // The simulated users send faster than the per-user limit a person needs (as in run.sh).
+    let cfg = dir.join("server.toml");
+    std::fs::write(
+        &cfg,
+        "messages_per_user_burst = 1000000\nmessages_per_user_refill_per_s = 1000\n\
+         frames_per_conn_burst = 1000000\nframes_per_conn_refill_per_s = 1000\n",
+    )
+    .expect("config");
+    let mut child = Command::new(server_binary())
+        .arg("serve")
+        .arg("--config")
+        .arg(&cfg)
+        .args(["--listen", "127.0.0.1:0", "--cores", "1", "--data-dir"])
+        .arg(dir.join("data"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn switchboard");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("read server banner");
+    let addr = line
+        .split_whitespace()
+        .nth(3)
+        .unwrap_or_else(|| panic!("unexpected banner {line:?}"))
+        .to_string();
+    Server { child, addr, dir }
+}
+
+/// Runs `switchboard-loadgen run` against `s` with `args`; returns its exit code and the
+/// parsed report.json.
+fn loadgen(s: &Server, report: &str, args: &[&str]) -> (i32, serde_json::Value) {
+    let out_dir = s.dir.join(report);
+    let out = Command::new(env!("CARGO_BIN_EXE_switchboard-loadgen"))
+        .arg("run")
+        .arg("--target")
+        .arg(format!("ws://{}", s.addr))
+        .arg("--data-dir")
+        .arg(s.dir.join("data"))
+        .arg("--report")
+        .arg(&out_dir)
+        .args([
+            "--quiet",
+            "--warmup",
+            "1s",
+            "--duration",
+            "2s",
+            "--drain",
+            "5s",
+        ])
+        .args(args)
+        .output()
+        .expect("run switchboard-loadgen");
+    let code = out.status.code().expect("exit code");
+    let text = std::fs::read_to_string(out_dir.join("report.json")).unwrap_or_else(|e| {
+        panic!(
+            "no report.json ({e}); exit {code}; stderr:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    let md = std::fs::read_to_string(out_dir.join("report.md")).expect("report.md");
+    let html = std::fs::read_to_string(out_dir.join("report.html")).expect("report.html");
+    assert!(md.starts_with("# Switchboard load report"), "{md}");
+    assert!(html.contains("<svg"), "report.html has no plots");
+    let v: serde_json::Value = serde_json::from_str(&text).expect("report.json parses");
+    // Reported beside the JSON for a failing assertion's context.
+    assert_eq!(v["schema"], "switchboard-loadgen/report/v1", "{text}");
+    (code, v)
+}
+
+fn num(v: &serde_json::Value, path: &[&str]) -> f64 {
+    let mut x = v;
+    for p in path {
+        x = &x[*p];
+    }
+    x.as_f64()
+        .unwrap_or_else(|| panic!("{} is not a number: {x}", path.join(".")))
+}
+
+#[test]
+fn a_sweep_finds_its_knee_and_measures_half_of_it_over_real_sockets() {
+    let s = start_server("sweep");
+    let (code, v) = loadgen(
+        &s,
+        "sweep",
+        &[
+            "--connections",
+            "40",
+            "--contacts-per-user",
+            "2",
+            "--sweep",
+            "100,200",
+            "--half-knee",
+        ],
+    );
+    assert_eq!(code, 0, "{v:#}");
+    // Both rates are far below this server's knee: the knee is the top one and the half-knee
+    // run is a separate run at half its offered rate.
+    assert_eq!(num(&v, &["sweep", "knee_rate"]), 200.0, "{v:#}");
+    assert_eq!(
+        v["sweep"]["steps"].as_array().map(Vec::len),
+        Some(2),
+        "{v:#}"
+    );
+    let half = &v["sweep"]["half_knee"];
+    assert_eq!(num(half, &["rate"]), 100.0, "{v:#}");
+    assert_eq!(half["ok"], true, "{v:#}");
+    assert_eq!(num(half, &["lost"]), 0.0);
+    assert!(num(half, &["throughput_msgs_per_s"]) > 50.0, "{half:#}");
+    assert!(num(half, &["latency_ms", "e2e", "p99"]) > 0.0, "{half:#}");
+    // The top of the report is the knee step, with the correctness checker's counts.
+    assert_eq!(num(&v, &["connections_established"]), 40.0);
+    assert!(num(&v, &["messages_delivered"]) > 0.0);
+    for k in ["lost", "duplicates", "order_violations", "connect_errors"] {
+        assert_eq!(num(&v, &[k]), 0.0, "{k}: {v:#}");
+    }
+    let md = std::fs::read_to_string(s.dir.join("sweep/report.md")).expect("report.md");
+    let line = md
+        .lines()
+        .find(|l| l.starts_with("At half the knee"))
+        .unwrap_or_else(|| panic!("no half-knee line in\n{md}"));
+    assert!(line.contains("100 msgs/s offered"), "{line}");
+}
+
+#[test]
+fn a_sweep_with_no_rate_under_the_limit_fails_its_exit_code() {
+    let s = start_server("nokneee");
+    // A p95 limit of 1 µs no real round trip meets: no knee, so no half-knee run either.
+    let (code, v) = loadgen(
+        &s,
+        "sweep",
+        &[
+            "--connections",
+            "20",
+            "--sweep",
+            "50",
+            "--half-knee",
+            "--knee-p95-ms",
+            "0.001",
+        ],
+    );
+    assert_eq!(code, 1, "{v:#}");
+    assert!(v["sweep"]["knee_rate"].is_null(), "{v:#}");
+    assert!(v["sweep"]["half_knee"].is_null(), "{v:#}");
+    // The run itself was fine: only the latency limit failed.
+    assert_eq!(num(&v, &["lost"]), 0.0, "{v:#}");
+}
