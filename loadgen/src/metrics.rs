@@ -24,8 +24,84 @@ pub struct Scrape {
     pub slow_consumer_closes_total: u64,
     /// Server cores: the number of `switchboard_connections{core=…}` series.
     pub cores: u64,
+    /// `switchboard_fsync_latency_us`: group commit write + fdatasync, microseconds.
+    pub fsync_us: Buckets,
+    /// `switchboard_commit_batch_records`: records per group commit.
+    pub commit_batch: Buckets,
     /// When the scrape's response was complete.
     pub at: Option<Instant>,
+}
+
+/// Most buckets kept of one Prometheus histogram (the server's have ≤ 13 with `+Inf`).
+pub const BUCKETS_MAX: usize = 16;
+
+/// One Prometheus histogram summed over cores: cumulative counts per upper bound (`le`, ascending;
+/// `u64::MAX` for `+Inf`), `_sum` and `_count`. Bounds past `BUCKETS_MAX` are dropped (and the
+/// quantiles then report the last kept bound or `+Inf`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Buckets {
+    pub le: [u64; BUCKETS_MAX],
+    pub cumulative: [u64; BUCKETS_MAX],
+    pub len: usize,
+    pub sum: u64,
+    pub count: u64,
+}
+
+impl Buckets {
+    fn add_bucket(&mut self, le: u64, v: u64) {
+        let at = self.le[..self.len].partition_point(|&b| b < le);
+        if at < self.len && self.le[at] == le {
+            self.cumulative[at] += v;
+            return;
+        }
+        if self.len == BUCKETS_MAX {
+            return;
+        }
+        self.le.copy_within(at..self.len, at + 1);
+        self.cumulative.copy_within(at..self.len, at + 1);
+        self.le[at] = le;
+        self.cumulative[at] = v;
+        self.len += 1;
+    }
+
+    /// What was observed between `earlier` and `self` (same server, same bounds); `None` when
+    /// the bounds differ or a counter went backwards (a restarted server).
+    pub fn since(&self, earlier: &Buckets) -> Option<Buckets> {
+        if earlier.len != 0
+            && (earlier.len != self.len || earlier.le[..self.len] != self.le[..self.len])
+        {
+            return None;
+        }
+        let mut d = *self;
+        for i in 0..self.len {
+            let before = if earlier.len == 0 {
+                0
+            } else {
+                earlier.cumulative[i]
+            };
+            d.cumulative[i] = self.cumulative[i].checked_sub(before)?;
+        }
+        d.sum = self.sum.checked_sub(earlier.sum)?;
+        d.count = self.count.checked_sub(earlier.count)?;
+        Some(d)
+    }
+
+    /// The smallest bucket bound at or below which a `q` share of the observations fall
+    /// (`u64::MAX`: only `+Inf` holds them); `None` without observations.
+    pub fn quantile_le(&self, q: f64) -> Option<u64> {
+        if self.count == 0 {
+            return None;
+        }
+        let want = (q * self.count as f64).ceil().max(1.0) as u64;
+        (0..self.len)
+            .find(|&i| self.cumulative[i] >= want)
+            .map(|i| self.le[i])
+            .or(Some(u64::MAX))
+    }
+
+    pub fn mean(&self) -> Option<f64> {
+        (self.count > 0).then(|| self.sum as f64 / self.count as f64)
+    }
 }
 
 /// `GET /metrics` from `addr` over a fresh connection (the server closes it after the response).
@@ -77,6 +153,30 @@ pub fn parse(body: &str) -> Scrape {
             continue;
         };
         let name = series.split('{').next().unwrap_or(series);
+        for (base, h) in [
+            ("switchboard_fsync_latency_us", &mut s.fsync_us),
+            ("switchboard_commit_batch_records", &mut s.commit_batch),
+        ] {
+            match name.strip_prefix(base) {
+                Some("_bucket") => {
+                    let le = series
+                        .split_once("le=\"")
+                        .and_then(|(_, rest)| rest.split('"').next());
+                    match le {
+                        Some("+Inf") => h.add_bucket(u64::MAX, value),
+                        Some(b) => {
+                            if let Ok(b) = b.parse::<u64>() {
+                                h.add_bucket(b, value);
+                            }
+                        }
+                        None => {}
+                    }
+                }
+                Some("_sum") => h.sum += value,
+                Some("_count") => h.count += value,
+                _ => {}
+            }
+        }
         if name == "switchboard_connections" && series.contains("core=") {
             s.cores += 1;
         }
@@ -123,7 +223,52 @@ garbage line\n";
                 slow_consumer_closes_total: 0,
                 cores: 2,
                 at: None,
+                ..Scrape::default()
             }
         );
+    }
+
+    #[test]
+    fn histograms_sum_over_cores_and_give_bucket_quantiles() {
+        let body = "switchboard_fsync_latency_us_bucket{core=\"0\",le=\"100\"} 1\n\
+switchboard_fsync_latency_us_bucket{core=\"0\",le=\"250\"} 8\n\
+switchboard_fsync_latency_us_bucket{core=\"0\",le=\"+Inf\"} 10\n\
+switchboard_fsync_latency_us_sum{core=\"0\"} 2000\n\
+switchboard_fsync_latency_us_count{core=\"0\"} 10\n\
+switchboard_fsync_latency_us_bucket{core=\"1\",le=\"100\"} 0\n\
+switchboard_fsync_latency_us_bucket{core=\"1\",le=\"250\"} 80\n\
+switchboard_fsync_latency_us_bucket{core=\"1\",le=\"+Inf\"} 90\n\
+switchboard_fsync_latency_us_sum{core=\"1\"} 18000\n\
+switchboard_fsync_latency_us_count{core=\"1\"} 90\n\
+switchboard_commit_batch_records_bucket{core=\"0\",le=\"4\"} 3\n\
+switchboard_commit_batch_records_bucket{core=\"0\",le=\"1\"} 2\n\
+switchboard_commit_batch_records_count{core=\"0\"} 3\n";
+        let s = parse(body);
+        let f = s.fsync_us;
+        assert_eq!(&f.le[..f.len], &[100, 250, u64::MAX]);
+        assert_eq!(&f.cumulative[..f.len], &[1, 88, 100]);
+        assert_eq!((f.sum, f.count), (20_000, 100));
+        assert_eq!(f.quantile_le(0.01), Some(100));
+        assert_eq!(f.quantile_le(0.5), Some(250));
+        assert_eq!(f.quantile_le(0.88), Some(250));
+        assert_eq!(f.quantile_le(0.89), Some(u64::MAX));
+        assert_eq!(f.mean(), Some(200.0));
+        // Buckets sorted by bound whatever the line order.
+        assert_eq!(&s.commit_batch.le[..2], &[1, 4]);
+
+        let earlier = parse(
+            "switchboard_fsync_latency_us_bucket{core=\"0\",le=\"100\"} 1\n\
+switchboard_fsync_latency_us_bucket{core=\"0\",le=\"250\"} 1\n\
+switchboard_fsync_latency_us_bucket{core=\"0\",le=\"+Inf\"} 1\n\
+switchboard_fsync_latency_us_sum{core=\"0\"} 50\n\
+switchboard_fsync_latency_us_count{core=\"0\"} 1\n",
+        );
+        let d = f.since(&earlier.fsync_us).expect("same bounds");
+        assert_eq!(&d.cumulative[..d.len], &[0, 87, 99]);
+        assert_eq!((d.sum, d.count), (19_950, 99));
+        assert_eq!(d.quantile_le(0.5), Some(250));
+        // A restarted server (counters went down) gives no delta.
+        assert_eq!(earlier.fsync_us.since(&f), None);
+        assert_eq!(Buckets::default().quantile_le(0.5), None);
     }
 }

@@ -14,6 +14,7 @@ use hdrhistogram::Histogram;
 use serde_json::{json, Map, Value};
 
 use crate::coord::{Row, RunResult, Sweep};
+use crate::metrics::Buckets;
 use crate::report::human_bytes;
 use crate::svg::{self, Axis, Chart, Series};
 use crate::worker::phase;
@@ -117,6 +118,46 @@ pub fn server_memory(r: &RunResult) -> (Option<u64>, Option<f64>) {
     (rss, per)
 }
 
+/// The server's group commits during the message phase (warm-up, measured window and drain):
+/// fsync latency and records per commit, from its `/metrics` histograms (connected → end).
+pub fn server_commits(r: &RunResult) -> Option<(Buckets, Buckets)> {
+    let (a, e) = (r.server.connected?, r.server.end?);
+    Some((
+        e.fsync_us.since(&a.fsync_us)?,
+        e.commit_batch.since(&a.commit_batch)?,
+    ))
+}
+
+fn le_json(v: Option<u64>) -> Value {
+    match v {
+        None => Value::Null,
+        Some(u64::MAX) => json!("+Inf"),
+        Some(b) => json!(b),
+    }
+}
+
+fn le_text(v: Option<u64>) -> String {
+    match v {
+        None => "–".into(),
+        Some(u64::MAX) => "> the last bucket".into(),
+        Some(b) => format!("≤ {b}"),
+    }
+}
+
+fn commits_json(r: &RunResult) -> Value {
+    let Some((f, b)) = server_commits(r) else {
+        return Value::Null;
+    };
+    json!({
+        "commits": f.count,
+        "fsync_us_mean": f.mean().map(round3),
+        "fsync_us_p50_le": le_json(f.quantile_le(0.5)),
+        "fsync_us_p99_le": le_json(f.quantile_le(0.99)),
+        "fsync_us_p999_le": le_json(f.quantile_le(0.999)),
+        "records_per_commit_mean": b.mean().map(round3),
+    })
+}
+
 /// The report of one run (the fields of issue 4 plus the detail behind them).
 pub fn run_json(r: &RunResult) -> Value {
     let res = &r.result;
@@ -182,6 +223,7 @@ pub fn run_json(r: &RunResult) -> Value {
         "server_cores": r.server.connected.or(r.server.before).map(|s| s.cores),
         "server_messages_persisted": persisted,
         "server_cpu_s": r.server.cpu_s.map(round3),
+        "server_commits": commits_json(r),
         "client_cpu_s": round3(r.client_cpu_s),
         "client_rss_bytes": res.num("client_rss_bytes"),
         "ok": r.ok(),
@@ -212,6 +254,7 @@ fn step_json(s: &RunResult) -> Value {
         "under_knee": s.under_knee(),
         "failures": s.failures,
         "server_cpu_s": s.server.cpu_s.map(round3),
+        "server_commits": commits_json(s),
         "client_cpu_s": round3(s.client_cpu_s),
         "server_rss_bytes": server_memory(s).0,
         "bytes_per_connection": server_memory(s).1.map(f64::round),
@@ -379,6 +422,18 @@ pub fn markdown(r: &RunResult, sweep: Option<&Sweep>) -> String {
         "| server CPU (message phase) | {} |",
         opt(r.server.cpu_s.map(|c| format!("{c:.1} s")))
     );
+    if let Some((f, b)) = server_commits(r) {
+        let _ = writeln!(
+            o,
+            "| server group commits (message phase) | {} commits, {} records each on average; write + fdatasync mean {} µs, p50 {} µs, p99 {} µs, p99.9 {} µs (bucket bounds) |",
+            f.count,
+            opt(b.mean().map(|m| format!("{m:.1}"))),
+            opt(f.mean().map(|m| format!("{m:.0}"))),
+            le_text(f.quantile_le(0.5)),
+            le_text(f.quantile_le(0.99)),
+            le_text(f.quantile_le(0.999)),
+        );
+    }
     let _ = writeln!(
         o,
         "| load generator CPU (all workers) | {:.1} s |",

@@ -164,7 +164,20 @@ fn a_sweep_finds_its_knee_and_measures_half_of_it_over_real_sockets() {
     for k in ["lost", "duplicates", "order_violations", "connect_errors"] {
         assert_eq!(num(&v, &[k]), 0.0, "{k}: {v:#}");
     }
+    // Every acknowledged message went through a group commit the server's /metrics counted.
+    let commits = &v["server_commits"];
+    assert!(num(commits, &["commits"]) > 0.0, "{commits:#}");
+    assert!(num(commits, &["fsync_us_mean"]) > 0.0, "{commits:#}");
+    assert!(
+        num(commits, &["records_per_commit_mean"]) >= 1.0,
+        "{commits:#}"
+    );
+    assert!(!commits["fsync_us_p99_le"].is_null(), "{commits:#}");
     let md = std::fs::read_to_string(s.dir.join("sweep/report.md")).expect("report.md");
+    assert!(
+        md.contains("| server group commits (message phase) |"),
+        "{md}"
+    );
     let line = md
         .lines()
         .find(|l| l.starts_with("At half the knee"))
