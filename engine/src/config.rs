@@ -98,7 +98,7 @@ pub struct Config {
     pub segment_bytes_max: u64,
     /// Preallocate log segments: each new segment is zero-filled (real writes) and synced in the
     /// background before the roll that uses it, so a commit's `fdatasync` flushes data only (no
-    /// size or extent metadata, no journal commit): 10–25% faster appends on ext4 (see
+    /// size or extent metadata, no journal commit): ~0.64× the append time on ext4 in one run (see
     /// `benches/results/dev-2vcpu/log-append-prealloc.md`). Default true. Costs: every log byte
     /// is written twice (zeros, then records) and each shard keeps one spare segment
     /// (`segment_bytes_max`, 64 MiB) on disk. A fresh shard's first segment is not preallocated.

@@ -9,8 +9,10 @@
 //!        │                                   │                                    │
 //!        ▼                                   ▼                                    ▼
 //!  ShardState::mark_durable          <data_dir>/shard-<k>/seg-<first offset>.log   acks, delivery
+//!                                    (records, then zeros if preallocated; the next segment is
+//!                                     zero-filled in the background as seg-next.spare)
 //!
-//!  start-up: EmbeddedStore::open ──scan, verify CRCs, finish torn purges, cut torn tail──►
+//!  start-up: EmbeddedStore::open ──scan, verify CRCs, finish torn purges, cut/zero torn tail──►
 //!            Vec<Record> ──► ShardState::recover
 //!
 //!  delete for everyone: append([.., Deleted event, ..]) ──Ok──► EmbeddedStore::purge(chat, seqs)
@@ -28,6 +30,8 @@
 //! **Invariant:** the store never sees protocol frames or sockets; it stores [`Record`]s.
 //! **Invariant:** `append` returns `Ok` only after `fdatasync` of every byte it wrote (and of the
 //! directory when it created a segment).
+//! **Invariant:** after a segment's records come only zeros, except an append that has not
+//! returned `Ok` (at most `sync_round_bytes_max` bytes right after them, in the last segment).
 //! **Invariant:** records are only ever appended, except that `purge` (and recovery completing a
 //! torn purge) rewrites a message's `content_kind`, payload and CRC in place; its length, seq and
 //! every other field never change, so index entries stay valid.

@@ -6,16 +6,44 @@
 //! is the 16-digit zero-padded *global byte offset* of the segment's first byte in the shard's
 //! log. Segments are therefore contiguous: each one starts where the previous one ends, which
 //! `open` checks (a missing or cut segment is detected). A segment is a plain concatenation of
-//! framed records (see [`crate::record`]); only the last one is ever appended to.
+//! framed records (see [`crate::record`]), possibly followed by zeros (free space, see below);
+//! only the last one is ever appended to. A segment's *logical end* (the end of its records,
+//! kept in memory) is where appends go and where the next segment's base starts; the file may be
+//! longer.
+//!
+//! # Preallocation
+//!
+//! With `StoreConfig::preallocate_segments` (the default), segments after a fresh shard's first
+//! one are created at their full `segment_bytes_max`, zero-filled with real writes and
+//! `fdatasync`ed before any record goes into them. An append then overwrites zeros inside the
+//! file: its `fdatasync` has no file size or extent change to commit, only data (on ext4 no
+//! journal commit, see `benches/results/dev-2vcpu/log-append-prealloc.md`); `fallocate` alone
+//! would not do, since its unwritten extents need a metadata update at their first write.
+//!
+//! ```text
+//!  active segment half full ──spawn──► fill_spare task (background, same core):
+//!      seg-next.spare.tmp ◄── zeros, 1 MiB writes, fdatasync every 8 MiB ──► rename seg-next.spare
+//!  roll (next write would pass segment_bytes_max):
+//!      spare ready?  yes ─► rename seg-next.spare → seg-<base>.log, flock, fsync dir
+//!                    no  ─► create seg-<base>.log empty (O_EXCL), fsync dir  (grows; never waits)
+//! ```
+//!
+//! A fresh shard's first segment grows (a fresh server writes nothing extra at start) unless
+//! [`EmbeddedStore::prepare_spare`] readied a spare before its first append, which then takes
+//! the empty segment's place. At `open`, an unfinished `seg-next.spare.tmp` is removed and a
+//! complete `seg-next.spare` of the configured size is kept for the next roll (otherwise
+//! removed). Costs: every segment byte is written twice (zeros, then records), one spare per
+//! shard sits on disk, and appends into a page the fill evicted from the page cache read it
+//! back first (a partial-page write into an existing block).
 //!
 //! # Durability
 //!
-//! `append` encodes a whole batch into one buffer, writes it with one positional write at the end
-//! of the active segment, and issues one `fdatasync` (a batch larger than
+//! `append` encodes a whole batch into one buffer, writes it with one positional write at the
+//! logical end of the active segment, and issues one `fdatasync` (a batch larger than
 //! `StoreConfig::sync_round_bytes_max()` takes several such rounds, so the bytes written but not
 //! yet synced stay bounded). A new segment is created (with `O_EXCL`)
-//! and its directory `fdatasync`ed before any record goes into it. Only then does the in-memory
-//! index change, so readers never see a record that is not durable.
+//! (or renamed from the spare) and its directory `fdatasync`ed before any record goes into it.
+//! Only then does the in-memory index change, so readers never see a record that is not durable.
 //!
 //! # Purge ("delete for everyone")
 //!
@@ -39,7 +67,13 @@
 //!
 //! # Recovery
 //!
-//! `open` scans every segment and verifies every CRC. It repairs two kinds of damage:
+//! `open` scans every segment and verifies every CRC. A record header of zeros is *free space*
+//! (no record has an empty body): the segment's records end there if only zeros follow; its
+//! *data end* (just after its last non-zero byte, found by reading backwards from the file's
+//! end) then lies at or before it. Non-zero bytes after free space are damage: in a sealed
+//! segment always a hard [`Corruption::NonZeroAfterEnd`] (nothing is appended to a sealed
+//! segment), in the last one a torn append when within the tail window (below), else the same
+//! hard error. It repairs two kinds of damage:
 //!
 //! - **A torn purge.** A crash in the middle of a purge can leave a record anywhere in the log as
 //!   a mix of old and new bytes: its CRC fails but every byte other than `content_kind`, the
@@ -59,9 +93,12 @@
 //!   Recovery then completes the purge (writes the tombstone, `fdatasync`), returns the tombstone
 //!   and reports it in [`RecoveryReport::purges_completed`].
 //! - **A torn append.** Damage at the end of the last segment, within the last
-//!   `StoreConfig::sync_round_bytes_max()` bytes, can only be a write that was never
-//!   `fdatasync`ed, of an append that never returned `Ok`, so it is cut off and the truncation
-//!   `fdatasync`ed.
+//!   `StoreConfig::sync_round_bytes_max()` bytes before its data end, can only be a write that
+//!   was never `fdatasync`ed, of an append that never returned `Ok` (an append writes only at the
+//!   logical end, at most that many bytes, and nothing else writes non-zero bytes past it), so it
+//!   is cut off: a growing segment is truncated, a preallocated one gets zeros up to its data
+//!   end (keeping its size), and the cut is `fdatasync`ed. This includes an append whose first
+//!   sectors never reached the disk but later ones did (zeros, then non-zero bytes).
 //!
 //! Damage anywhere else would be acknowledged data and is a hard [`StorageError::Corrupt`]: a CRC
 //! failure that is neither marked nor named, and any damage to the bytes a purge leaves alone
