@@ -1,5 +1,8 @@
 //! Group-commit cost of the embedded store: `EmbeddedStore::append` of batches of 1, 16 and 128
-//! message records (200 B payloads), each append one write plus one real `fdatasync`.
+//! message records (200 B payloads), each append one write plus one real `fdatasync`, into a
+//! growing segment (`grow`: every append extends the file, so its `fdatasync` also commits the
+//! new size and extents) and into a preallocated one (`prealloc`: zero-filled and synced before
+//! the first append, so the `fdatasync` flushes data only).
 //!
 //! ```text
 //!  [Record; batch] ──encode+crc──► one write_at ──► one fdatasync ──► index ──► Ok
@@ -66,64 +69,72 @@ fn log_append(c: &mut Criterion) {
     group.sample_size(20);
     group.warm_up_time(Duration::from_secs(1));
     group.measurement_time(Duration::from_secs(4));
-    for batch in BATCHES {
-        group.throughput(Throughput::Elements(batch as u64));
-        let sync_us = RefCell::new(Vec::new());
-        group.bench_with_input(
-            BenchmarkId::new("records_200B", batch),
-            &batch,
-            |b, &batch| {
-                b.iter_custom(|iters| {
-                    ex.run(async {
-                        let tmp = tempdir();
-                        let (store, _) = EmbeddedStore::open(
-                            &tmp.path().join("shard-0"),
-                            StoreConfig::default(),
-                        )
-                        .await
-                        .expect("open store");
-                        store
-                            .append(&[Record::ChatCreated {
-                                chat: CHAT,
-                                kind: ChatKind::Direct,
-                                members: vec![UserId(1), UserId(2)],
-                                created_ms: 0,
-                            }])
-                            .await
-                            .expect("create chat");
-                        let mut records = template(batch);
-                        let mut seq = 0u64;
-                        let mut syncs = Vec::with_capacity(iters as usize);
-                        let mut elapsed = Duration::ZERO;
-                        for _ in 0..iters {
-                            for r in &mut records {
-                                if let Record::Message(m) = r {
-                                    seq += 1;
-                                    m.seq = Seq(seq);
-                                    m.msg_id = MsgId(seq);
+    for (mode, preallocate_segments) in [("grow", false), ("prealloc", true)] {
+        for batch in BATCHES {
+            group.throughput(Throughput::Elements(batch as u64));
+            let sync_us = RefCell::new(Vec::new());
+            group.bench_with_input(
+                BenchmarkId::new(format!("records_200B_{mode}"), batch),
+                &batch,
+                |b, &batch| {
+                    b.iter_custom(|iters| {
+                        ex.run(async {
+                            let tmp = tempdir();
+                            let cfg = StoreConfig {
+                                preallocate_segments,
+                                ..StoreConfig::default()
+                            };
+                            let (store, _) = EmbeddedStore::open(&tmp.path().join("shard-0"), cfg)
+                                .await
+                                .expect("open store");
+                            // Preallocated: a zero-filled spare, adopted by the first append in
+                            // place of the fresh shard's empty segment (not timed).
+                            store.prepare_spare().await.expect("spare segment");
+                            store
+                                .append(&[Record::ChatCreated {
+                                    chat: CHAT,
+                                    kind: ChatKind::Direct,
+                                    members: vec![UserId(1), UserId(2)],
+                                    created_ms: 0,
+                                }])
+                                .await
+                                .expect("create chat");
+                            assert_eq!(store.active_preallocated(), preallocate_segments);
+                            let mut records = template(batch);
+                            let mut seq = 0u64;
+                            let mut syncs = Vec::with_capacity(iters as usize);
+                            let mut elapsed = Duration::ZERO;
+                            for _ in 0..iters {
+                                for r in &mut records {
+                                    if let Record::Message(m) = r {
+                                        seq += 1;
+                                        m.seq = Seq(seq);
+                                        m.msg_id = MsgId(seq);
+                                    }
                                 }
+                                let start = Instant::now();
+                                let stats = store.append(&records).await.expect("append");
+                                elapsed += start.elapsed();
+                                syncs.push(stats.sync_us);
                             }
-                            let start = Instant::now();
-                            let stats = store.append(&records).await.expect("append");
-                            elapsed += start.elapsed();
-                            syncs.push(stats.sync_us);
-                        }
-                        sync_us.borrow_mut().extend(syncs);
-                        store.close().await.expect("close store");
-                        elapsed
+                            sync_us.borrow_mut().extend(syncs);
+                            store.close().await.expect("close store");
+                            elapsed
+                        })
                     })
-                })
-            },
-        );
-        let mut s = sync_us.into_inner();
-        s.sort_unstable();
-        println!(
-            "log_append/records_200B/{batch}: fdatasync us p50 {} p99 {} p999 {} over {} appends",
+                },
+            );
+            let mut s = sync_us.into_inner();
+            s.sort_unstable();
+            println!(
+            "log_append/records_200B_{mode}/{batch}: fdatasync us p50 {} p99 {} p999 {} over {} \
+             appends",
             percentile(&s, 0.50),
             percentile(&s, 0.99),
             percentile(&s, 0.999),
             s.len()
         );
+        }
     }
     group.finish();
 }

@@ -46,6 +46,7 @@ impl Shard {
         let store_cfg = StoreConfig {
             segment_bytes_max: cfg.segment_bytes_max,
             dedup_entries_max: cfg.dedup_entries_max,
+            preallocate_segments: cfg.preallocate_segments,
             ..StoreConfig::default()
         };
         let (store, records) = EmbeddedStore::open(&dir, store_cfg).await?;

@@ -9,8 +9,10 @@
 //!        │                                   │                                    │
 //!        ▼                                   ▼                                    ▼
 //!  ShardState::mark_durable          <data_dir>/shard-<k>/seg-<first offset>.log   acks, delivery
+//!                                    (records, then zeros if preallocated; the next segment is
+//!                                     zero-filled in the background as seg-next.spare)
 //!
-//!  start-up: EmbeddedStore::open ──scan, verify CRCs, finish torn purges, cut torn tail──►
+//!  start-up: EmbeddedStore::open ──scan, verify CRCs, finish torn purges, cut/zero torn tail──►
 //!            Vec<Record> ──► ShardState::recover
 //!
 //!  delete for everyone: append([.., Deleted event, ..]) ──Ok──► EmbeddedStore::purge(chat, seqs)
@@ -28,6 +30,8 @@
 //! **Invariant:** the store never sees protocol frames or sockets; it stores [`Record`]s.
 //! **Invariant:** `append` returns `Ok` only after `fdatasync` of every byte it wrote (and of the
 //! directory when it created a segment).
+//! **Invariant:** after a segment's records come only zeros, except an append that has not
+//! returned `Ok` (at most `sync_round_bytes_max` bytes right after them, in the last segment).
 //! **Invariant:** records are only ever appended, except that `purge` (and recovery completing a
 //! torn purge) rewrites a message's `content_kind`, payload and CRC in place; its length, seq and
 //! every other field never change, so index entries stay valid.
@@ -69,6 +73,7 @@ pub const UNSYNCED_BYTES_MAX_DEFAULT: usize = 16 * 1024 * 1024;
 /// | `segment_bytes_max`  | 64 MiB     | larger: fewer files and fds; smaller: finer future retention |
 /// | `dedup_entries_max`  | 1,000,000  | larger: longer retry window; ~100 B of memory per entry      |
 /// | `unsynced_bytes_max` | 16 MiB     | larger: fewer fsyncs for huge batches; wider torn-tail window |
+/// | `preallocate_segments` | true     | cheaper `fdatasync`; costs a zero-filled spare segment on disk |
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StoreConfig {
     /// A segment file is closed and a new one started when the next write would take it past
@@ -92,6 +97,18 @@ pub struct StoreConfig {
     /// hard error. Lowering it between runs is therefore conservative (may refuse to open),
     /// raising it is safe. At least one largest record.
     pub unsynced_bytes_max: usize,
+    /// Whether new segments are preallocated: created at their full `segment_bytes_max`,
+    /// zero-filled with real writes and `fdatasync`ed *before* any record goes into them, so
+    /// that an append's `fdatasync` only has data to flush (no file size or extent change, hence
+    /// no journal commit on ext4/xfs). Default true. The zero-filling runs in a background task
+    /// of the shard's core once the active segment is half full (a spare, `seg-next.spare`,
+    /// renamed into place at the next roll), so the commit path never waits for it; a roll that
+    /// comes before the spare is ready starts a growing segment as without preallocation.
+    /// Costs: every segment's bytes are written twice (zeros, then records), one spare segment
+    /// per shard sits on disk (64 MiB by default) and in the page cache while it is written.
+    /// A fresh shard's first segment grows as before (so a fresh server writes nothing extra at
+    /// start). Logs written with either setting open with the other.
+    pub preallocate_segments: bool,
 }
 
 impl Default for StoreConfig {
@@ -100,6 +117,7 @@ impl Default for StoreConfig {
             segment_bytes_max: SEGMENT_BYTES_MAX_DEFAULT,
             dedup_entries_max: DEDUP_ENTRIES_MAX_DEFAULT,
             unsynced_bytes_max: UNSYNCED_BYTES_MAX_DEFAULT,
+            preallocate_segments: true,
         }
     }
 }
@@ -157,6 +175,10 @@ pub enum Corruption {
     DamageBeforeTail { bytes_after: u64 },
     /// A segment does not start where the previous one ended (a segment is missing or was cut).
     SegmentGap { expected_base: u64 },
+    /// Free space (zeros after the last record of a segment) followed by non-zero bytes, up to
+    /// `data_end`: bytes no append wrote, in a sealed segment or too far from the end of the last
+    /// one to be an interrupted append.
+    NonZeroAfterEnd { data_end: u64 },
     /// A segment file is larger than 32-bit offsets can index.
     SegmentTooLarge { len: u64 },
     /// A CRC-valid message whose seq is not its chat's next one.
@@ -187,6 +209,10 @@ impl fmt::Display for Corruption {
                     "segment does not start at the expected offset {expected_base}"
                 )
             }
+            Corruption::NonZeroAfterEnd { data_end } => write!(
+                f,
+                "non-zero bytes up to offset {data_end} after the end of the records"
+            ),
             Corruption::SegmentTooLarge { len } => write!(f, "segment of {len} bytes is too large"),
             Corruption::SeqGap {
                 chat,

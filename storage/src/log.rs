@@ -6,16 +6,44 @@
 //! is the 16-digit zero-padded *global byte offset* of the segment's first byte in the shard's
 //! log. Segments are therefore contiguous: each one starts where the previous one ends, which
 //! `open` checks (a missing or cut segment is detected). A segment is a plain concatenation of
-//! framed records (see [`crate::record`]); only the last one is ever appended to.
+//! framed records (see [`crate::record`]), possibly followed by zeros (free space, see below);
+//! only the last one is ever appended to. A segment's *logical end* (the end of its records,
+//! kept in memory) is where appends go and where the next segment's base starts; the file may be
+//! longer.
+//!
+//! # Preallocation
+//!
+//! With `StoreConfig::preallocate_segments` (the default), segments after a fresh shard's first
+//! one are created at their full `segment_bytes_max`, zero-filled with real writes and
+//! `fdatasync`ed before any record goes into them. An append then overwrites zeros inside the
+//! file: its `fdatasync` has no file size or extent change to commit, only data (on ext4 no
+//! journal commit, see `benches/results/dev-2vcpu/log-append-prealloc.md`); `fallocate` alone
+//! would not do, since its unwritten extents need a metadata update at their first write.
+//!
+//! ```text
+//!  active segment half full ──spawn──► fill_spare task (background, same core):
+//!      seg-next.spare.tmp ◄── zeros, 1 MiB writes, fdatasync every 8 MiB ──► rename seg-next.spare
+//!  roll (next write would pass segment_bytes_max):
+//!      spare ready?  yes ─► rename seg-next.spare → seg-<base>.log, flock, fsync dir
+//!                    no  ─► create seg-<base>.log empty (O_EXCL), fsync dir  (grows; never waits)
+//! ```
+//!
+//! A fresh shard's first segment grows (a fresh server writes nothing extra at start) unless
+//! [`EmbeddedStore::prepare_spare`] readied a spare before its first append, which then takes
+//! the empty segment's place. At `open`, an unfinished `seg-next.spare.tmp` is removed and a
+//! complete `seg-next.spare` of the configured size is kept for the next roll (otherwise
+//! removed). Costs: every segment byte is written twice (zeros, then records), one spare per
+//! shard sits on disk, and appends into a page the fill evicted from the page cache read it
+//! back first (a partial-page write into an existing block).
 //!
 //! # Durability
 //!
-//! `append` encodes a whole batch into one buffer, writes it with one positional write at the end
-//! of the active segment, and issues one `fdatasync` (a batch larger than
+//! `append` encodes a whole batch into one buffer, writes it with one positional write at the
+//! logical end of the active segment, and issues one `fdatasync` (a batch larger than
 //! `StoreConfig::sync_round_bytes_max()` takes several such rounds, so the bytes written but not
 //! yet synced stay bounded). A new segment is created (with `O_EXCL`)
-//! and its directory `fdatasync`ed before any record goes into it. Only then does the in-memory
-//! index change, so readers never see a record that is not durable.
+//! (or renamed from the spare) and its directory `fdatasync`ed before any record goes into it.
+//! Only then does the in-memory index change, so readers never see a record that is not durable.
 //!
 //! # Purge ("delete for everyone")
 //!
@@ -39,7 +67,13 @@
 //!
 //! # Recovery
 //!
-//! `open` scans every segment and verifies every CRC. It repairs two kinds of damage:
+//! `open` scans every segment and verifies every CRC. A record header of zeros is *free space*
+//! (no record has an empty body): the segment's records end there if only zeros follow; its
+//! *data end* (just after its last non-zero byte, found by reading backwards from the file's
+//! end) then lies at or before it. Non-zero bytes after free space are damage: in a sealed
+//! segment always a hard [`Corruption::NonZeroAfterEnd`] (nothing is appended to a sealed
+//! segment), in the last one a torn append when within the tail window (below), else the same
+//! hard error. It repairs two kinds of damage:
 //!
 //! - **A torn purge.** A crash in the middle of a purge can leave a record anywhere in the log as
 //!   a mix of old and new bytes: its CRC fails but every byte other than `content_kind`, the
@@ -59,9 +93,12 @@
 //!   Recovery then completes the purge (writes the tombstone, `fdatasync`), returns the tombstone
 //!   and reports it in [`RecoveryReport::purges_completed`].
 //! - **A torn append.** Damage at the end of the last segment, within the last
-//!   `StoreConfig::sync_round_bytes_max()` bytes, can only be a write that was never
-//!   `fdatasync`ed, of an append that never returned `Ok`, so it is cut off and the truncation
-//!   `fdatasync`ed.
+//!   `StoreConfig::sync_round_bytes_max()` bytes before its data end, can only be a write that
+//!   was never `fdatasync`ed, of an append that never returned `Ok` (an append writes only at the
+//!   logical end, at most that many bytes, and nothing else writes non-zero bytes past it), so it
+//!   is cut off: a growing segment is truncated, a preallocated one gets zeros up to its data
+//!   end (keeping its size), and the cut is `fdatasync`ed. This includes an append whose first
+//!   sectors never reached the disk but later ones did (zeros, then non-zero bytes).
 //!
 //! Damage anywhere else would be acknowledged data and is a hard [`StorageError::Corrupt`]: a CRC
 //! failure that is neither marked nor named, and any damage to the bytes a purge leaves alone
@@ -128,6 +165,21 @@ const READ_PURGE_RETRIES_MAX: usize = 4;
 /// Bytes read per request while scanning segments at start-up.
 const SCAN_CHUNK_BYTES: usize = 1024 * 1024;
 
+/// The preallocated spare segment, renamed to `seg-<base>.log` at the next roll. It exists under
+/// this name only once it is completely zero-filled and `fdatasync`ed.
+pub const SPARE_NAME: &str = "seg-next.spare";
+/// The spare while it is being zero-filled; removed at `open` (a crash interrupted it).
+pub const SPARE_TMP_NAME: &str = "seg-next.spare.tmp";
+/// Zeros written per request while filling a spare or zeroing a torn tail: big enough that the
+/// fill is a few dozen writes, small enough to keep one request's buffer modest.
+const ZERO_CHUNK_BYTES: usize = 1024 * 1024;
+/// The spare's fill is `fdatasync`ed every this many bytes, so its writeback comes in small
+/// bursts instead of one 64 MiB flush that the commit path's `fdatasync`s would queue behind.
+const SPARE_SYNC_BYTES: u64 = 8 * 1024 * 1024;
+/// After this many failed spare fills (e.g. a full disk) the store stops trying until reopened
+/// and keeps creating growing segments.
+const SPARE_FAILURES_MAX: u32 = 3;
+
 /// Byte offset of `content_kind` inside a `Message` body: after tag, version, chat, seq, msg_id,
 /// sender_user, sender_device, timestamp_ms, client_msg_id and reply_to (see [`crate::record`]).
 const MESSAGE_CONTENT_KIND_AT: usize = 2 + 8 + 8 + 8 + 8 + 4 + 8 + 16 + 8;
@@ -170,17 +222,23 @@ pub struct AppendStats {
 pub enum TailDamage {
     /// The last record was incomplete (the append was interrupted).
     Incomplete,
-    /// A record failed to decode (CRC mismatch, zeros, bad length...).
+    /// A record failed to decode (CRC mismatch, bad length...).
     Invalid(RecordError),
+    /// Zeros where the next record would start (free space of a preallocated segment),
+    /// followed by non-zero bytes up to `data_end`: an append whose first bytes did not reach
+    /// the disk but later ones did.
+    NonZeroAfterEnd { data_end: u64 },
 }
 
-/// A torn tail `open` removed.
+/// A torn tail `open` removed: truncated (a growing segment) or overwritten with zeros (a
+/// preallocated one, which keeps its size).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Truncation {
     pub segment: PathBuf,
-    /// The file's new length: the end of the last good record.
+    /// The end of the last good record: the file's new length, or where the zeros start.
     pub offset: u64,
-    /// Bytes removed.
+    /// Bytes removed or zeroed (up to the file's end, or to its last non-zero byte when
+    /// zeroed).
     pub bytes: u64,
     pub reason: TailDamage,
 }
@@ -252,9 +310,29 @@ struct Segment {
     path: PathBuf,
     /// Global offset of the segment's first byte.
     base: u64,
-    /// Bytes of durable records in the file.
+    /// Bytes of durable records in the file: its logical end. Appends go here, not at the file's
+    /// end; everything after it is zeros (free space) or an unfinished append.
     len: u64,
+    /// The file was created at its full size, zero-filled (or found that way at `open`).
+    preallocated: bool,
     file: Rc<BufferedFile>,
+}
+
+/// Where the spare segment is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SpareState {
+    /// No spare and no fill running.
+    Absent,
+    /// A background task is zero-filling `SPARE_TMP_NAME`.
+    Filling,
+    /// `SPARE_NAME` is complete and durable.
+    Ready,
+}
+
+/// Shared between the store and its spare-filling task (which must be `'static`).
+struct Spare {
+    state: Cell<SpareState>,
+    failures: Cell<u32>,
 }
 
 struct Inner {
@@ -287,6 +365,10 @@ pub struct EmbeddedStore {
     /// Bumped when a purge starts and when it stops rewriting records, so a reader can tell
     /// whether a purge wrote while it read.
     purge_generation: Cell<u64>,
+    /// The preallocated spare segment (with `StoreConfig::preallocate_segments`).
+    spare: Rc<Spare>,
+    /// The task filling the spare; dropping it cancels the fill (the store's drop and `close`).
+    spare_task: RefCell<Option<glommio::Task<Result<(), StorageError>>>>,
     report: RecoveryReport,
 }
 
@@ -489,10 +571,15 @@ struct ScanEnd {
 /// [`Scanned::Torn`] frame is skipped over when `on_item` accepts it (`Ok`) and ends the scan as
 /// damaged bytes (its CRC error) when it refuses it; an `Err` for a [`Scanned::Record`] ends the
 /// scan as [`ScanDamage::Record`].
+///
+/// A record header of zeros (no record has an empty body) is free space: the end of the records
+/// if no non-zero byte follows (`data_end`, see [`data_end`], is at or before it), else damage
+/// ([`TailDamage::NonZeroAfterEnd`]).
 async fn scan_segment(
     file: &BufferedFile,
     path: &Path,
     file_len: u64,
+    data_end: u64,
     mut on_item: impl FnMut(Scanned, u64, usize) -> Result<(), Corruption>,
 ) -> Result<ScanEnd, StorageError> {
     let mut buf: Vec<u8> = Vec::with_capacity(SCAN_CHUNK_BYTES * 2);
@@ -507,7 +594,23 @@ async fn scan_segment(
                 good_len: pos,
                 damage: Some(damage),
             };
-            match decode_one(&buf[at..]) {
+            let rest = &buf[at..];
+            let free = match rest.get(..RECORD_HEADER_BYTES) {
+                Some(header) => header.iter().all(|b| *b == 0),
+                // A few bytes short of a header at the end of the file.
+                None => read_pos == file_len && !rest.is_empty() && rest.iter().all(|b| *b == 0),
+            };
+            if free {
+                if data_end <= pos {
+                    return Ok(ScanEnd {
+                        good_len: pos,
+                        damage: None,
+                    });
+                }
+                let damage = TailDamage::NonZeroAfterEnd { data_end };
+                return Ok(damaged(ScanDamage::Bytes(damage)));
+            }
+            match decode_one(rest) {
                 Ok(Some((record, n))) => {
                     if let Err(c) = on_item(Scanned::Record(record), pos, n) {
                         return Ok(damaged(ScanDamage::Record(c)));
@@ -560,6 +663,23 @@ async fn scan_segment(
         // Recovery of a large shard is long CPU work; let other tasks of this core run.
         glommio::yield_if_needed().await;
     }
+}
+
+/// The offset just after the last non-zero byte of a file `file_len` bytes long (0 if it is all
+/// zeros), read backwards in chunks: a preallocated segment's records end before its zeros. Reads
+/// the whole free space, so up to a segment's size for a nearly empty one (once, at `open`).
+async fn data_end(file: &BufferedFile, path: &Path, file_len: u64) -> Result<u64, StorageError> {
+    let mut end = file_len;
+    while end > 0 {
+        let start = end.saturating_sub(SCAN_CHUNK_BYTES as u64);
+        let chunk = read_exact_at(file, path, start, (end - start) as usize).await?;
+        if let Some(i) = chunk.iter().rposition(|b| *b != 0) {
+            return Ok(start + i as u64 + 1);
+        }
+        end = start;
+        glommio::yield_if_needed().await;
+    }
+    Ok(0)
 }
 
 /// A record whose CRC failed but which may be a torn purge: vouched for by its own mark, or
@@ -802,14 +922,17 @@ impl EmbeddedStore {
             }
         }
         bases.sort_unstable();
+        let spare_state = clean_spare(dir, &cfg)?;
 
         let window = cfg.sync_round_bytes_max() as u64;
         let mut report = RecoveryReport::default();
         let mut rec = Recovered::default();
         let mut segments: Vec<Segment> = Vec::with_capacity(bases.len() + 1);
         let mut stop: Option<Stop> = None;
-        // Length of the last segment's file as found (before any cut).
+        // Length of the last segment's file as found (before any cut), and the end of its last
+        // non-zero byte: the tail window is measured back from there.
         let mut last_file_len = 0;
+        let mut last_data_end = 0;
         let segment_count = bases.len();
         for (i, base) in bases.into_iter().enumerate() {
             let path = dir.join(segment_name(base));
@@ -850,33 +973,38 @@ impl EmbeddedStore {
                 });
                 break;
             }
+            // An unfinished append wrote nothing past this (a preallocated segment is zeros there).
+            let data_end = data_end(&file, &path, file_len).await?;
             let seg = SegmentScan {
                 index: i,
                 tail_start: if is_last {
-                    file_len.saturating_sub(window)
+                    data_end.saturating_sub(window)
                 } else {
                     u64::MAX
                 },
-                last_len: is_last.then_some(file_len),
+                last_len: is_last.then_some(data_end),
             };
-            let end = scan_segment(&file, &path, file_len, |item, offset, len| {
+            let end = scan_segment(&file, &path, file_len, data_end, |item, offset, len| {
                 rec.on_item(&seg, item, offset, len)
             })
             .await?;
             if is_last {
                 last_file_len = file_len;
+                last_data_end = data_end;
             }
             segments.push(Segment {
                 path: path.clone(),
                 base,
                 len: end.good_len,
+                preallocated: file_len >= cfg.segment_bytes_max,
                 file: Rc::new(file),
             });
             if let Some(damage) = end.damage {
                 let kind = match damage {
                     ScanDamage::Bytes(damage) => StopKind::Bytes {
                         damage,
-                        bytes_after_if_last: is_last.then_some(file_len - end.good_len),
+                        bytes_after_if_last: is_last
+                            .then_some(data_end.saturating_sub(end.good_len)),
                     },
                     ScanDamage::Record(reason) => StopKind::Hard(reason),
                 };
@@ -913,11 +1041,11 @@ impl EmbeddedStore {
             let last = segments
                 .last_mut()
                 .expect("a tail suspect lies in the last segment");
-            cut_tail(last, offset).await?;
+            let bytes = cut_tail(last, offset, last_file_len, last_data_end).await?;
             report.truncation = Some(Truncation {
                 segment: last.path.clone(),
                 offset,
-                bytes: last_file_len - offset,
+                bytes,
                 reason: TailDamage::Invalid(error),
             });
         } else if let Some(stop) = stop {
@@ -942,13 +1070,16 @@ impl EmbeddedStore {
             match (bytes_after, damage) {
                 (Some(bytes_after), damage) if bytes_after <= window => {
                     let last = segments.last_mut().expect("the last segment was scanned");
-                    cut_tail(last, stop.offset).await?;
+                    let bytes = cut_tail(last, stop.offset, last_file_len, last_data_end).await?;
                     report.truncation = Some(Truncation {
                         segment: last.path.clone(),
                         offset: stop.offset,
-                        bytes: bytes_after,
+                        bytes,
                         reason: damage,
                     });
+                }
+                (_, TailDamage::NonZeroAfterEnd { data_end }) => {
+                    return Err(corrupt(Corruption::NonZeroAfterEnd { data_end }))
                 }
                 (Some(bytes_after), _) => {
                     return Err(corrupt(Corruption::DamageBeforeTail { bytes_after }))
@@ -987,10 +1118,12 @@ impl EmbeddedStore {
         if segments.is_empty() {
             let path = dir.join(segment_name(0));
             let file = create_segment(&dir_handle, &path).await?;
+            // Grows like without preallocation: a fresh server writes nothing extra at start.
             segments.push(Segment {
                 path,
                 base: 0,
                 len: 0,
+                preallocated: false,
                 file: Rc::new(file),
             });
         }
@@ -1010,8 +1143,14 @@ impl EmbeddedStore {
             purging: Cell::new(false),
             purge_writing: Cell::new(false),
             purge_generation: Cell::new(0),
+            spare: Rc::new(Spare {
+                state: Cell::new(spare_state),
+                failures: Cell::new(0),
+            }),
+            spare_task: RefCell::new(None),
             report,
         };
+        store.maybe_prepare_spare();
         Ok((store, records))
     }
 
@@ -1160,7 +1299,7 @@ impl EmbeddedStore {
         }
         assert_eq!(buf.len(), bytes);
 
-        let (mut file, mut path, mut pos, mut segment) = {
+        let (mut file, mut path, mut pos, mut segment, preallocated) = {
             let inner = self.inner.borrow();
             let active = inner
                 .segments
@@ -1171,21 +1310,38 @@ impl EmbeddedStore {
                 active.path.clone(),
                 active.len,
                 inner.segments.len() - 1,
+                active.preallocated,
             )
         };
         let mut rolled = false;
-        if pos > 0 && pos + bytes as u64 > self.cfg.segment_bytes_max {
+        if pos == 0 && !preallocated && self.spare.state.get() == SpareState::Ready {
+            // An empty growing segment (a fresh shard's first, after `prepare_spare`): put the
+            // spare in its place. Nothing refers to it: it holds no record.
+            let new_file = Rc::new(self.adopt_spare(&path).await?);
+            let mut inner = self.inner.borrow_mut();
+            let active = &mut inner.segments[segment];
+            active.file = new_file.clone();
+            active.preallocated = true;
+            file = new_file;
+        } else if pos > 0 && pos + bytes as u64 > self.cfg.segment_bytes_max {
             let base = {
                 let inner = self.inner.borrow();
                 let active = &inner.segments[segment];
                 active.base + active.len
             };
             let new_path = self.dir.join(segment_name(base));
-            let new_file = Rc::new(create_segment(&self.dir_handle, &new_path).await?);
+            // The spare if it is ready; the commit path never waits for zero-filling.
+            let preallocated = self.spare.state.get() == SpareState::Ready;
+            let new_file = Rc::new(if preallocated {
+                self.adopt_spare(&new_path).await?
+            } else {
+                create_segment(&self.dir_handle, &new_path).await?
+            });
             self.inner.borrow_mut().segments.push(Segment {
                 path: new_path.clone(),
                 base,
                 len: 0,
+                preallocated,
                 file: new_file.clone(),
             });
             (file, path, pos, segment) = (new_file, new_path, 0, segment + 1);
@@ -1223,24 +1379,119 @@ impl EmbeddedStore {
             .map_err(io_err("fdatasync segment", &path))?;
         let sync_us = sync_start.elapsed().as_micros() as u64;
 
-        let mut inner = self.inner.borrow_mut();
-        let Inner { segments, index } = &mut *inner;
-        segments[segment].len = pos + bytes as u64;
-        for chat in created {
-            index.entry(chat).or_default();
+        {
+            let mut inner = self.inner.borrow_mut();
+            let Inner { segments, index } = &mut *inner;
+            segments[segment].len = pos + bytes as u64;
+            for chat in created {
+                index.entry(chat).or_default();
+            }
+            for (chat, at, len) in messages {
+                let loc = Location {
+                    segment: segment as u32,
+                    offset: (pos + at as u64) as u32,
+                    len: len as u32,
+                };
+                index
+                    .get_mut(&chat)
+                    .expect("checked by check_batch, created in this or an earlier round")
+                    .push(loc);
+            }
         }
-        for (chat, at, len) in messages {
-            let loc = Location {
-                segment: segment as u32,
-                offset: (pos + at as u64) as u32,
-                len: len as u32,
-            };
-            index
-                .get_mut(&chat)
-                .expect("checked by check_batch, created in this or an earlier round")
-                .push(loc);
-        }
+        self.maybe_prepare_spare();
         Ok((sync_us, rolled))
+    }
+
+    /// Renames the ready spare to `path` (replacing an empty segment there, if any), opens and
+    /// locks it, and makes the directory durable before any record goes into it.
+    async fn adopt_spare(&self, path: &Path) -> Result<BufferedFile, StorageError> {
+        debug_assert_eq!(self.spare.state.get(), SpareState::Ready);
+        self.spare.state.set(SpareState::Absent);
+        glommio::io::rename(self.dir.join(SPARE_NAME), path)
+            .await
+            .map_err(io_err("rename spare to segment", path))?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .buffered_open(path)
+            .await
+            .map_err(io_err("open segment", path))?;
+        lock_segment(&file, path).await?;
+        self.dir_handle
+            .sync()
+            .await
+            .map_err(io_err("fdatasync directory", path))?;
+        Ok(file)
+    }
+
+    /// Starts filling a spare in the background once the active segment is half full, so it is
+    /// ready by the roll (with `preallocate_segments`, unless fills keep failing).
+    fn maybe_prepare_spare(&self) {
+        if !self.cfg.preallocate_segments
+            || self.spare.state.get() != SpareState::Absent
+            || self.spare.failures.get() >= SPARE_FAILURES_MAX
+        {
+            return;
+        }
+        let half_full = self
+            .inner
+            .borrow()
+            .segments
+            .last()
+            .is_some_and(|s| s.len.saturating_mul(2) >= self.cfg.segment_bytes_max);
+        if half_full {
+            self.start_spare();
+        }
+    }
+
+    fn start_spare(&self) {
+        self.spare.state.set(SpareState::Filling);
+        let task = glommio::spawn_local(fill_spare(
+            self.dir.clone(),
+            self.cfg.segment_bytes_max,
+            self.spare.clone(),
+        ));
+        // Replaces a finished task, if any; a running one cannot exist (the state was Absent).
+        *self.spare_task.borrow_mut() = Some(task);
+    }
+
+    /// Makes sure a preallocated spare segment is ready, filling one now if needed, and waits
+    /// for it. The next roll uses it, or the next append if the active segment is empty and
+    /// growing (a fresh shard's first segment). Benchmarks and tests call this to get a
+    /// preallocated segment at once; the engine relies on the background fill alone.
+    ///
+    /// A no-op without `preallocate_segments`. Fails with the fill's error.
+    pub async fn prepare_spare(&self) -> Result<(), StorageError> {
+        if !self.cfg.preallocate_segments {
+            return Ok(());
+        }
+        loop {
+            match self.spare.state.get() {
+                SpareState::Ready => return Ok(()),
+                SpareState::Absent => self.start_spare(),
+                SpareState::Filling => {}
+            }
+            let task = self.spare_task.borrow_mut().take();
+            match task {
+                Some(task) => task.await?,
+                // Another caller is waiting for the same fill.
+                None => glommio::timer::sleep(std::time::Duration::from_millis(1)).await,
+            }
+        }
+    }
+
+    /// Whether a complete spare segment is waiting for the next roll.
+    pub fn spare_ready(&self) -> bool {
+        self.spare.state.get() == SpareState::Ready
+    }
+
+    /// Whether the active segment (the one appends go to) was preallocated.
+    pub fn active_preallocated(&self) -> bool {
+        self.inner
+            .borrow()
+            .segments
+            .last()
+            .is_some_and(|s| s.preallocated)
     }
 
     /// Validates a batch against the limits and the durable state; returns its encoded size.
@@ -1633,6 +1884,8 @@ impl EmbeddedStore {
 
     /// Closes every file. Dropping the store also releases them, a little later.
     pub async fn close(self) -> Result<(), StorageError> {
+        // Cancels an unfinished spare fill; the next `open` removes its file.
+        drop(self.spare_task.into_inner());
         let inner = self.inner.into_inner();
         for seg in inner.segments {
             if let Ok(file) = Rc::try_unwrap(seg.file) {
@@ -1649,18 +1902,140 @@ impl EmbeddedStore {
     }
 }
 
-/// Cuts the torn tail of the last segment at `offset` and makes the cut durable.
-async fn cut_tail(seg: &mut Segment, offset: u64) -> Result<(), StorageError> {
-    seg.file
-        .truncate(offset)
-        .await
-        .map_err(io_err("truncate segment", &seg.path))?;
+/// Cuts the torn tail of the last segment at `offset` and makes the cut durable: a growing
+/// segment is truncated (of `file_len` bytes), a preallocated one keeps its size and gets zeros
+/// up to `data_end` (its last non-zero byte), so it stays free of metadata updates. Returns the
+/// bytes removed or zeroed.
+async fn cut_tail(
+    seg: &mut Segment,
+    offset: u64,
+    file_len: u64,
+    data_end: u64,
+) -> Result<u64, StorageError> {
+    let bytes = if seg.preallocated {
+        write_zeros(&seg.file, &seg.path, offset, data_end).await?;
+        data_end.saturating_sub(offset)
+    } else {
+        seg.file
+            .truncate(offset)
+            .await
+            .map_err(io_err("truncate segment", &seg.path))?;
+        file_len - offset
+    };
     seg.file
         .fdatasync()
         .await
         .map_err(io_err("fdatasync segment", &seg.path))?;
     seg.len = offset;
+    Ok(bytes)
+}
+
+/// Writes zeros over `from..to` of `file`, in requests of at most `ZERO_CHUNK_BYTES`.
+async fn write_zeros(
+    file: &BufferedFile,
+    path: &Path,
+    from: u64,
+    to: u64,
+) -> Result<(), StorageError> {
+    let mut pos = from;
+    while pos < to {
+        let n = ZERO_CHUNK_BYTES.min((to - pos) as usize);
+        // A zeroed allocation (calloc) costs nothing until the kernel copies it.
+        let written = file
+            .write_at(vec![0u8; n], pos)
+            .await
+            .map_err(io_err("write zeros", path))?;
+        if written == 0 {
+            return Err(StorageError::Io {
+                op: "write zeros",
+                path: path.to_path_buf(),
+                source: std::io::ErrorKind::WriteZero.into(),
+            });
+        }
+        pos += written as u64;
+        glommio::yield_if_needed().await;
+    }
     Ok(())
+}
+
+/// At `open`: removes a spare whose fill a crash interrupted (`SPARE_TMP_NAME`), and a complete
+/// one that does not fit the configuration (another segment size, or preallocation off). A
+/// complete one that fits is kept for the next roll. Blocking calls: start-up only.
+fn clean_spare(dir: &Path, cfg: &StoreConfig) -> Result<SpareState, StorageError> {
+    let tmp = dir.join(SPARE_TMP_NAME);
+    match std::fs::remove_file(&tmp) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err("remove unfinished spare", &tmp)(e)),
+    }
+    let spare = dir.join(SPARE_NAME);
+    match std::fs::metadata(&spare) {
+        Ok(m) if cfg.preallocate_segments && m.is_file() && m.len() == cfg.segment_bytes_max => {
+            Ok(SpareState::Ready)
+        }
+        Ok(_) => {
+            std::fs::remove_file(&spare).map_err(io_err("remove spare", &spare))?;
+            Ok(SpareState::Absent)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(SpareState::Absent),
+        Err(e) => Err(io_err("stat spare", &spare)(e)),
+    }
+}
+
+/// Resets the spare to `Absent` if its fill ends before it is `Ready` (an error, or the task
+/// cancelled by dropping it).
+struct FillGuard(Rc<Spare>);
+
+impl Drop for FillGuard {
+    fn drop(&mut self) {
+        if self.0.state.get() == SpareState::Filling {
+            self.0.state.set(SpareState::Absent);
+        }
+    }
+}
+
+/// The spare-filling task: writes `len` zeros to `SPARE_TMP_NAME` in `dir` (real writes, so the
+/// file system allocates and marks written every extent now, not at the first append),
+/// `fdatasync`s it and renames it to `SPARE_NAME`. The rename is not made durable here: the roll
+/// that adopts the spare renames it again and syncs the directory, and a spare lost to a crash is
+/// just filled again.
+async fn fill_spare(dir: PathBuf, len: u64, spare: Rc<Spare>) -> Result<(), StorageError> {
+    let _guard = FillGuard(spare.clone());
+    let tmp = dir.join(SPARE_TMP_NAME);
+    let result = async {
+        let file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .buffered_open(&tmp)
+            .await
+            .map_err(io_err("create spare", &tmp))?;
+        let mut synced = 0;
+        while synced < len {
+            let to = (synced + SPARE_SYNC_BYTES).min(len);
+            write_zeros(&file, &tmp, synced, to).await?;
+            file.fdatasync()
+                .await
+                .map_err(io_err("fdatasync spare", &tmp))?;
+            synced = to;
+        }
+        file.close().await.map_err(io_err("close spare", &tmp))?;
+        let ready = dir.join(SPARE_NAME);
+        glommio::io::rename(&tmp, &ready)
+            .await
+            .map_err(io_err("rename spare", &ready))?;
+        Ok(())
+    }
+    .await;
+    match &result {
+        Ok(()) => spare.state.set(SpareState::Ready),
+        Err(_) => {
+            spare.failures.set(spare.failures.get() + 1);
+            // Best effort: `open` removes it too.
+            let _ = glommio::io::remove(&tmp).await;
+        }
+    }
+    result
 }
 
 /// Adds one recovered record to the index, checking what `append` guarantees.

@@ -87,6 +87,14 @@ fn cut_file(p: &Path, new_len: u64) {
         .unwrap();
 }
 
+/// The global offset a segment file's name carries.
+fn base_of(p: &Path) -> u64 {
+    let name = p.file_name().unwrap().to_str().unwrap();
+    name["seg-".len()..name.len() - ".log".len()]
+        .parse()
+        .unwrap()
+}
+
 fn xor_byte(p: &Path, at: u64) {
     let mut f = OpenOptions::new().read(true).write(true).open(p).unwrap();
     let mut b = [0u8; 1];
@@ -275,16 +283,23 @@ fn segments_roll_and_reads_span_them() {
         let paths = store.segment_paths();
         assert!(rolled >= 2, "rolled {rolled} times");
         assert_eq!(paths.len(), rolled + 1);
-        // Names are contiguous global offsets, and no file exceeds the limit.
-        let mut expected_base = 0;
-        for p in &paths {
-            let name = p.file_name().unwrap().to_str().unwrap();
-            assert_eq!(name, format!("seg-{expected_base:016}.log"));
-            let len = file_len(p);
-            assert!(len <= small_cfg().segment_bytes_max);
-            expected_base += len;
+        // Names are contiguous global offsets (each segment's records end where the next one
+        // starts; a preallocated file is longer), and no file exceeds the limit.
+        let bases: Vec<u64> = paths.iter().map(|p| base_of(p)).collect();
+        assert_eq!(bases[0], 0);
+        let mut records_bytes = vec![0u64; paths.len()];
+        for (i, p) in paths.iter().enumerate() {
+            assert_eq!(p.file_name().unwrap().len(), "seg-.log".len() + 16);
+            assert!(file_len(p) <= small_cfg().segment_bytes_max);
+            let end = bases.get(i + 1).copied().unwrap_or(store.end_offset());
+            records_bytes[i] = end - bases[i];
+            assert!(records_bytes[i] > 0 && records_bytes[i] <= file_len(p));
         }
-        assert_eq!(store.end_offset(), expected_base);
+        // Every record went into exactly one segment: the bytes add up.
+        assert_eq!(
+            records_bytes.iter().sum::<u64>(),
+            (created(A).encoded_len() + 40 * msg(A, 1, 10_000).encoded_len()) as u64
+        );
         let got = store.read_messages(A, Seq(1), Seq(40), 100).await.unwrap();
         assert_eq!(
             got,
@@ -411,7 +426,7 @@ fn torn_tail_is_cut_and_appends_continue() {
         Damage::Flip(frame - 2),                         // body_len flip
         Damage::Flip(frame - 6),                         // crc flip
         Damage::Flip(frame - 8),                         // tag flip
-        Damage::Zeros(4096),                             // a zero-filled extension
+        Damage::Zeros(4096), // a zero-filled extension: free space now, not damage
         Damage::Zeros(3),
     ];
     for damage in damages {
@@ -449,6 +464,20 @@ fn torn_tail_is_cut_and_appends_continue() {
                 .chain((1..=survivors).map(|s| msg(A, s, 200)))
                 .collect();
             assert_eq!(records, expected, "{damage:?}");
+            if matches!(damage, Damage::Zeros(_)) {
+                // Zeros after the last record are free space (as in a preallocated segment):
+                // nothing to cut, and the next append goes at the end of the records.
+                assert_eq!(store.recovery_report().truncation, None, "{damage:?}");
+                assert_eq!(file_len(&path), damaged_len);
+                assert_eq!(store.end_offset(), cut_at);
+                let next = survivors + 1;
+                store
+                    .append(&[msg(A, next, 200), msg(A, next + 1, 7)])
+                    .await
+                    .unwrap();
+                store.close().await.unwrap();
+                return;
+            }
             let t = store
                 .recovery_report()
                 .truncation
@@ -524,7 +553,9 @@ fn corruption_in_an_older_segment_is_a_hard_error() {
         });
         assert!(paths.len() >= 3);
         let victim = &paths[1];
-        let len = file_len(victim);
+        // The end of its records (a preallocated file is longer: zeros follow).
+        let len = base_of(&paths[2]) - base_of(victim);
+        assert!(len <= file_len(victim));
         if flip {
             xor_byte(victim, len / 2);
         } else {
