@@ -89,6 +89,8 @@ pub struct Core {
     pub mesh: Mesh,
     pub conns: RefCell<HashMap<u64, Rc<ConnShared>>>,
     next_conn: Cell<u64>,
+    /// Origin of the connections' clock (`conn_clock_ms`).
+    clock_origin: std::time::Instant,
     pub directory: RefCell<Directory>,
     pub shards: HashMap<u32, Rc<Shard>>,
     encoder: RefCell<Encoder>,
@@ -166,6 +168,7 @@ impl Core {
             mesh,
             conns: RefCell::new(HashMap::new()),
             next_conn: Cell::new(1),
+            clock_origin: std::time::Instant::now(),
             directory: RefCell::new(Directory::default()),
             shards,
             encoder: RefCell::new(Encoder::new()),
@@ -186,6 +189,15 @@ impl Core {
 
     pub fn metrics(&self) -> &CoreMetrics {
         &self.all_metrics[self.id]
+    }
+
+    /// `now` as milliseconds since this core started, wrapping at 2^32 (49.7 days): the clock of
+    /// the connections' receive and ping times, 4 bytes each per connection. Compare readings
+    /// with `wrapping_sub` only; gaps stay below `CONN_TIMEOUT_MAX` (7 days) because the sweep
+    /// closes a connection that long silent.
+    pub fn conn_clock_ms(&self, now: std::time::Instant) -> u32 {
+        // Truncation on purpose: the clock wraps.
+        now.saturating_duration_since(self.clock_origin).as_millis() as u32
     }
 
     pub fn next_conn_id(&self) -> u64 {
@@ -265,7 +277,7 @@ impl Core {
                 if removed {
                     for c in self.conns.borrow().values() {
                         if c.user == user && c.device == device {
-                            c.close(crate::ws::close::REVOKED, "device logged out or removed");
+                            c.close(&(crate::ws::close::REVOKED, "device logged out or removed"));
                         }
                     }
                 }
@@ -418,10 +430,10 @@ impl Core {
                 // The loser (older connection of the device) closes, wherever it is local.
                 if let Some(old) = replaced.filter(|c| c.core == self.id) {
                     if let Some(c) = self.conns.borrow().get(&old.conn) {
-                        c.close(
+                        c.close(&(
                             crate::ws::close::REPLACED,
                             "replaced by a newer connection of this device",
-                        );
+                        ));
                     }
                 }
             }
