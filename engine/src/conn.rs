@@ -554,7 +554,7 @@ async fn handshake(core: Rc<Core>, mut stream: TcpStream) -> Option<(Transport, 
                 .borrow()
                 .devices(claims.user)
                 .iter()
-                .filter(|(d, _, _)| *d != claims.device)
+                .filter(|e| e.device != claims.device)
                 .count();
             if other_devices >= core.cfg.devices_per_user_max {
                 core.metrics().connections_rejected.fetch_add(1, Relaxed);
