@@ -680,7 +680,7 @@ struct Input {
 ///
 /// Not an `async fn`: an async fn keeps a second copy of its arguments (they are moved into
 /// locals at its start), which would double the socket's and the reader's share of every idle
-/// task. The `async move` blocks here and in `wait_chat` use their captures in place.
+/// task. The `async move` block here (and in `serve`) uses its captures in place.
 fn run_ws(
     core: &Rc<Core>,
     mut stream: Transport,
@@ -836,31 +836,25 @@ impl Future for WaitPlain<'_> {
 }
 
 /// The idle wait of a chat connection: the socket's next bytes (left in the core's read
-/// scratch; not while `can_read` is false), or a `notify` on the connection.
-fn wait_chat<'a>(
-    core: &'a Core,
-    stream: &'a mut Transport,
-    conn: &'a ConnShared,
-    can_read: bool,
-) -> impl Future<Output = Woke> + 'a {
-    async move {
-        let mut read = std::pin::pin!(stream.read_to_scratch(core));
-        std::future::poll_fn(|cx| {
-            if conn.woken.replace(false) {
-                // The read is dropped unpolled since its last `Pending`: a plain read is
-                // cancel-safe, a TLS read keeps what it decrypted (`transport.rs`).
-                return Poll::Ready(Woke::Wake);
+/// scratch; not while `can_read` is false), or a `notify` on the connection. Used boxed, for
+/// TLS connections; plain ones use `WaitPlain`.
+async fn wait_chat(core: &Core, stream: &mut Transport, conn: &ConnShared, can_read: bool) -> Woke {
+    let mut read = std::pin::pin!(stream.read_to_scratch(core));
+    std::future::poll_fn(|cx| {
+        if conn.woken.replace(false) {
+            // The read is dropped unpolled since its last `Pending`: a TLS read keeps what it
+            // decrypted (`transport.rs`).
+            return Poll::Ready(Woke::Wake);
+        }
+        if can_read {
+            if let Poll::Ready(r) = read.as_mut().poll(cx) {
+                return Poll::Ready(Woke::Read(r));
             }
-            if can_read {
-                if let Poll::Ready(r) = read.as_mut().poll(cx) {
-                    return Poll::Ready(Woke::Read(r));
-                }
-            }
-            conn.register(cx.waker());
-            Poll::Pending
-        })
-        .await
-    }
+        }
+        conn.register(cx.waker());
+        Poll::Pending
+    })
+    .await
 }
 
 /// One active step of the WebSocket loop: handles `input`, then writes whatever is queued —
@@ -957,9 +951,8 @@ async fn step(
             return Some(End::Gone);
         }
         core.metrics().bytes_out.fetch_add(written as u64, Relaxed);
-        if chat.is_none() {
-            return None;
-        }
+        // Echo connections have no queue: done after one write.
+        chat?;
     }
 }
 

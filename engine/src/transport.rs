@@ -172,22 +172,17 @@ impl Transport {
 
     /// Waits for bytes and leaves them at the start of the core's shared read scratch; returns
     /// how many (`Ok(0)`: the peer closed). The WebSocket loop's read: for a plain connection its
-    /// future is as small as a socket read, which every idle connection's task holds (an
-    /// `async move` block rather than an `async fn`, which would keep its arguments twice).
-    pub fn read_to_scratch<'a>(
-        &'a mut self,
-        core: &'a Core,
-    ) -> impl Future<Output = std::io::Result<usize>> + 'a {
-        async move {
-            if self.tls.is_none() {
-                return ReadScratch {
-                    stream: &mut self.stream,
-                    core,
-                }
-                .await;
+    /// future is as small as a socket read. (The idle chat connection's wait polls
+    /// `poll_read_plain_to_scratch` instead.)
+    pub async fn read_to_scratch(&mut self, core: &Core) -> std::io::Result<usize> {
+        if self.tls.is_none() {
+            return ReadScratch {
+                stream: &mut self.stream,
+                core,
             }
-            Box::pin(self.read_tls_to_scratch(core)).await
+            .await;
         }
+        Box::pin(self.read_tls_to_scratch(core)).await
     }
 
     /// `read_to_scratch` for a plain connection, as a poll for hand-written futures: `None` for a
