@@ -673,7 +673,8 @@ struct Input {
 }
 
 /// The WebSocket loop of one connection. Every idle connection is this future, waiting in
-/// `wait_chat`: it holds only the socket, the frame reader and the mode. Whatever happens —
+/// `WaitPlain` (`wait_chat`, boxed, under TLS): it holds only the socket, the frame reader and
+/// the mode. Whatever happens —
 /// bytes read, frames queued, a ping or close due — runs in `active`, a future boxed for the
 /// time it runs (frame handling, routing, the write), so its state is never paid per idle
 /// connection.
