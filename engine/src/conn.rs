@@ -327,17 +327,14 @@ fn is_upgrade_request(buf: &[u8]) -> Option<bool> {
 pub fn serve(core: Rc<Core>, stream: TcpStream) -> impl Future<Output = ()> {
     // An async fn keeps its arguments for its whole life: the stream (120 bytes) moves into
     // the boxed handshake here instead, and comes back out of it for the WebSocket loop.
-    let handshake = Box::pin(handshake(core.clone(), stream));
+    let handshake = Box::pin(open(core.clone(), stream));
     // An `async move` block, not an `async fn`, for the same reason as `run_ws`.
     async move {
-        let Some((stream, leftover, mode)) = handshake.await else {
+        let Some((stream, rx, mode, done)) = handshake.await else {
             return;
         };
-        let conn = match &mode {
-            Mode::Chat(c) => Some(c.clone()),
-            Mode::Echo(_) => None,
-        };
-        run_ws(&core, stream, leftover, mode).await;
+        // Only the loop holds the connection's `Rc` meanwhile: it hands it back at its end.
+        let conn = run_ws(&core, stream, rx, mode, done).await;
         if let Some(conn) = conn {
             core.conns.borrow_mut().remove(&conn.id);
             core.metrics().connections.fetch_sub(1, Relaxed);
@@ -355,6 +352,23 @@ pub fn serve(core: Rc<Core>, stream: TcpStream) -> impl Future<Output = ()> {
             .await;
         }
     }
+}
+
+/// The handshake, then the WebSocket loop's first step on bytes that came with the request head,
+/// here on the heap rather than in the loop's future. `done`: that step ended the connection.
+async fn open(core: Rc<Core>, stream: TcpStream) -> Option<(Transport, ws::WsReader, Mode, bool)> {
+    let (mut stream, leftover, mode) = handshake(core.clone(), stream).await?;
+    let mut rx = ws::WsReader::new();
+    let mut done = false;
+    if !leftover.is_empty() {
+        let mut leftover = leftover;
+        let mut input = Input::default();
+        input.failed = rx
+            .feed(&mut leftover, core.cfg.frame_bytes_max, &mut input.events)
+            .err();
+        done = active(&core, &mut stream, &mode, input).await;
+    }
+    Some((stream, rx, mode, done))
 }
 
 /// Everything before the WebSocket loop: the request head (bounded by `handshake_timeout`),
@@ -682,30 +696,19 @@ struct Input {
 /// Not an `async fn`: an async fn keeps a second copy of its arguments (they are moved into
 /// locals at its start), which would double the socket's and the reader's share of every idle
 /// task. The `async move` block here (and in `serve`) uses its captures in place.
+///
+/// Returns the chat connection's `ConnShared` at the end, so that its caller need not hold a
+/// second `Rc` meanwhile. `done`: the connection already ended (in `open`).
+#[allow(clippy::manual_async_fn)] // on purpose, see above
 fn run_ws(
     core: &Rc<Core>,
     mut stream: Transport,
-    leftover: Vec<u8>,
+    mut rx: ws::WsReader,
     mut mode: Mode,
-) -> impl Future<Output = ()> + '_ {
-    let mut rx = ws::WsReader::new();
-    // Bytes from before the first read (sent together with the request head).
-    let first = (!leftover.is_empty()).then(|| {
-        let mut leftover = leftover;
-        let mut input = Input::default();
-        input.failed = rx
-            .feed(&mut leftover, core.cfg.frame_bytes_max, &mut input.events)
-            .err();
-        Box::new(input)
-    });
+    mut done: bool,
+) -> impl Future<Output = Option<Rc<ConnShared>>> + '_ {
     async move {
-        if let Some(input) = first {
-            // Boxed: see `run_ws`.
-            if Box::pin(active(core, &mut stream, &mode, *input)).await {
-                return;
-            }
-        }
-        loop {
+        while !done {
             let woke = match &mode {
                 Mode::Chat(c) => {
                     if c.has_work() {
@@ -750,9 +753,11 @@ fn run_ws(
                 continue;
             };
             // Boxed: see `run_ws`. One allocation per wake-up that has work.
-            if Box::pin(active(core, &mut stream, &mode, input)).await {
-                return;
-            }
+            done = Box::pin(active(core, &mut stream, &mode, input)).await;
+        }
+        match mode {
+            Mode::Chat(c) => Some(c),
+            Mode::Echo(_) => None,
         }
     }
 }
@@ -1465,7 +1470,7 @@ mod tests {
                     std::mem::size_of::<ws::WsError>(),
                     std::mem::size_of::<Mode>(),
                 );
-                let ws_loop = run_ws(&core, t2, Vec::new(), Mode::Chat(conn));
+                let ws_loop = run_ws(&core, t2, ws::WsReader::new(), Mode::Chat(conn), false);
                 eprintln!(
                     "connection task future: {size} bytes; run_ws: {}; ConnShared: {} bytes; \
                  WsReader: {}; Transport: {}; TcpStream: {}; Timer: {}",
@@ -1476,10 +1481,11 @@ mod tests {
                     std::mem::size_of::<TcpStream>(),
                     std::mem::size_of::<glommio::timer::Timer>(),
                 );
-                // 288 bytes when written (688 before the active path was boxed): with glommio's
-                // task header the task fits mimalloc's 384-byte size class. Idle RSS per
-                // connection was measured at this size (benches/results/dev-2vcpu/idle-memory.md).
-                assert!(size <= 288, "the connection future grew to {size} bytes");
+                // 264 bytes when written (688 before the active path was boxed): with glommio's
+                // task header (40 B) and schedule closure the task fits mimalloc's 320-byte size
+                // class. Idle RSS per connection was measured at this size and at 288 bytes
+                // (benches/results/dev-2vcpu/idle-memory.md).
+                assert!(size <= 264, "the connection future grew to {size} bytes");
                 // 112 bytes: with the Rc counts, 128, a mimalloc size class.
                 let shared = std::mem::size_of::<ConnShared>();
                 assert!(shared <= 112, "ConnShared grew to {shared} bytes");
@@ -1511,8 +1517,9 @@ mod tests {
                         run_ws(
                             &core,
                             Transport::plain(stream),
-                            Vec::new(),
+                            ws::WsReader::new(),
                             Mode::Chat(conn),
+                            false,
                         )
                         .await
                     }
