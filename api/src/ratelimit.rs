@@ -184,6 +184,18 @@ impl Bucket {
         Bucket { rate, tat_ms: 0 }
     }
 
+    /// A bucket in the state `tat_ms()` reported, for owners that keep only the arrival time
+    /// (the rate being the same for all of them) to save memory per object.
+    pub fn with_tat(rate: Rate, tat_ms: u64) -> Self {
+        assert!(rate.is_valid(), "invalid rate {rate:?}");
+        Bucket { rate, tat_ms }
+    }
+
+    /// The bucket's theoretical arrival time, its only state besides the rate.
+    pub fn tat_ms(&self) -> u64 {
+        self.tat_ms
+    }
+
     /// Takes one token if there is one.
     pub fn check(&mut self, now_ms: u64) -> Decision {
         self.check_n(1, now_ms)
@@ -355,13 +367,21 @@ mod tests {
 
     /// Runs a script of `(now_ms, cost)` checks against one bucket and renders the decisions
     /// (`ok N` = allowed with N remaining, `wait N` = limited, retry after N ms).
+    /// Every other step goes through `tat_ms` / `with_tat`, as an owner that keeps only the
+    /// arrival time does, so the table also checks that round trip.
     fn script(rate: Rate, steps: &[(u64, u32)]) -> String {
         let mut b = Bucket::new(rate);
         steps
             .iter()
-            .map(|&(now, cost)| match b.check_n(cost, now) {
-                Decision::Allowed { remaining } => format!("ok {remaining}"),
-                Decision::Limited { retry_after_ms } => format!("wait {retry_after_ms}"),
+            .enumerate()
+            .map(|(i, &(now, cost))| {
+                if i % 2 == 1 {
+                    b = Bucket::with_tat(rate, b.tat_ms());
+                }
+                match b.check_n(cost, now) {
+                    Decision::Allowed { remaining } => format!("ok {remaining}"),
+                    Decision::Limited { retry_after_ms } => format!("wait {retry_after_ms}"),
+                }
             })
             .collect::<Vec<_>>()
             .join(", ")

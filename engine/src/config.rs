@@ -10,6 +10,14 @@ use std::time::Duration;
 /// Default port for the embedded single-box setup (WebSocket, HTTP metrics, echo all share it).
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7070";
 
+/// Longest `idle_timeout` (and so `ping_interval`) accepted: 7 days. Each connection keeps its
+/// receive and ping times as wrapping u32 milliseconds of its core's clock (4 bytes each in
+/// every connection's shared state), which compare correctly for gaps under 24 days.
+pub const CONN_TIMEOUT_MAX: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// Largest `conn_send_queue_bytes_max` accepted: the queued byte count is a u32 per connection.
+pub const CONN_SEND_QUEUE_BYTES_MAX_MAX: usize = u32::MAX as usize;
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
@@ -35,7 +43,7 @@ pub struct Config {
     /// Bytes queued towards one connection (not yet written to its socket) before the server
     /// closes it as a slow consumer with close code 4002. Default 1 MiB. The worst-case memory
     /// of a stuck connection; messages are durable, so the client loses nothing: it reconnects
-    /// and syncs.
+    /// and syncs. At most `CONN_SEND_QUEUE_BYTES_MAX_MAX` (4 GiB − 1).
     pub conn_send_queue_bytes_max: usize,
     /// Sends a connection may have in flight (sent to the owning core, not yet answered) before the
     /// server stops reading that socket. Default 256. Back-pressure towards a fast sender.
@@ -47,7 +55,8 @@ pub struct Config {
     #[serde(with = "duration_secs")]
     pub ping_interval: Duration,
     /// A connection that sends nothing (not even a pong) for this long is closed. Default 60 s;
-    /// must exceed `ping_interval` so a live client always answers in time.
+    /// must exceed `ping_interval` so a live client always answers in time, and be at most
+    /// `CONN_TIMEOUT_MAX` (7 days).
     #[serde(with = "duration_secs")]
     pub idle_timeout: Duration,
     /// Connections one core accepts before answering new ones with HTTP 503. Default 100_000.
@@ -289,6 +298,12 @@ impl Config {
         if self.idle_timeout <= self.ping_interval {
             return err("idle_timeout must be longer than ping_interval");
         }
+        if self.idle_timeout > CONN_TIMEOUT_MAX {
+            return err("idle_timeout must be at most 7 days (CONN_TIMEOUT_MAX)");
+        }
+        if self.conn_send_queue_bytes_max > CONN_SEND_QUEUE_BYTES_MAX_MAX {
+            return err("conn_send_queue_bytes_max must be below 4 GiB");
+        }
         if self.handshake_timeout.is_zero() || self.ping_interval.is_zero() {
             return err("handshake_timeout and ping_interval must be positive");
         }
@@ -455,6 +470,14 @@ mod tests {
             ..Config::default()
         };
         assert!(c.validate().is_err());
+        c = Config {
+            idle_timeout: CONN_TIMEOUT_MAX + Duration::from_secs(1),
+            ..Config::default()
+        };
+        let e = c.validate().unwrap_err();
+        assert!(e.0.contains("7 days"), "{}", e.0);
+        c.idle_timeout = CONN_TIMEOUT_MAX;
+        c.validate().unwrap();
         c = Config {
             token_secret: "short".into(),
             ..Config::default()

@@ -34,7 +34,84 @@ use switchboard_wire::{splitmix64, ChatId, DeviceId, Encoder, ServerFrame, UserI
 pub struct Directory {
     /// Each device's current connection and its connect epoch (kept in the entry, not in a
     /// second map: every core holds one entry per connection of the whole server).
-    users: HashMap<UserId, Vec<(DeviceId, ConnRef, u64)>>,
+    users: HashMap<UserId, Devices>,
+}
+
+/// One connected device in a directory replica: 24 bytes (a `(DeviceId, ConnRef, u64)` tuple
+/// took 32), and every core keeps one per connection of the whole server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DirEntry {
+    pub device: DeviceId,
+    core: u32,
+    conn: u64,
+    /// Connect time, µs since the Unix epoch.
+    pub epoch: u64,
+}
+
+impl DirEntry {
+    fn new(device: DeviceId, conn: ConnRef, epoch: u64) -> DirEntry {
+        DirEntry {
+            device,
+            // Core indexes are below the machine's CPU count.
+            core: u32::try_from(conn.core).expect("core index fits in u32"),
+            conn: conn.conn,
+            epoch,
+        }
+    }
+
+    pub fn conn(&self) -> ConnRef {
+        ConnRef {
+            core: self.core as usize,
+            conn: self.conn,
+        }
+    }
+}
+
+/// A user's connected devices. Most users have one connected, kept inline: no allocation.
+enum Devices {
+    One(DirEntry),
+    Many(Vec<DirEntry>),
+}
+
+impl Devices {
+    fn as_slice(&self) -> &[DirEntry] {
+        match self {
+            Devices::One(e) => std::slice::from_ref(e),
+            Devices::Many(v) => v,
+        }
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [DirEntry] {
+        match self {
+            Devices::One(e) => std::slice::from_mut(e),
+            Devices::Many(v) => v,
+        }
+    }
+
+    fn push(&mut self, entry: DirEntry) {
+        match self {
+            Devices::One(first) => *self = Devices::Many(vec![*first, entry]),
+            Devices::Many(v) => v.push(entry),
+        }
+    }
+
+    /// Removes the entries `remove` selects; false when none is left.
+    fn remove(&mut self, remove: impl Fn(&DirEntry) -> bool) -> bool {
+        match self {
+            Devices::One(e) => !remove(e),
+            Devices::Many(v) => {
+                v.retain(|e| !remove(e));
+                match v.as_slice() {
+                    [] => false,
+                    [one] => {
+                        *self = Devices::One(*one);
+                        true
+                    }
+                    _ => true,
+                }
+            }
+        }
+    }
 }
 
 impl Directory {
@@ -47,35 +124,42 @@ impl Directory {
         conn: ConnRef,
         epoch: u64,
     ) -> Option<ConnRef> {
-        let devices = self.users.entry(user).or_default();
-        if let Some(entry) = devices.iter_mut().find(|(d, _, _)| *d == device) {
-            let (current, current_epoch) = (entry.1, entry.2);
-            if (current_epoch, current) > (epoch, conn) {
+        let new = DirEntry::new(device, conn, epoch);
+        let devices = match self.users.entry(user) {
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(Devices::One(new));
+                return None;
+            }
+            std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+        };
+        if let Some(entry) = devices
+            .as_mut_slice()
+            .iter_mut()
+            .find(|e| e.device == device)
+        {
+            let current = entry.conn();
+            if (entry.epoch, current) > (epoch, conn) {
                 return Some(conn);
             }
-            *entry = (device, conn, epoch);
+            *entry = new;
             return Some(current);
         }
-        // Most users have one device connected: no room for four (Vec's first growth), since
-        // every core keeps this entry for every connection.
-        devices.reserve_exact(1);
-        devices.push((device, conn, epoch));
+        devices.push(new);
         None
     }
 
     /// Forgets a connection, unless a newer connection of the same device replaced it.
     pub fn offline(&mut self, user: UserId, device: DeviceId, conn: ConnRef) {
         if let Some(devices) = self.users.get_mut(&user) {
-            devices.retain(|(d, c, _)| !(*d == device && *c == conn));
-            if devices.is_empty() {
+            if !devices.remove(|e| e.device == device && e.conn() == conn) {
                 self.users.remove(&user);
             }
         }
     }
 
-    /// The user's connected devices: (device, connection, connect epoch).
-    pub fn devices(&self, user: UserId) -> &[(DeviceId, ConnRef, u64)] {
-        self.users.get(&user).map(Vec::as_slice).unwrap_or(&[])
+    /// The user's connected devices.
+    pub fn devices(&self, user: UserId) -> &[DirEntry] {
+        self.users.get(&user).map(Devices::as_slice).unwrap_or(&[])
     }
 }
 
@@ -89,6 +173,8 @@ pub struct Core {
     pub mesh: Mesh,
     pub conns: RefCell<HashMap<u64, Rc<ConnShared>>>,
     next_conn: Cell<u64>,
+    /// Origin of the connections' clock (`conn_clock_ms`).
+    clock_origin: std::time::Instant,
     pub directory: RefCell<Directory>,
     pub shards: HashMap<u32, Rc<Shard>>,
     encoder: RefCell<Encoder>,
@@ -166,6 +252,7 @@ impl Core {
             mesh,
             conns: RefCell::new(HashMap::new()),
             next_conn: Cell::new(1),
+            clock_origin: std::time::Instant::now(),
             directory: RefCell::new(Directory::default()),
             shards,
             encoder: RefCell::new(Encoder::new()),
@@ -186,6 +273,15 @@ impl Core {
 
     pub fn metrics(&self) -> &CoreMetrics {
         &self.all_metrics[self.id]
+    }
+
+    /// `now` as milliseconds since this core started, wrapping at 2^32 (49.7 days): the clock of
+    /// the connections' receive and ping times, 4 bytes each per connection. Compare readings
+    /// with `wrapping_sub` only; gaps stay below `CONN_TIMEOUT_MAX` (7 days) because the sweep
+    /// closes a connection that long silent.
+    pub fn conn_clock_ms(&self, now: std::time::Instant) -> u32 {
+        // Truncation on purpose: the clock wraps.
+        now.saturating_duration_since(self.clock_origin).as_millis() as u32
     }
 
     pub fn next_conn_id(&self) -> u64 {
@@ -265,7 +361,7 @@ impl Core {
                 if removed {
                     for c in self.conns.borrow().values() {
                         if c.user == user && c.device == device {
-                            c.close(crate::ws::close::REVOKED, "device logged out or removed");
+                            c.close(&(crate::ws::close::REVOKED, "device logged out or removed"));
                         }
                     }
                 }
@@ -418,10 +514,10 @@ impl Core {
                 // The loser (older connection of the device) closes, wherever it is local.
                 if let Some(old) = replaced.filter(|c| c.core == self.id) {
                     if let Some(c) = self.conns.borrow().get(&old.conn) {
-                        c.close(
+                        c.close(&(
                             crate::ws::close::REPLACED,
                             "replaced by a newer connection of this device",
-                        );
+                        ));
                     }
                 }
             }
@@ -744,8 +840,8 @@ impl Core {
                         .borrow()
                         .devices(user)
                         .iter()
-                        .filter(|(d, _, _)| *d == device)
-                        .map(|(_, c, _)| *c)
+                        .filter(|e| e.device == device)
+                        .map(DirEntry::conn)
                         .collect();
                     if conns.is_empty() {
                         continue;
@@ -816,8 +912,9 @@ pub fn fanout_targets(
 ) -> Vec<(usize, Vec<u64>)> {
     let mut by_core: Vec<(usize, Vec<u64>)> = Vec::new();
     for user in users {
-        for (_, conn, _) in dir.devices(*user) {
-            if Some(*conn) == skip {
+        for entry in dir.devices(*user) {
+            let conn = entry.conn();
+            if Some(conn) == skip {
                 continue;
             }
             match by_core.iter_mut().find(|(c, _)| *c == conn.core) {
@@ -853,13 +950,22 @@ mod tests {
         // An older connection arriving late loses, whatever the arrival order.
         let c0 = ConnRef { core: 3, conn: 9 };
         assert_eq!(d.online(u, dev, c0, 5), Some(c0));
-        let has = |d: &Directory, c: ConnRef| d.devices(u).iter().any(|e| (e.0, e.1) == (dev, c));
+        let has = |d: &Directory, c: ConnRef| {
+            d.devices(u)
+                .iter()
+                .any(|e| (e.device, e.conn()) == (dev, c))
+        };
         assert!(has(&d, c2));
         // The replaced connection's late Offline must not remove the new one.
         d.offline(u, dev, c1);
         assert!(has(&d, c2));
         d.offline(u, dev, c2);
+        // Back to one device: stored inline again.
+        assert!(matches!(d.users[&u], Devices::One(e) if e.device == DeviceId(2)));
         d.offline(u, DeviceId(2), c2);
         assert!(d.devices(u).is_empty());
+        assert!(d.users.is_empty());
+        // The map's value: one entry inline or a Vec, no larger.
+        assert_eq!(std::mem::size_of::<Devices>(), 32);
     }
 }

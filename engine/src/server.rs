@@ -322,7 +322,7 @@ pub fn run(mut cfg: Config) -> Result<(), String> {
                 drop(listener);
                 let conns: Vec<_> = core.conns.borrow().values().cloned().collect();
                 for c in conns {
-                    c.close(crate::ws::close::GOING_AWAY, "server shutting down");
+                    c.close(&(crate::ws::close::GOING_AWAY, "server shutting down"));
                 }
                 let deadline = std::time::Instant::now() + SHUTDOWN_DRAIN;
                 while !core.conns.borrow().is_empty() && std::time::Instant::now() < deadline {

@@ -172,7 +172,8 @@ impl Transport {
 
     /// Waits for bytes and leaves them at the start of the core's shared read scratch; returns
     /// how many (`Ok(0)`: the peer closed). The WebSocket loop's read: for a plain connection its
-    /// future is as small as a socket read, which every idle connection's task holds.
+    /// future is as small as a socket read. (The idle chat connection's wait polls
+    /// `poll_read_plain_to_scratch` instead.)
     pub async fn read_to_scratch(&mut self, core: &Core) -> std::io::Result<usize> {
         if self.tls.is_none() {
             return ReadScratch {
@@ -182,6 +183,23 @@ impl Transport {
             .await;
         }
         Box::pin(self.read_tls_to_scratch(core)).await
+    }
+
+    /// `read_to_scratch` for a plain connection, as a poll for hand-written futures: `None` for a
+    /// TLS connection (use `read_to_scratch`). Cancel-safe like every plain read.
+    pub fn poll_read_plain_to_scratch(
+        &mut self,
+        cx: &mut Context<'_>,
+        core: &Core,
+    ) -> Option<Poll<std::io::Result<usize>>> {
+        if self.tls.is_some() {
+            return None;
+        }
+        let mut read = ReadScratch {
+            stream: &mut self.stream,
+            core,
+        };
+        Some(Pin::new(&mut read).poll(cx))
     }
 
     async fn read_tls_to_scratch(&mut self, core: &Core) -> std::io::Result<usize> {
