@@ -4,7 +4,7 @@
 //! ```text
 //!  socket ──read──► core scratch ──ws::WsReader──► decode_client ──► route to the chat's owner core
 //!  ConnShared.queue (frames from any core) ──► tx bytes ──one write──► socket
-//!  core sweep (every ≤ 1 s) ──► ping_due / close(4003) ──wake──► the connection task
+//!  core sweep (every ≤ 1 s) ──► ping_due (silent ≥ ping_interval) / close(4003) ──wake──► the connection task
 //! ```
 
 use crate::core::Core;
@@ -27,8 +27,8 @@ use std::time::{Duration, Instant};
 use switchboard_api::ratelimit::{self, Bucket, Decision};
 use switchboard_storage::CursorKind;
 use switchboard_wire::{
-    decode_client, ChatId, ClientFrame, DeviceId, ErrorCode, ErrorFrame, Seq, ServerFrame, Target,
-    UserId,
+    decode_client, splitmix64, ChatId, ClientFrame, DeviceId, ErrorCode, ErrorFrame, Seq,
+    ServerFrame, Target, UserId,
 };
 
 /// A `Sync` in progress: live messages wait in `held` until every shard has answered, so the
@@ -100,6 +100,15 @@ fn conn_clock_span_ms(d: Duration) -> i32 {
     d.min(crate::config::CONN_TIMEOUT_MAX).as_millis() as i32
 }
 
+/// When a new connection's first ping check comes, from its connect time: `ping_ms` less up to a
+/// quarter of it, spread by the connection id. Connections opened together (a reconnect storm
+/// after a restart, a load test's ramp) then do not come due in the same sweep, and pings stay
+/// spread because each later check follows that connection's own last received bytes.
+fn first_ping_ms(id: u64, ping_ms: i32) -> i32 {
+    let spread = (ping_ms / 4) as u64;
+    ping_ms - (splitmix64(id) % (spread + 1)) as i32
+}
+
 impl ConnShared {
     fn new(id: u64, user: UserId, device: DeviceId, now_ms: u32, ping_ms: i32) -> ConnShared {
         ConnShared {
@@ -114,7 +123,7 @@ impl ConnShared {
             waker: Cell::new(None),
             woken: Cell::new(false),
             last_rx_ms: Cell::new(now_ms),
-            next_ping_ms: Cell::new(now_ms.wrapping_add_signed(ping_ms)),
+            next_ping_ms: Cell::new(now_ms.wrapping_add_signed(first_ping_ms(id, ping_ms))),
             ping_due: Cell::new(false),
             frames_tat_ms: Cell::new(0),
         }
@@ -665,12 +674,21 @@ pub fn sweep_conns(core: &Core, now: Instant) {
     // Signed wrapping differences: readings are at most `CONN_TIMEOUT_MAX` apart.
     let since = |t: u32| now_ms.wrapping_sub(t) as i32;
     for c in core.conns.borrow().values() {
-        if since(c.last_rx_ms.get()) >= idle_ms {
+        let heard = since(c.last_rx_ms.get());
+        if heard >= idle_ms {
             c.close(&(close::IDLE_TIMEOUT, "idle timeout"));
         } else if since(c.next_ping_ms.get()) >= 0 {
-            c.next_ping_ms.set(now_ms.wrapping_add_signed(ping_ms));
-            c.ping_due.set(true);
-            c.notify();
+            if heard < ping_ms {
+                // Bytes arrived within the last ping interval: the peer is alive and a ping
+                // would only add a frame each way to a busy connection. Look again one ping
+                // interval after those bytes.
+                c.next_ping_ms
+                    .set(c.last_rx_ms.get().wrapping_add_signed(ping_ms));
+            } else {
+                c.next_ping_ms.set(now_ms.wrapping_add_signed(ping_ms));
+                c.ping_due.set(true);
+                c.notify();
+            }
         }
     }
 }
@@ -1489,6 +1507,71 @@ mod tests {
                 // 112 bytes: with the Rc counts, 128, a mimalloc size class.
                 let shared = std::mem::size_of::<ConnShared>();
                 assert!(shared <= 112, "ConnShared grew to {shared} bytes");
+            });
+    }
+
+    /// The sweep pings only connections that have been silent for `ping_interval`, closes those
+    /// silent for `idle_timeout`, and connections opened together come due spread over the last
+    /// quarter of the interval instead of all in one sweep.
+    #[test]
+    fn sweep_pings_only_silent_connections_and_spreads_first_pings() {
+        let ping_ms = 10_000;
+        let firsts: HashSet<i32> = (0..1000u64).map(|id| first_ping_ms(id, ping_ms)).collect();
+        assert!(firsts.iter().all(|f| (7_500..=10_000).contains(f)));
+        assert!(
+            firsts.len() > 500,
+            "first pings not spread: {}",
+            firsts.len()
+        );
+        glommio::LocalExecutorBuilder::default()
+            .make()
+            .unwrap()
+            .run(async {
+                let core = test_core(Config {
+                    ping_interval: Duration::from_secs(10),
+                    idle_timeout: Duration::from_secs(30),
+                    ..Config::default()
+                });
+                let t0 = Instant::now();
+                let at = |s: u64| t0 + Duration::from_secs(s);
+                let mk = |id: u64| {
+                    let c = Rc::new(ConnShared::new(
+                        id,
+                        UserId(id),
+                        DeviceId(1),
+                        core.conn_clock_ms(t0),
+                        ping_ms,
+                    ));
+                    core.conns.borrow_mut().insert(id, c.clone());
+                    c
+                };
+                let (busy, silent, dead) = (mk(1), mk(2), mk(3));
+                // Nobody is due before 7.5 s.
+                sweep_conns(&core, at(7));
+                assert!(!busy.ping_due.get() && !silent.ping_due.get() && !dead.ping_due.get());
+                // At 11 s every first check has come; `busy` sent something at 9 s.
+                busy.last_rx_ms.set(core.conn_clock_ms(at(9)));
+                sweep_conns(&core, at(11));
+                assert!(
+                    !busy.ping_due.get(),
+                    "a connection heard 2 s ago was pinged"
+                );
+                assert_eq!(busy.next_ping_ms.get(), core.conn_clock_ms(at(19)));
+                assert!(silent.ping_due.get() && dead.ping_due.get());
+                silent.ping_due.set(false);
+                // `busy` stays quiet from 9 s: its ping comes once it has been silent 10 s.
+                sweep_conns(&core, at(18));
+                assert!(!busy.ping_due.get());
+                sweep_conns(&core, at(19));
+                assert!(busy.ping_due.get());
+                // `silent` answered at 12 s; `dead` never did and is closed at 30 s.
+                silent.last_rx_ms.set(core.conn_clock_ms(at(12)));
+                sweep_conns(&core, at(30));
+                assert!(dead
+                    .closing
+                    .get()
+                    .is_some_and(|(code, _)| *code == close::IDLE_TIMEOUT));
+                assert!(silent.closing.get().is_none() && busy.closing.get().is_none());
             });
     }
 
