@@ -76,8 +76,12 @@ grep '^==' "$OUT/groups.progress" || true
 
 load "after groups"
 echo "== plan"
+# Memory per connection from the idle run (19K connections on a fresh server), not from the
+# sweep's report: its 2K connections open on a server that already held 19K, so RSS hardly moves.
+BPC="$(python3 -c 'import json,sys; print(round(json.load(open(sys.argv[1]))["server_rss_bytes_per_connection"]))' "$OUT/idle.json" 2>/dev/null || true)"
 "$LG" plan --report "$OUT/sweep/report.json" --users 10000000 --msgs-per-user-day 40 \
-  --peak-factor 3 --devices-per-user 1.5 --online-share 0.5 > "$OUT/plan.md" || status=1
+  --peak-factor 3 --devices-per-user 1.5 --online-share 0.5 ${BPC:+--bytes-per-connection "$BPC"} \
+  > "$OUT/plan.md" || status=1
 cat "$OUT/plan.md"
 
 {
