@@ -191,6 +191,14 @@ impl Checker {
         }
     }
 
+    /// A checker whose record vector holds `sends` messages without growing.
+    pub fn with_capacity(receipts_on: bool, sends: usize) -> Checker {
+        Checker {
+            msgs: Vec::with_capacity(sends),
+            ..Checker::new(receipts_on)
+        }
+    }
+
     #[cfg(test)]
     pub fn counts(&self) -> &Counts {
         &self.counts

@@ -59,6 +59,18 @@ pub const CONN_TX_BYTES_MAX: usize = 4 << 20;
 /// Bytes of an incomplete upgrade response kept per connection.
 const UPGRADE_HEAD_BYTES_MAX: usize = ws_raw::RESPONSE_HEAD_BYTES_MAX;
 
+/// Messages a worker expects to send at `rate` over `send_for` (+5 % for Poisson arrivals),
+/// capped at `CHECKER_RESERVE_MAX`: the checker's record vector is reserved for them up front, so
+/// it never doubles mid-run (copying and faulting in tens of MB stalls the send loop and shows
+/// as a latency spike in the report).
+fn expected_sends(rate: f64, send_for: Duration) -> usize {
+    let n = rate * send_for.as_secs_f64() * 1.05;
+    (n.max(0.0) as usize).min(CHECKER_RESERVE_MAX)
+}
+
+/// Most message records a worker reserves up front (32 B each: 256 MB).
+const CHECKER_RESERVE_MAX: usize = 8 << 20;
+
 /// Socket read buffer shared by every connection of the worker.
 const SCRATCH_BYTES: usize = 64 * 1024;
 
@@ -1095,7 +1107,10 @@ fn run(spec_line: &str, cmds: &mpsc::Receiver<String>) -> Result<(), String> {
         ctx: Ctx {
             devices: u64::from(sc.devices_per_user),
             first_user: spec.first_user + spec.share.user_offset,
-            checker: Checker::new(sc.receipts),
+            checker: Checker::with_capacity(
+                sc.receipts,
+                expected_sends(spec.share.rate, sc.warmup + sc.duration),
+            ),
             dests: Vec::new(),
             groups: plan_groups(sc, spec.share.users, seed),
             groups_created: 0,
@@ -1423,5 +1438,22 @@ fn close_all(w: &mut Worker) {
         if w.turn(now_ns() + 50_000_000).is_err() {
             break;
         }
+    }
+}
+
+#[cfg(test)]
+mod reserve_tests {
+    use super::*;
+
+    #[test]
+    fn checker_reserve_covers_the_run_and_is_capped() {
+        assert_eq!(expected_sends(1000.0, Duration::from_secs(10)), 10_500);
+        assert_eq!(expected_sends(0.0, Duration::from_secs(10)), 0);
+        assert_eq!(
+            expected_sends(1e9, Duration::from_secs(3600)),
+            CHECKER_RESERVE_MAX
+        );
+        let c = Checker::with_capacity(true, 10_500);
+        assert_eq!(c.len(), 0);
     }
 }

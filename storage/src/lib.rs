@@ -62,6 +62,9 @@ pub use state::{ChatMeta, DedupEntry, GroupMeta, Membership, ShardState};
 pub const SEGMENT_BYTES_MAX_DEFAULT: u64 = 64 * 1024 * 1024;
 /// Default for [`StoreConfig::dedup_entries_max`]: one million per shard.
 pub const DEDUP_ENTRIES_MAX_DEFAULT: usize = 1_000_000;
+/// Largest accepted [`StoreConfig::dedup_entries_max`]: the dedup table is reserved at its bound
+/// when a shard opens (~60 B of address space per entry), so the bound must stay sane.
+pub const DEDUP_ENTRIES_MAX_LIMIT: usize = 50_000_000;
 /// Default for [`StoreConfig::unsynced_bytes_max`]: 16 MiB.
 pub const UNSYNCED_BYTES_MAX_DEFAULT: usize = 16 * 1024 * 1024;
 
@@ -151,6 +154,12 @@ impl StoreConfig {
             return Err(StorageError::Config(
                 "dedup_entries_max must be positive".into(),
             ));
+        }
+        if self.dedup_entries_max > DEDUP_ENTRIES_MAX_LIMIT {
+            return Err(StorageError::Config(format!(
+                "dedup_entries_max {} exceeds {DEDUP_ENTRIES_MAX_LIMIT} (the table is reserved at its bound)",
+                self.dedup_entries_max
+            )));
         }
         Ok(())
     }

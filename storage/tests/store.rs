@@ -744,6 +744,10 @@ fn invalid_config_is_rejected() {
             ..StoreConfig::default()
         },
         StoreConfig {
+            dedup_entries_max: switchboard_storage::DEDUP_ENTRIES_MAX_LIMIT + 1,
+            ..StoreConfig::default()
+        },
+        StoreConfig {
             unsynced_bytes_max: 1000,
             ..StoreConfig::default()
         },
