@@ -8,42 +8,24 @@ use std::path::{Path, PathBuf};
 
 use switchboard_storage::log::{SPARE_NAME, SPARE_TMP_NAME};
 use switchboard_storage::{
-    ChatKind, Corruption, EmbeddedStore, Record, StorageError, StoreConfig, StoredMessage,
-    TailDamage,
+    Corruption, EmbeddedStore, Record, StorageError, StoreConfig, StoredMessage, TailDamage,
 };
-use switchboard_wire::ids::{ChatId, ClientMsgId, DeviceId, MsgId, Seq, UserId};
+use switchboard_wire::ids::{ChatId, Seq};
 
 mod util;
-use util::run;
+use util::{created, run};
 
 const A: ChatId = ChatId(100);
 
-fn created(chat: ChatId) -> Record {
-    Record::ChatCreated {
-        chat,
-        kind: ChatKind::Direct,
-        members: vec![UserId(1), UserId(2)],
-        created_ms: 42,
-    }
-}
-
 fn message(chat: ChatId, seq: u64, payload_len: usize) -> StoredMessage {
-    StoredMessage {
+    // Never a zero byte, so the end of the records is where the zeros start.
+    util::message_with(
         chat,
-        seq: Seq(seq),
-        msg_id: MsgId(chat.0 * 1_000_000 + seq),
-        sender_user: UserId(1 + seq % 2),
-        sender_device: DeviceId(1),
-        timestamp_ms: 1_700_000_000_000 + seq,
-        client_msg_id: ClientMsgId::from_halves(chat.0, seq),
-        reply_to: Seq(seq.saturating_sub(1)),
-        content_kind: 1,
-        flags: 0,
-        // Never a zero byte, so the end of the records is where the zeros start.
-        payload: (0..payload_len)
+        seq,
+        (0..payload_len)
             .map(|i| 1 + ((i as u64 + seq) % 255) as u8)
             .collect(),
-    }
+    )
 }
 
 fn msg(chat: ChatId, seq: u64, payload_len: usize) -> Record {

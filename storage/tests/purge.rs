@@ -9,45 +9,28 @@ use std::rc::Rc;
 
 use switchboard_storage::record::{MESSAGE_FRAME_OVERHEAD_BYTES, RECORD_HEADER_BYTES};
 use switchboard_storage::{
-    decode_one, ChatKind, CompletedPurge, Corruption, EmbeddedStore, Location, MessageStore,
-    PurgeEvidence, Record, RecordError, StorageError, StoreConfig, StoredMessage, TailDamage,
+    decode_one, CompletedPurge, Corruption, EmbeddedStore, Location, MessageStore, PurgeEvidence,
+    Record, RecordError, StorageError, StoreConfig, StoredMessage, TailDamage,
     CONTENT_KIND_DELETED, CONTENT_KIND_EVENT, PURGE_SEQS_MAX,
 };
 use switchboard_wire::ids::{ChatId, ClientMsgId, DeviceId, MsgId, Seq, UserId};
 use switchboard_wire::{encode_event, ChatEvent, EventKind};
 
 mod util;
-use util::run;
+use util::{created, run};
 
 const A: ChatId = ChatId(100);
 const B: ChatId = ChatId(200);
 
-fn created(chat: ChatId) -> Record {
-    Record::ChatCreated {
-        chat,
-        kind: ChatKind::Direct,
-        members: vec![UserId(1), UserId(2)],
-        created_ms: 42,
-    }
-}
-
 fn message(chat: ChatId, seq: u64, payload_len: usize) -> StoredMessage {
-    StoredMessage {
+    // Never all zeros, so a tombstone is always a change.
+    util::message_with(
         chat,
-        seq: Seq(seq),
-        msg_id: MsgId(chat.0 * 1_000_000 + seq),
-        sender_user: UserId(1 + seq % 2),
-        sender_device: DeviceId(1),
-        timestamp_ms: 1_700_000_000_000 + seq,
-        client_msg_id: ClientMsgId::from_halves(chat.0, seq),
-        reply_to: Seq(seq.saturating_sub(1)),
-        content_kind: 1,
-        flags: 0,
-        // Never all zeros, so a tombstone is always a change.
-        payload: (0..payload_len)
+        seq,
+        (0..payload_len)
             .map(|i| 1 | (i as u64 + seq) as u8)
             .collect(),
-    }
+    )
 }
 
 fn msg(chat: ChatId, seq: u64, payload_len: usize) -> Record {

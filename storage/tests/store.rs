@@ -14,34 +14,17 @@ use switchboard_storage::{
 use switchboard_wire::ids::{ChatId, ClientMsgId, DeviceId, MsgId, Seq, UserId};
 
 mod util;
-use util::run;
+use util::{created, run};
 
 const A: ChatId = ChatId(100);
 const B: ChatId = ChatId(200);
 
-fn created(chat: ChatId) -> Record {
-    Record::ChatCreated {
-        chat,
-        kind: ChatKind::Direct,
-        members: vec![UserId(1), UserId(2)],
-        created_ms: 42,
-    }
-}
-
 fn message(chat: ChatId, seq: u64, payload_len: usize) -> StoredMessage {
-    StoredMessage {
+    util::message_with(
         chat,
-        seq: Seq(seq),
-        msg_id: MsgId(chat.0 * 1_000_000 + seq),
-        sender_user: UserId(1 + seq % 2),
-        sender_device: DeviceId(1),
-        timestamp_ms: 1_700_000_000_000 + seq,
-        client_msg_id: ClientMsgId::from_halves(chat.0, seq),
-        reply_to: Seq(seq.saturating_sub(1)),
-        content_kind: 1,
-        flags: 0,
-        payload: (0..payload_len).map(|i| (i as u64 + seq) as u8).collect(),
-    }
+        seq,
+        (0..payload_len).map(|i| (i as u64 + seq) as u8).collect(),
+    )
 }
 
 fn msg(chat: ChatId, seq: u64, payload_len: usize) -> Record {
