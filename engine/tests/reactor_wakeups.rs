@@ -1,0 +1,122 @@
+//! The patched glommio (`third_party/glommio/SWITCHBOARD.md`) replaces the `membarrier` IPI a
+//! reactor issued before every park with a pair of SeqCst fences (one on the parking reactor,
+//! one in every cross-executor notify), and sets up its rings with `COOP_TASKRUN`. Both change
+//! how a parked reactor learns about new work. A lost wake-up would leave a reactor asleep with
+//! a message in its channel; these tests would then hang, so each is bounded by a deadline and
+//! fails instead.
+
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use glommio::channels::shared_channel;
+use glommio::net::{TcpListener, TcpStream};
+use glommio::{LocalExecutorBuilder, Placement};
+
+/// Round trips per test: enough that a race between a park and a notify is hit many times
+/// (every round trip parks both reactors once), few enough for a debug build in seconds.
+const ROUND_TRIPS: u32 = 20_000;
+/// A run that takes longer than this lost a wake-up (a healthy run takes well under 10 s).
+const DEADLINE: Duration = Duration::from_secs(60);
+
+/// Two executors on two threads ping-pong over a pair of bounded shared channels: every
+/// message arrives while its receiver is parked or about to park.
+#[test]
+fn cross_executor_ping_pong_loses_no_wakeup() {
+    let (ab_tx, ab_rx) = shared_channel::new_bounded::<u32>(1);
+    let (ba_tx, ba_rx) = shared_channel::new_bounded::<u32>(1);
+    let (done_tx, done_rx) = mpsc::channel::<u32>();
+
+    let a = LocalExecutorBuilder::new(Placement::Unbound)
+        .name("ping")
+        .spawn(move || async move {
+            let tx = ab_tx.connect().await;
+            let rx = ba_rx.connect().await;
+            for i in 0..ROUND_TRIPS {
+                tx.send(i).await.expect("send ping");
+                let got = rx.recv().await.expect("recv pong");
+                assert_eq!(got, i + 1, "pong answers its ping");
+            }
+            ROUND_TRIPS
+        })
+        .expect("spawn ping executor");
+    let b = LocalExecutorBuilder::new(Placement::Unbound)
+        .name("pong")
+        .spawn(move || async move {
+            let rx = ab_rx.connect().await;
+            let tx = ba_tx.connect().await;
+            let mut n = 0;
+            while let Some(i) = rx.recv().await {
+                tx.send(i + 1).await.expect("send pong");
+                n += 1;
+            }
+            n
+        })
+        .expect("spawn pong executor");
+
+    std::thread::spawn(move || {
+        let pings = a.join().expect("ping executor");
+        let pongs = b.join().expect("pong executor");
+        assert_eq!(pings, pongs);
+        done_tx.send(pongs).expect("report");
+    });
+    let started = Instant::now();
+    match done_rx.recv_timeout(DEADLINE) {
+        Ok(n) => assert_eq!(n, ROUND_TRIPS),
+        Err(_) => panic!(
+            "ping-pong did not finish in {DEADLINE:?} (a reactor slept through a notify); \
+             started {:?} ago",
+            started.elapsed()
+        ),
+    }
+}
+
+/// Socket completions posted by another CPU's softirq (the `COOP_TASKRUN` path): an echo
+/// server on one executor, a client on another, one byte at a time so that every read parks.
+#[test]
+fn socket_completions_from_another_thread_wake_a_parked_reactor() {
+    let (addr_tx, addr_rx) = mpsc::channel();
+    let (done_tx, done_rx) = mpsc::channel::<u32>();
+    let server = LocalExecutorBuilder::new(Placement::Unbound)
+        .name("echo")
+        .spawn(move || async move {
+            let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+            addr_tx
+                .send(listener.local_addr().expect("addr"))
+                .expect("addr");
+            let mut s = listener.accept().await.expect("accept");
+            let mut b = [0u8; 1];
+            let mut n = 0u32;
+            while s.read_exact(&mut b).await.is_ok() {
+                s.write_all(&b).await.expect("echo");
+                n += 1;
+            }
+            n
+        })
+        .expect("spawn echo executor");
+    let addr = addr_rx.recv_timeout(DEADLINE).expect("echo server bound");
+    let client = LocalExecutorBuilder::new(Placement::Unbound)
+        .name("client")
+        .spawn(move || async move {
+            let mut s = TcpStream::connect(addr).await.expect("connect");
+            s.set_nodelay(true).expect("nodelay");
+            let mut b = [0u8; 1];
+            for i in 0..ROUND_TRIPS {
+                s.write_all(&[i as u8]).await.expect("write");
+                s.read_exact(&mut b).await.expect("read echo");
+                assert_eq!(b[0], i as u8);
+            }
+            ROUND_TRIPS
+        })
+        .expect("spawn client executor");
+    std::thread::spawn(move || {
+        let sent = client.join().expect("client executor");
+        let echoed = server.join().expect("echo executor");
+        assert_eq!(sent, echoed);
+        done_tx.send(echoed).expect("report");
+    });
+    match done_rx.recv_timeout(DEADLINE) {
+        Ok(n) => assert_eq!(n, ROUND_TRIPS),
+        Err(_) => panic!("echo ping-pong did not finish in {DEADLINE:?} (a completion was lost)"),
+    }
+}
