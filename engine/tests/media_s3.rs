@@ -55,12 +55,24 @@ fn start_s3() -> (S3Server, String) {
     let server = S3Server { child, _root: root };
     let addr = format!("127.0.0.1:{port}");
     for _ in 0..200 {
-        if TcpStream::connect(&addr).is_ok() {
+        if answers_http(&addr) {
             return (server, addr);
         }
         std::thread::sleep(Duration::from_millis(25));
     }
     panic!("s3s-fs did not start");
+}
+
+/// Readiness is an HTTP answer, not an accepted connection: a connect to a free ephemeral
+/// port can self-connect and "succeed" with nobody listening (see `media/tests/s3.rs`).
+fn answers_http(addr: &str) -> bool {
+    let Ok(mut s) = TcpStream::connect(addr) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    let probe = b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
+    let mut head = [0u8; 7];
+    s.write_all(probe).is_ok() && s.read_exact(&mut head).is_ok() && &head == b"HTTP/1."
 }
 
 /// One request to an absolute `http://` URL with `Connection: close`; (status, body).
