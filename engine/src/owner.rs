@@ -775,7 +775,8 @@ impl Owner {
         let mut effects = Vec::new();
         if group {
             // Groups: one aggregated receipt ("delivered to / read by every member") when the
-            // slowest member moves, instead of one receipt per member per message.
+            // slowest member moves, instead of one receipt per member per message; a delivered
+            // one goes to the authors of the messages it covers (see `aggregate_receipts`).
             effects.extend(self.aggregate_receipts(chat, before_all, Some(origin.conn)));
             // The reader's other devices learn the read position.
             if kind == CursorKind::Read {
@@ -815,9 +816,17 @@ impl Owner {
     }
 
     /// Receipts for `user: 0` ("every member") when the slowest member's cursors moved past
-    /// `before`.
+    /// `before`, then forgets the authors of the messages every member now has.
+    ///
+    /// Who is told: "delivered to every member" matters only to the authors of the messages it
+    /// covers, so it goes to the current members among them (all their devices but `skip`) when
+    /// the chat's `ReceiptAuthors` (kept by the shard state) still holds every message of the
+    /// range; otherwise (a member was more than `RECEIPT_AUTHORS_MAX` messages behind) to every
+    /// member, as before. "Read by every member" always goes to every member: the authors are
+    /// kept only above the delivered minimum, and keeping them down to the read minimum would
+    /// hold a full queue in most groups (someone has always not read yet).
     fn aggregate_receipts(
-        &self,
+        &mut self,
         chat: ChatId,
         before: (Seq, Seq),
         skip: Option<ConnRef>,
@@ -832,20 +841,34 @@ impl Owner {
             (ReceiptKind::Read, before.1, after.1),
         ] {
             if a > b && a.0 != u64::MAX {
+                let from = Seq(b.0 + 1);
+                let authors = if kind == ReceiptKind::Delivered {
+                    meta.receipt_authors.authors(from, a)
+                } else {
+                    None
+                };
+                let to_users = match authors {
+                    Some(mut authors) => {
+                        authors.retain(|u| meta.is_member(*u));
+                        authors
+                    }
+                    None => meta.members.clone(),
+                };
                 let receipt = Receipt {
                     chat,
-                    from: Seq(b.0 + 1),
+                    from,
                     to: a,
                     user: UserId(0),
                     kind,
                 };
                 out.push(Effect::Broadcast {
                     frame: ServerFrame::Receipt(receipt),
-                    to_users: meta.members.clone(),
+                    to_users,
                     skip,
                 });
             }
         }
+        self.state.trim_receipt_authors(chat);
         out
     }
 
@@ -1193,6 +1216,7 @@ pub fn message_frame(m: &StoredMessage) -> Message {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use switchboard_storage::RECEIPT_AUTHORS_MAX;
     use switchboard_wire::{DeviceId, Target};
 
     const A: UserId = UserId(1);
@@ -1434,6 +1458,196 @@ mod tests {
                 (1, 3, ReceiptKind::Read, vec![A, B])
             ]
         );
+    }
+
+    const D: UserId = UserId(4);
+
+    /// A group's id and the `CreateGroup` of `creator` with `others`.
+    fn create_req(creator: UserId, others: &[UserId]) -> (ChatId, CreateGroupReq) {
+        let id = ClientMsgId::from_halves(creator.0, 999);
+        let req = CreateGroupReq {
+            request_id: 1,
+            client_msg_id: id,
+            name: "g".into(),
+            description: String::new(),
+            avatar_media_id: String::new(),
+            members: others.to_vec(),
+            admins_only: false,
+        };
+        (ChatId::group(creator, id), req)
+    }
+
+    /// Creates a group of `creator` and `others` (seq 1, by `creator`), committed.
+    fn group(o: &mut Owner, creator: UserId, others: &[UserId]) -> ChatId {
+        let (chat, req) = create_req(creator, others);
+        o.on_create_group(1, origin(creator), chat, req);
+        commit(o);
+        chat
+    }
+
+    /// Takes and commits everything staged.
+    fn commit(o: &mut Owner) -> Batch {
+        let b = o.take_batch(usize::MAX);
+        o.committed(&b);
+        b
+    }
+
+    fn group_send(o: &mut Owner, from: UserId, chat: ChatId, id: u64) -> Batch {
+        let mut req = send(id, from, 0);
+        req.target = Target::Chat(chat);
+        o.on_send(1, origin(from), chat, None, req);
+        commit(o)
+    }
+
+    fn cursor(o: &mut Owner, user: UserId, chat: ChatId, kind: CursorKind, seq: u64) -> Batch {
+        o.on_cursor(origin(user), chat, kind, Seq(seq));
+        commit(o)
+    }
+
+    /// The aggregated receipts of a batch: (from, to, kind, users told).
+    fn aggregates(b: &Batch) -> Vec<(u64, u64, ReceiptKind, Vec<UserId>)> {
+        b.effects
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Broadcast {
+                    frame: ServerFrame::Receipt(r),
+                    to_users,
+                    ..
+                } if r.user == UserId(0) => Some((r.from.0, r.to.0, r.kind, to_users.clone())),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn group_delivered_receipts_go_to_the_authors_only() {
+        let mut o = owner();
+        // Seq 1 (the creation) by A, seq 2 by B, seq 3 by A.
+        let chat = group(&mut o, A, &[B, C, D]);
+        assert!(aggregates(&group_send(&mut o, B, chat, 1)).is_empty());
+        assert!(aggregates(&group_send(&mut o, A, chat, 2)).is_empty());
+        // Own sends raised A to 3 and B to 2; C and D have nothing yet.
+        assert!(aggregates(&cursor(&mut o, C, chat, CursorKind::Delivered, 3)).is_empty());
+        let b = cursor(&mut o, D, chat, CursorKind::Delivered, 3);
+        assert_eq!(
+            aggregates(&b),
+            vec![(1, 2, ReceiptKind::Delivered, vec![A, B])]
+        );
+        // The skip is the reporting connection, as before.
+        assert!(matches!(
+            &b.effects[..],
+            [Effect::Broadcast { skip: Some(c), .. }] if *c == origin(D).conn
+        ));
+        let b = cursor(&mut o, B, chat, CursorKind::Delivered, 3);
+        assert_eq!(
+            aggregates(&b),
+            vec![(3, 3, ReceiptKind::Delivered, vec![A])]
+        );
+        // A send that completes an aggregate: D is the last to have seq 4, by sending seq 5.
+        group_send(&mut o, A, chat, 3); // seq 4
+        cursor(&mut o, B, chat, CursorKind::Delivered, 4);
+        cursor(&mut o, C, chat, CursorKind::Delivered, 4);
+        let b = group_send(&mut o, D, chat, 4); // seq 5
+        assert_eq!(
+            aggregates(&b),
+            vec![(4, 4, ReceiptKind::Delivered, vec![A])]
+        );
+        // Read aggregates still go to every member. D has seq 5 (its own), so C's read of it
+        // completes both aggregates.
+        for u in [A, B] {
+            cursor(&mut o, u, chat, CursorKind::Read, 5);
+        }
+        let b = cursor(&mut o, C, chat, CursorKind::Read, 5);
+        assert_eq!(
+            aggregates(&b),
+            vec![
+                (5, 5, ReceiptKind::Delivered, vec![D]),
+                (1, 5, ReceiptKind::Read, vec![A, B, C, D])
+            ]
+        );
+        // An author who left is not told; events count as their author's messages.
+        let req = GroupUpdateReq::new(ClientMsgId::from_halves(0, 50), chat, GroupOp::Leave);
+        o.on_group_update(1, origin(B), req); // seq 6, by B
+        commit(&mut o);
+        group_send(&mut o, C, chat, 5); // seq 7
+        cursor(&mut o, A, chat, CursorKind::Delivered, 7);
+        let b = cursor(&mut o, D, chat, CursorKind::Delivered, 7);
+        assert_eq!(
+            aggregates(&b),
+            vec![(6, 7, ReceiptKind::Delivered, vec![C])]
+        );
+        assert!(o.state.chat(&chat).unwrap().receipt_authors.is_empty());
+    }
+
+    #[test]
+    fn group_delivered_receipts_fall_back_to_every_member_when_not_covered() {
+        let mut o = owner();
+        let chat = group(&mut o, A, &[B, C]);
+        // C is behind by more messages than the authors are kept for.
+        let n = RECEIPT_AUTHORS_MAX as u64 + 10;
+        for i in 0..n {
+            group_send(&mut o, A, chat, 100 + i);
+        }
+        let last = 1 + n;
+        cursor(&mut o, B, chat, CursorKind::Delivered, last);
+        let b = cursor(&mut o, C, chat, CursorKind::Delivered, last);
+        assert_eq!(
+            aggregates(&b),
+            vec![(1, last, ReceiptKind::Delivered, vec![A, B, C])]
+        );
+        // Caught up: the next range is covered again.
+        group_send(&mut o, B, chat, 1);
+        cursor(&mut o, A, chat, CursorKind::Delivered, last + 1);
+        let b = cursor(&mut o, C, chat, CursorKind::Delivered, last + 1);
+        assert_eq!(
+            aggregates(&b),
+            vec![(last + 1, last + 1, ReceiptKind::Delivered, vec![B])]
+        );
+    }
+
+    #[test]
+    fn group_receipt_authors_are_rebuilt_after_a_restart() {
+        let mut o = owner();
+        let (chat, req) = create_req(A, &[B, C]);
+        o.on_create_group(1, origin(A), chat, req);
+        let mut log = commit(&mut o).records;
+        for i in 0..3 {
+            log.extend(group_send(&mut o, B, chat, 200 + i).records); // seqs 2..=4
+        }
+        let state = ShardState::recover(100, &log);
+        let mut o = Owner::new(0, state, MsgId(0), OwnerLimits::default());
+        cursor(&mut o, A, chat, CursorKind::Delivered, 4);
+        let b = cursor(&mut o, C, chat, CursorKind::Delivered, 4);
+        assert_eq!(
+            aggregates(&b),
+            vec![(1, 4, ReceiptKind::Delivered, vec![A, B])]
+        );
+    }
+
+    #[test]
+    fn group_receipt_authors_never_exceed_their_bound() {
+        let mut o = owner();
+        let chat = group(&mut o, A, &[B, C]);
+        // C never reports: nothing is ever delivered to everyone.
+        for i in 0..3 * RECEIPT_AUTHORS_MAX as u64 {
+            group_send(&mut o, if i % 2 == 0 { A } else { B }, chat, 100 + i);
+            let seq = i + 2;
+            for u in [A, B] {
+                cursor(&mut o, u, chat, CursorKind::Delivered, seq);
+            }
+            let held = o.state.chat(&chat).unwrap().receipt_authors.len();
+            assert!(held <= RECEIPT_AUTHORS_MAX, "{held} after seq {seq}");
+        }
+        let held = o.state.chat(&chat).unwrap().receipt_authors.len();
+        assert_eq!(held, RECEIPT_AUTHORS_MAX);
+        // Once C has everything, the queue is emptied.
+        let last = 1 + 3 * RECEIPT_AUTHORS_MAX as u64;
+        let b = cursor(&mut o, C, chat, CursorKind::Delivered, last);
+        assert_eq!(
+            aggregates(&b),
+            vec![(1, last, ReceiptKind::Delivered, vec![A, B, C])]
+        );
+        assert!(o.state.chat(&chat).unwrap().receipt_authors.is_empty());
     }
 
     #[test]

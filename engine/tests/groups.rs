@@ -8,7 +8,7 @@ use std::time::Duration;
 use switchboard_client::{new_client_msg_id, Client, ClientError};
 use switchboard_wire::{
     decode_event, ChatId, ContentKind, ErrorCode, EventKind, GroupOp, GroupUpdateReq, MemberRole,
-    Message, ReceiptKind, Seq, ServerFrame, Target, UserId,
+    Message, Receipt, ReceiptKind, Seq, ServerFrame, Target, UserId,
 };
 use util::{Server, T};
 
@@ -209,10 +209,44 @@ fn roles_admins_only_and_retried_creation() {
     assert_eq!((after.name, after.members), (info.name, info.members));
 }
 
+/// The next aggregated receipt (`user` 0); other frames are skipped.
+fn next_aggregate(c: &mut Client) -> Receipt {
+    loop {
+        match c
+            .recv(T)
+            .expect("recv")
+            .expect("timed out waiting for a receipt")
+        {
+            ServerFrame::Receipt(r) if r.user == UserId(0) => return r,
+            _ => continue,
+        }
+    }
+}
+
+/// Every receipt that arrives within `d` (other frames are skipped).
+fn receipts_within(c: &mut Client, d: Duration) -> Vec<Receipt> {
+    let until = std::time::Instant::now() + d;
+    let mut out = Vec::new();
+    while std::time::Instant::now() < until {
+        if let Some(ServerFrame::Receipt(r)) = c.recv(Duration::from_millis(50)).unwrap() {
+            out.push(r);
+        }
+    }
+    out
+}
+
+/// Whether `receipts` hold an aggregated "delivered to every member".
+fn has_delivered_aggregate(receipts: &[Receipt]) -> bool {
+    receipts
+        .iter()
+        .any(|r| r.user == UserId(0) && r.kind == ReceiptKind::Delivered)
+}
+
 #[test]
 fn aggregated_and_per_member_receipts_and_multi_device_reads() {
     let server = Server::start(2);
     let mut a = server.connect(20, 1);
+    let mut a_tablet = server.connect(20, 2);
     let mut b = server.connect(21, 1);
     let mut c = server.connect(22, 1);
     let mut c_laptop = server.connect(22, 2);
@@ -221,27 +255,33 @@ fn aggregated_and_per_member_receipts_and_multi_device_reads() {
         .create_group("g", &[UserId(21), UserId(22)], false, T)
         .unwrap()
         .chat;
-    for x in [&mut b, &mut c, &mut c_laptop] {
+    for x in [&mut a_tablet, &mut b, &mut c, &mut c_laptop] {
         next_message(x);
     }
     let ack = a.send_and_wait_ack(Target::Chat(chat), b"m", T).unwrap();
-    for x in [&mut b, &mut c, &mut c_laptop] {
+    for x in [&mut a_tablet, &mut b, &mut c, &mut c_laptop] {
         assert_eq!(next_message(x).seq, ack.seq);
     }
     b.mark_delivered(chat, ack.seq).unwrap();
     c.mark_read(chat, ack.seq).unwrap();
-    // The sender hears "delivered to everyone" and "read by everyone"? Not read: b only delivered.
-    let mut delivered_all = false;
-    while !delivered_all {
-        match a.recv(T).unwrap().expect("receipt") {
-            ServerFrame::Receipt(r) if r.user == UserId(0) => {
-                assert_eq!(r.kind, ReceiptKind::Delivered, "{r:?}");
-                assert!(r.to >= ack.seq);
-                delivered_all = true;
-            }
-            _ => {}
-        }
+    // The author hears "delivered to everyone" (of its creation event and its message) on
+    // every device. Not "read": b only delivered.
+    for x in [&mut a, &mut a_tablet] {
+        let r = next_aggregate(x);
+        assert_eq!(r.kind, ReceiptKind::Delivered, "{r:?}");
+        assert_eq!((r.from, r.to), (Seq(1), ack.seq));
     }
+    // The other members wrote nothing in that range: they are not told.
+    let seen = receipts_within(&mut b, Duration::from_millis(300));
+    assert!(!has_delivered_aggregate(&seen), "{seen:?}");
+    let seen = receipts_within(&mut c_laptop, Duration::from_millis(300));
+    assert!(!has_delivered_aggregate(&seen), "{seen:?}");
+    // C read on its phone: its laptop learns it.
+    assert!(
+        seen.iter()
+            .any(|r| r.user == UserId(22) && r.kind == ReceiptKind::Read && r.to == ack.seq),
+        "{seen:?}"
+    );
     let list = a.receipts(chat, ack.seq, T).unwrap();
     assert_eq!(
         (
@@ -251,22 +291,27 @@ fn aggregated_and_per_member_receipts_and_multi_device_reads() {
         ),
         (vec![UserId(21)], vec![UserId(22)], vec![])
     );
-    // C read on its phone: its laptop learns it.
-    loop {
-        if let Some(ServerFrame::Receipt(r)) = c_laptop.recv(T).unwrap() {
-            if r.user == UserId(22) && r.kind == ReceiptKind::Read {
-                assert_eq!(r.to, ack.seq);
-                break;
-            }
-        }
-    }
+    // "Read by everyone" goes to every member.
     b.mark_read(chat, ack.seq).unwrap();
-    loop {
-        if let Some(ServerFrame::Receipt(r)) = a.recv(T).unwrap() {
-            if r.user == UserId(0) && r.kind == ReceiptKind::Read {
-                break;
-            }
-        }
+    for x in [&mut a, &mut a_tablet, &mut c, &mut c_laptop] {
+        let r = next_aggregate(x);
+        assert_eq!((r.kind, r.from, r.to), (ReceiptKind::Read, Seq(1), ack.seq));
+    }
+    // B's message: now B (and only B) hears that everyone has it.
+    let ack_b = b.send_and_wait_ack(Target::Chat(chat), b"n", T).unwrap();
+    for x in [&mut a, &mut a_tablet, &mut c, &mut c_laptop] {
+        assert_eq!(next_message(x).seq, ack_b.seq);
+    }
+    a.mark_delivered(chat, ack_b.seq).unwrap();
+    c.mark_delivered(chat, ack_b.seq).unwrap();
+    let r = next_aggregate(&mut b);
+    assert_eq!(
+        (r.kind, r.from, r.to),
+        (ReceiptKind::Delivered, ack_b.seq, ack_b.seq)
+    );
+    for x in [&mut a, &mut a_tablet, &mut c_laptop] {
+        let seen = receipts_within(x, Duration::from_millis(300));
+        assert!(!has_delivered_aggregate(&seen), "{seen:?}");
     }
 }
 

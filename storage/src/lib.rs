@@ -56,7 +56,9 @@ pub use record::{
     CONTENT_KIND_EVENT, MESSAGE_FLAG_FORWARDED, MESSAGE_FORMAT_VERSION, PAYLOAD_BYTES_MAX,
     RECORD_BYTES_MAX,
 };
-pub use state::{ChatMeta, DedupEntry, GroupMeta, Membership, ShardState};
+pub use state::{
+    ChatMeta, DedupEntry, GroupMeta, Membership, ReceiptAuthors, ShardState, RECEIPT_AUTHORS_MAX,
+};
 
 /// Default for [`StoreConfig::segment_bytes_max`]: 64 MiB.
 pub const SEGMENT_BYTES_MAX_DEFAULT: u64 = 64 * 1024 * 1024;
