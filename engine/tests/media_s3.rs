@@ -7,8 +7,7 @@ mod util;
 use serde_json::json;
 use sha2::{Digest, Sha256};
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
+use std::net::TcpStream;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use switchboard_client::new_client_msg_id;
 use switchboard_media::{S3Config, S3Store};
@@ -18,62 +17,8 @@ use util::{Http, Server};
 const ACCESS_KEY: &str = "AKIAENGINETEST";
 const SECRET_KEY: &str = "engine/test/secret/key/0123456789abcdef";
 
-/// The s3s-fs process and its data directory (removed when dropped, after the process).
-struct S3Server {
-    child: Child,
-    _root: tempfile::TempDir,
-}
-
-impl Drop for S3Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_s3() -> (S3Server, String) {
-    let bin = std::env::var("S3S_FS").unwrap_or_else(|_| "s3s-fs".to_owned());
-    let root = tempfile::tempdir().expect("tempdir");
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let child = Command::new(&bin)
-        .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-        .args(["--access-key", ACCESS_KEY, "--secret-key", SECRET_KEY])
-        .arg(root.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap_or_else(|e| {
-            panic!(
-                "cannot start {bin:?}: {e}; install it with \
-                 `cargo install s3s-fs@0.14.1 --features binary --locked` (CI does) or set S3S_FS"
-            )
-        });
-    let server = S3Server { child, _root: root };
-    let addr = format!("127.0.0.1:{port}");
-    for _ in 0..200 {
-        if answers_http(&addr) {
-            return (server, addr);
-        }
-        std::thread::sleep(Duration::from_millis(25));
-    }
-    panic!("s3s-fs did not start");
-}
-
-/// Readiness is an HTTP answer, not an accepted connection: a connect to a free ephemeral
-/// port can self-connect and "succeed" with nobody listening (see `media/tests/s3.rs`).
-fn answers_http(addr: &str) -> bool {
-    let Ok(mut s) = TcpStream::connect(addr) else {
-        return false;
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-    let probe = b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n";
-    let mut head = [0u8; 7];
-    s.write_all(probe).is_ok() && s.read_exact(&mut head).is_ok() && &head == b"HTTP/1."
-}
+#[path = "../../media/tests/support/s3s_fs.rs"]
+mod s3s_fs;
 
 /// One request to an absolute `http://` URL with `Connection: close`; (status, body).
 fn s3_request(
@@ -126,8 +71,8 @@ fn s3_request(
 
 #[test]
 fn presigned_s3_upload_and_download_through_the_api() {
-    let (_s3, s3_addr) = start_s3();
-    let endpoint = format!("http://{s3_addr}");
+    let s3 = s3s_fs::start(ACCESS_KEY, SECRET_KEY);
+    let endpoint = format!("http://{}", s3.addr);
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap()
