@@ -120,3 +120,79 @@ fn socket_completions_from_another_thread_wake_a_parked_reactor() {
         Err(_) => panic!("echo ping-pong did not finish in {DEADLINE:?} (a completion was lost)"),
     }
 }
+
+/// Timers across parks and wake-ups. While the ping executor waits for a pong it parks with a
+/// ring timeout armed for its earliest timer (an hour-long sleep that never fires, or a short
+/// one that must), and the pong's notify wakes it before that timeout: the reactor then cancels
+/// the timeout with `TIMEOUT_REMOVE` (patch 4 in `third_party/glommio/SWITCHBOARD.md`), as it
+/// does with its throughput-preemption timeout on every turn. A cancel that hit a live timeout,
+/// or a completion it could not match, would leave a short sleep unwoken (the test then fails at
+/// its deadline) or panic the reactor.
+#[test]
+fn timers_fire_across_parks_whose_timeouts_were_cancelled() {
+    let (ab_tx, ab_rx) = shared_channel::new_bounded::<u32>(1);
+    let (ba_tx, ba_rx) = shared_channel::new_bounded::<u32>(1);
+    let (done_tx, done_rx) = mpsc::channel::<(u32, u32)>();
+    const SHORT: Duration = Duration::from_millis(1);
+
+    let a = LocalExecutorBuilder::new(Placement::Unbound)
+        .name("ping-timers")
+        .spawn(move || async move {
+            glommio::spawn_local(glommio::timer::sleep(Duration::from_secs(3600))).detach();
+            let tx = ab_tx.connect().await;
+            let rx = ba_rx.connect().await;
+            let mut shorts = 0;
+            for i in 0..ROUND_TRIPS {
+                tx.send(i).await.expect("send ping");
+                let got = rx.recv().await.expect("recv pong");
+                assert_eq!(got, i + 1, "pong answers its ping");
+                if i % 64 == 0 {
+                    // The short sleep wins the race: the hour-long one is dropped unfired.
+                    let started = Instant::now();
+                    let short_won = futures_lite::future::or(
+                        async {
+                            glommio::timer::sleep(Duration::from_secs(3600)).await;
+                            false
+                        },
+                        async {
+                            glommio::timer::sleep(SHORT).await;
+                            true
+                        },
+                    )
+                    .await;
+                    assert!(short_won, "an hour-long sleep finished first");
+                    assert!(started.elapsed() >= SHORT, "a sleep woke early");
+                    shorts += 1;
+                }
+            }
+            (ROUND_TRIPS, shorts)
+        })
+        .expect("spawn ping executor");
+    let b = LocalExecutorBuilder::new(Placement::Unbound)
+        .name("pong-timers")
+        .spawn(move || async move {
+            let rx = ab_rx.connect().await;
+            let tx = ba_tx.connect().await;
+            let mut n = 0;
+            while let Some(i) = rx.recv().await {
+                tx.send(i + 1).await.expect("send pong");
+                n += 1;
+            }
+            n
+        })
+        .expect("spawn pong executor");
+
+    std::thread::spawn(move || {
+        let (pings, shorts) = a.join().expect("ping executor");
+        let pongs = b.join().expect("pong executor");
+        assert_eq!(pings, pongs);
+        done_tx.send((pongs, shorts)).expect("report");
+    });
+    match done_rx.recv_timeout(DEADLINE) {
+        Ok((n, shorts)) => {
+            assert_eq!(n, ROUND_TRIPS);
+            assert_eq!(shorts, ROUND_TRIPS.div_ceil(64));
+        }
+        Err(_) => panic!("timers did not all fire within {DEADLINE:?} (a live timeout was lost)"),
+    }
+}
