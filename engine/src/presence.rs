@@ -80,9 +80,7 @@ impl PresenceHub {
         if let Some(list) = self.subs.get_mut(&target) {
             list.retain(|s| s.conn != conn);
             if list.is_empty() {
-                self.subs.remove(&target);
-                self.last_sent_ms.remove(&target);
-                self.dirty.remove(&target);
+                self.forget(target);
             }
         }
         if let Some(set) = self.by_conn.get_mut(&conn) {
@@ -99,10 +97,18 @@ impl PresenceHub {
             if let Some(list) = self.subs.get_mut(&target) {
                 list.retain(|s| s.conn != conn);
                 if list.is_empty() {
-                    self.subs.remove(&target);
+                    self.forget(target);
                 }
             }
         }
+    }
+
+    /// `target` has no subscribers left: drop its coalescing state too, so that the hub holds
+    /// entries only for users somebody watches (a pending update would go to nobody).
+    fn forget(&mut self, target: UserId) {
+        self.subs.remove(&target);
+        self.last_sent_ms.remove(&target);
+        self.dirty.remove(&target);
     }
 
     pub fn subscribers(&self, target: UserId) -> &[Subscription] {
@@ -227,5 +233,50 @@ mod tests {
         assert!(h.due(2500).is_empty());
         h.drop_conn(ConnRef { core: 0, conn: 1 });
         assert!(h.subscribers(t).is_empty());
+    }
+
+    /// Watchers come and go for good (connections close): the hub must not keep a coalescing
+    /// entry per user ever watched. It did: `drop_conn` removed the subscription list but left
+    /// `last_sent_ms` (and a pending `dirty` mark, sent later to nobody) behind.
+    #[test]
+    fn a_closed_watcher_leaves_no_state_behind() {
+        let mut h = PresenceHub::default();
+        for i in 0..10_000u64 {
+            let (target, conn) = (UserId(1_000_000 + i), ConnRef { core: 0, conn: i });
+            h.subscribe(target, sub(i, true, false));
+            assert!(h.changed(target, 1000));
+            assert!(!h.changed(target, 1100), "coalesced: now dirty");
+            if i % 2 == 0 {
+                h.drop_conn(conn);
+            } else {
+                h.unsubscribe(target, conn);
+            }
+        }
+        assert!(h.subs.is_empty() && h.by_conn.is_empty());
+        assert!(
+            h.last_sent_ms.is_empty(),
+            "{} stale entries",
+            h.last_sent_ms.len()
+        );
+        assert!(h.dirty.is_empty(), "{} stale dirty marks", h.dirty.len());
+        assert!(
+            h.due(5000).is_empty(),
+            "an update due for a user nobody watches"
+        );
+
+        // A user with two watchers keeps its state until the last one goes.
+        let t = UserId(7);
+        h.subscribe(t, sub(1, true, false));
+        h.subscribe(t, sub(2, true, false));
+        assert!(h.changed(t, 10_000));
+        assert!(!h.changed(t, 10_100));
+        h.drop_conn(ConnRef { core: 0, conn: 1 });
+        assert_eq!(
+            h.due(11_000),
+            vec![t],
+            "the other watcher still gets the update"
+        );
+        h.drop_conn(ConnRef { core: 0, conn: 2 });
+        assert!(h.last_sent_ms.is_empty() && h.dirty.is_empty() && h.subs.is_empty());
     }
 }
