@@ -120,6 +120,30 @@ pub struct ServerView {
     pub cpu_s: Option<f64>,
 }
 
+/// Where the machine's CPU time went during the message phase (go → last result). On a box
+/// shared by the server, the load generator and anything else, a latency figure means little
+/// without it: a burst of another process shows up as the server's p99.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct PhaseCpu {
+    /// Busy CPU seconds of the whole machine (`/proc/stat`).
+    pub machine_s: Option<f64>,
+    /// The irq + softirq part of `machine_s`: interrupt work (loopback packet processing
+    /// included) that the kernel charges to no process.
+    pub irq_s: Option<f64>,
+    /// CPUs of the machine.
+    pub cpus: usize,
+    /// CPU seconds of the worker processes over the same phase (`/proc/PID/stat`).
+    pub client_s: Option<f64>,
+}
+
+impl PhaseCpu {
+    /// CPU seconds of everything else: other processes and kernel threads outside the server's
+    /// process (its io_uring workers are inside). Needs the server's CPU time of the phase.
+    pub fn other_s(&self, server_s: Option<f64>) -> Option<f64> {
+        Some((self.machine_s? - self.irq_s? - server_s? - self.client_s?).max(0.0))
+    }
+}
+
 /// One complete run (one sweep step).
 #[derive(Clone, Debug)]
 pub struct RunResult {
@@ -132,8 +156,10 @@ pub struct RunResult {
     pub result: Record,
     pub timeline: Vec<Row>,
     pub server: ServerView,
-    /// CPU seconds of all worker processes together.
+    /// CPU seconds of all worker processes together (their whole life, connecting included).
     pub client_cpu_s: f64,
+    /// The machine's CPU time during the message phase.
+    pub phase_cpu: PhaseCpu,
     /// Wall time of the message phase (go → last result).
     pub run_s: f64,
     /// Why the run failed its checks (empty: passed).
@@ -427,7 +453,16 @@ pub fn run_once(sc: &Scenario, opts: &RunOpts) -> Result<RunResult, String> {
     };
     let cpu_children_before = children_cpu_s();
     let (mut procs, events) = spawn_workers(&layout, sc, first_user, opts.worker_cmd.as_deref())?;
-    let result = drive(sc, &layout, opts, &mut procs, &events, &mut server);
+    let mut phase_cpu = PhaseCpu::default();
+    let result = drive(
+        sc,
+        &layout,
+        opts,
+        &mut procs,
+        &events,
+        &mut server,
+        &mut phase_cpu,
+    );
     if result.is_err() {
         tell_all(&mut procs, "stop");
     }
@@ -450,6 +485,7 @@ pub fn run_once(sc: &Scenario, opts: &RunOpts) -> Result<RunResult, String> {
         timeline,
         server,
         client_cpu_s,
+        phase_cpu,
         run_s,
         failures: Vec::new(),
     };
@@ -509,6 +545,7 @@ fn drive(
     procs: &mut [WorkerProc],
     events: &mpsc::Receiver<Event>,
     server: &mut ServerView,
+    phase_cpu: &mut PhaseCpu,
 ) -> Result<Driven, String> {
     let k = procs.len();
     let target = layout.target;
@@ -601,6 +638,12 @@ fn drive(
 
     // ---------------------------------------------------------------- run
     let cpu_before = opts.server_pid.and_then(proc_cpu_s);
+    let machine_before = sys::machine_ticks();
+    let workers_cpu = |procs: &[WorkerProc]| -> Option<f64> {
+        // A worker that already exited is a zombie until `reap`: its times are still readable.
+        procs.iter().map(|p| proc_cpu_s(p.child.id())).sum()
+    };
+    let client_before = workers_cpu(procs);
     tell_all(procs, "go");
     let go = Instant::now();
     let deadline = go + run_limit;
@@ -654,6 +697,20 @@ fn drive(
     server.cpu_s = match (cpu_before, opts.server_pid.and_then(proc_cpu_s)) {
         (Some(a), Some(b)) => Some(b - a),
         _ => None,
+    };
+    let hz = sys::clock_ticks_per_s();
+    let machine_after = sys::machine_ticks();
+    *phase_cpu = PhaseCpu {
+        machine_s: machine_before
+            .zip(machine_after)
+            .map(|(a, b)| b.busy.saturating_sub(a.busy) as f64 / hz),
+        irq_s: machine_before
+            .zip(machine_after)
+            .map(|(a, b)| b.irq.saturating_sub(a.irq) as f64 / hz),
+        cpus: machine_after.map_or(0, |m| m.cpus),
+        client_s: client_before
+            .zip(workers_cpu(procs))
+            .map(|(a, b)| (b - a).max(0.0)),
     };
     // Seconds some worker did not report (it finished early): keep what arrived.
     for (sec, (n, rec)) in ticks {
@@ -799,6 +856,21 @@ mod tests {
     }
 
     #[test]
+    fn other_cpu_is_what_neither_side_nor_interrupts_used() {
+        let p = PhaseCpu {
+            machine_s: Some(30.0),
+            irq_s: Some(4.0),
+            cpus: 2,
+            client_s: Some(8.0),
+        };
+        assert_eq!(p.other_s(Some(15.0)), Some(3.0));
+        assert_eq!(p.other_s(None), None, "unknown without the server's CPU");
+        // Tick rounding can make the parts exceed the whole by a tick or two.
+        assert_eq!(p.other_s(Some(18.5)), Some(0.0));
+        assert_eq!(PhaseCpu::default().other_s(Some(1.0)), None);
+    }
+
+    #[test]
     fn failures_name_every_anomaly() {
         let mut res = Record::new("result");
         res.set("conns_established", 10);
@@ -814,6 +886,7 @@ mod tests {
             timeline: Vec::new(),
             server: ServerView::default(),
             client_cpu_s: 0.0,
+            phase_cpu: PhaseCpu::default(),
             run_s: 0.0,
             failures: Vec::new(),
         };

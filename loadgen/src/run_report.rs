@@ -226,6 +226,7 @@ pub fn run_json(r: &RunResult) -> Value {
         "server_commits": commits_json(r),
         "client_cpu_s": round3(r.client_cpu_s),
         "client_rss_bytes": res.num("client_rss_bytes"),
+        "phase_cpu": phase_cpu_json(r),
         "ok": r.ok(),
         "failures": r.failures,
         "timeline": r.timeline.iter().map(row_json).collect::<Vec<_>>(),
@@ -234,6 +235,20 @@ pub fn run_json(r: &RunResult) -> Value {
             "ack": hdr_json(&r.hist("ack")),
             "receipt": hdr_json(&r.hist("receipt")),
         },
+    })
+}
+
+/// Where the machine's CPU went during the message phase: `{machine_s, cpus, server_s,
+/// client_s, irq_s, other_s}` (seconds; null where unknown).
+fn phase_cpu_json(r: &RunResult) -> Value {
+    let p = &r.phase_cpu;
+    json!({
+        "machine_s": p.machine_s.map(round3),
+        "cpus": p.cpus,
+        "server_s": r.server.cpu_s.map(round3),
+        "client_s": p.client_s.map(round3),
+        "irq_s": p.irq_s.map(round3),
+        "other_s": p.other_s(r.server.cpu_s).map(round3),
     })
 }
 
@@ -256,6 +271,7 @@ fn step_json(s: &RunResult) -> Value {
         "server_cpu_s": s.server.cpu_s.map(round3),
         "server_commits": commits_json(s),
         "client_cpu_s": round3(s.client_cpu_s),
+        "phase_cpu": phase_cpu_json(s),
         "server_rss_bytes": server_memory(s).0,
         "bytes_per_connection": server_memory(s).1.map(f64::round),
     })
@@ -436,8 +452,20 @@ pub fn markdown(r: &RunResult, sweep: Option<&Sweep>) -> String {
     }
     let _ = writeln!(
         o,
-        "| load generator CPU (all workers) | {:.1} s |",
+        "| load generator CPU (all workers, connecting included) | {:.1} s |",
         r.client_cpu_s
+    );
+    let p = &r.phase_cpu;
+    let _ = writeln!(
+        o,
+        "| machine CPU (message phase, {} CPUs over {:.1} s) | busy {}: server {}, load generator {}, interrupts (irq + softirq) {}, everything else {} |",
+        p.cpus,
+        r.run_s,
+        opt(p.machine_s.map(|c| format!("{c:.1} s"))),
+        opt(r.server.cpu_s.map(|c| format!("{c:.1} s"))),
+        opt(p.client_s.map(|c| format!("{c:.1} s"))),
+        opt(p.irq_s.map(|c| format!("{c:.1} s"))),
+        opt(p.other_s(r.server.cpu_s).map(|c| format!("{c:.1} s"))),
     );
     let _ = writeln!(
         o,
@@ -815,7 +843,7 @@ pub fn write_all(dir: &Path, json: &Value, md: &str, html: &str) -> Result<(), S
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::coord::ServerView;
+    use crate::coord::{PhaseCpu, ServerView};
     use crate::metrics::Scrape;
     use crate::proto::Record;
     use crate::report::latency_histogram;
@@ -877,6 +905,12 @@ mod tests {
                 cpu_s: None,
             },
             client_cpu_s: 1.0,
+            phase_cpu: PhaseCpu {
+                machine_s: Some(70.0),
+                irq_s: Some(5.0),
+                cpus: 2,
+                client_s: Some(20.0),
+            },
             run_s: 40.0,
             failures: Vec::new(),
         }
@@ -918,6 +952,18 @@ mod tests {
         assert_eq!(j["throughput_msgs_per_s"], json!(1000.0));
         assert_eq!(j["server_cores"], json!(2));
         assert!((j["latency_ms"]["e2e"]["p50"].as_f64().expect("p50") - 2.5).abs() < 0.01);
+        // The machine's CPU split: the rest is unknown while the server's CPU is.
+        assert_eq!(j["phase_cpu"]["machine_s"], json!(70.0));
+        assert_eq!(j["phase_cpu"]["other_s"], Value::Null);
+        let mut known = r.clone();
+        known.server.cpu_s = Some(30.0);
+        let j = run_json(&known);
+        assert_eq!(j["phase_cpu"]["other_s"], json!(15.0));
+        assert!(
+            markdown(&known, None).contains("everything else 15.0 s"),
+            "{}",
+            markdown(&known, None)
+        );
     }
 
     #[test]

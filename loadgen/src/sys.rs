@@ -1,5 +1,6 @@
 //! What the load generator reads from the operating system: file-descriptor limits, its own RSS,
-//! the kernel's socket accounting (`/proc/net/sockstat`, `/proc/meminfo`) and the clock.
+//! the kernel's socket accounting (`/proc/net/sockstat`, `/proc/meminfo`), the machine's CPU
+//! time (`/proc/stat`) and the clock.
 
 use std::io;
 use std::sync::OnceLock;
@@ -131,6 +132,61 @@ impl KernelView {
     }
 }
 
+/// The machine's CPU time so far, from the aggregate `cpu` line of `/proc/stat`: busy ticks
+/// (user, nice, system, irq, softirq, steal; guest time is inside user), the irq + softirq part
+/// of them (with IRQ time accounting, interrupt work such as loopback packet processing is
+/// counted here and not in any process's CPU time), all ticks (busy plus idle and iowait), and
+/// the number of CPUs (`cpuN` lines).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MachineTicks {
+    pub busy: u64,
+    pub irq: u64,
+    pub total: u64,
+    pub cpus: usize,
+}
+
+/// Parses `/proc/stat` (see [`MachineTicks`]); `None` without a well-formed `cpu` line.
+pub fn parse_proc_stat(text: &str) -> Option<MachineTicks> {
+    let line = text.lines().find(|l| l.starts_with("cpu "))?;
+    let f: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(str::parse)
+        .collect::<Result<_, _>>()
+        .ok()?;
+    // user nice system idle iowait irq softirq steal [guest guest_nice]
+    if f.len() < 8 {
+        return None;
+    }
+    let busy = f[0] + f[1] + f[2] + f[5] + f[6] + f[7];
+    let cpus = text
+        .lines()
+        .filter(|l| l.starts_with("cpu") && l.as_bytes().get(3).is_some_and(u8::is_ascii_digit))
+        .count();
+    Some(MachineTicks {
+        busy,
+        irq: f[5] + f[6],
+        total: busy + f[3] + f[4],
+        cpus,
+    })
+}
+
+/// [`parse_proc_stat`] of this machine now.
+pub fn machine_ticks() -> Option<MachineTicks> {
+    parse_proc_stat(&std::fs::read_to_string("/proc/stat").ok()?)
+}
+
+/// Clock ticks per second of `/proc` CPU times.
+pub fn clock_ticks_per_s() -> f64 {
+    // SAFETY: sysconf has no preconditions; it only reads a system constant.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if hz > 0 {
+        hz as f64
+    } else {
+        100.0
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -152,6 +208,30 @@ mod tests {
             }
         );
         assert_eq!(KernelView::parse("", ""), KernelView::default());
+    }
+
+    #[test]
+    fn parses_proc_stat() {
+        let stat = "cpu  100 5 50 1000 20 3 7 2 40 0\ncpu0 50 2 25 500 10 1 3 1 20 0\n\
+                    cpu1 50 3 25 500 10 2 4 1 20 0\nintr 12345 0 1\nctxt 99\ncpufreq 1\n";
+        assert_eq!(
+            parse_proc_stat(stat),
+            Some(MachineTicks {
+                busy: 100 + 5 + 50 + 3 + 7 + 2,
+                irq: 3 + 7,
+                total: 100 + 5 + 50 + 3 + 7 + 2 + 1000 + 20,
+                cpus: 2,
+            })
+        );
+        assert_eq!(
+            parse_proc_stat("cpu0 1 2 3 4 5 6 7 8\n"),
+            None,
+            "no aggregate line"
+        );
+        assert_eq!(parse_proc_stat("cpu  1 2 3\n"), None, "too few fields");
+        assert_eq!(parse_proc_stat("cpu  1 x 3 4 5 6 7 8\n"), None);
+        let here = machine_ticks().expect("/proc/stat on Linux");
+        assert!(here.cpus >= 1 && here.total >= here.busy);
     }
 
     #[test]
