@@ -18,6 +18,7 @@ echo "port range:  $(sysctl -n net.ipv4.ip_local_port_range | xargs)"
 echo "somaxconn:   $(sysctl -n net.core.somaxconn)"
 echo "rustc:       $(rustc --version)"
 echo "server:      switchboard serve --cores $cores (pinned), embedded store, fdatasync per group commit"
+if [ -n "${SB_CONFIG:-}" ]; then echo "config:      ${SB_CONFIG//$'\n'/; } (SB_CONFIG, on top of the defaults)"; fi
 echo "loadgen:     on the same machine, sharing the same $(nproc) CPUs"
 echo "load avg:    $(cut -d' ' -f1-3 /proc/loadavg) (1/5/15 min) at the start; other processes then:"
 ps -eo pcpu,comm --sort=-pcpu | awk 'NR>1 && $1>5 {print "               " $1 "% " $2}' | head -8

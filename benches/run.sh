@@ -6,6 +6,7 @@
 # OUT (default benches/results/latest):
 #   machine.md load.txt idle.txt idle.json  {default,sweep,groups}/report.{json,md,html}
 #   plan.md  server.log  README.md (summary)
+# SB_CONFIG adds server settings (TOML lines) for A/B runs; machine.md records them.
 # Every load-generator run is bounded by its scenario (≤ ~60 s each); the server is stopped on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,6 +29,8 @@ messages_per_user_refill_per_s = 1000
 frames_per_conn_burst = 1000000
 frames_per_conn_refill_per_s = 1000
 TOML
+# SB_CONFIG: more server settings for an A/B run, e.g. SB_CONFIG='commit_delay_us = 0'.
+if [ -n "${SB_CONFIG:-}" ]; then printf '%s\n' "$SB_CONFIG" >> "$DATA.toml"; fi
 "$SB" serve --config "$DATA.toml" --listen 127.0.0.1:0 --data-dir "$DATA" --cores "$CORES" > "$OUT/server.log" 2>&1 &
 PID=$!
 cleanup() { kill "$PID" 2>/dev/null || true; wait "$PID" 2>/dev/null || true; rm -rf "$DATA" "$DATA.toml"; }
