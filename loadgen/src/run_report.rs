@@ -271,6 +271,7 @@ fn step_json(s: &RunResult) -> Value {
         "server_cpu_s": s.server.cpu_s.map(round3),
         "server_commits": commits_json(s),
         "client_cpu_s": round3(s.client_cpu_s),
+        "run_s": round3(s.run_s),
         "phase_cpu": phase_cpu_json(s),
         "server_rss_bytes": server_memory(s).0,
         "bytes_per_connection": server_memory(s).1.map(f64::round),
