@@ -19,6 +19,28 @@ const ROUND_TRIPS: u32 = 20_000;
 /// A run that takes longer than this lost a wake-up (a healthy run takes well under 10 s).
 const DEADLINE: Duration = Duration::from_secs(60);
 
+/// The answering side of the ping-pong tests: an executor that returns every ping plus one until
+/// the ping side hangs up, and reports how many it answered.
+fn spawn_pong(
+    name: &str,
+    ab_rx: shared_channel::SharedReceiver<u32>,
+    ba_tx: shared_channel::SharedSender<u32>,
+) -> glommio::ExecutorJoinHandle<u32> {
+    LocalExecutorBuilder::new(Placement::Unbound)
+        .name(name)
+        .spawn(move || async move {
+            let rx = ab_rx.connect().await;
+            let tx = ba_tx.connect().await;
+            let mut n = 0;
+            while let Some(i) = rx.recv().await {
+                tx.send(i + 1).await.expect("send pong");
+                n += 1;
+            }
+            n
+        })
+        .expect("spawn pong executor")
+}
+
 /// Two executors on two threads ping-pong over a pair of bounded shared channels: every
 /// message arrives while its receiver is parked or about to park.
 #[test]
@@ -40,19 +62,7 @@ fn cross_executor_ping_pong_loses_no_wakeup() {
             ROUND_TRIPS
         })
         .expect("spawn ping executor");
-    let b = LocalExecutorBuilder::new(Placement::Unbound)
-        .name("pong")
-        .spawn(move || async move {
-            let rx = ab_rx.connect().await;
-            let tx = ba_tx.connect().await;
-            let mut n = 0;
-            while let Some(i) = rx.recv().await {
-                tx.send(i + 1).await.expect("send pong");
-                n += 1;
-            }
-            n
-        })
-        .expect("spawn pong executor");
+    let b = spawn_pong("pong", ab_rx, ba_tx);
 
     std::thread::spawn(move || {
         let pings = a.join().expect("ping executor");
@@ -168,19 +178,7 @@ fn timers_fire_across_parks_whose_timeouts_were_cancelled() {
             (ROUND_TRIPS, shorts)
         })
         .expect("spawn ping executor");
-    let b = LocalExecutorBuilder::new(Placement::Unbound)
-        .name("pong-timers")
-        .spawn(move || async move {
-            let rx = ab_rx.connect().await;
-            let tx = ba_tx.connect().await;
-            let mut n = 0;
-            while let Some(i) = rx.recv().await {
-                tx.send(i + 1).await.expect("send pong");
-                n += 1;
-            }
-            n
-        })
-        .expect("spawn pong executor");
+    let b = spawn_pong("pong-timers", ab_rx, ba_tx);
 
     std::thread::spawn(move || {
         let (pings, shorts) = a.join().expect("ping executor");
