@@ -22,12 +22,11 @@ const DEADLINE: Duration = Duration::from_secs(60);
 /// The answering side of the ping-pong tests: an executor that returns every ping plus one until
 /// the ping side hangs up, and reports how many it answered.
 fn spawn_pong(
-    name: &str,
+    builder: LocalExecutorBuilder,
     ab_rx: shared_channel::SharedReceiver<u32>,
     ba_tx: shared_channel::SharedSender<u32>,
 ) -> glommio::ExecutorJoinHandle<u32> {
-    LocalExecutorBuilder::new(Placement::Unbound)
-        .name(name)
+    builder
         .spawn(move || async move {
             let rx = ab_rx.connect().await;
             let tx = ba_tx.connect().await;
@@ -62,7 +61,11 @@ fn cross_executor_ping_pong_loses_no_wakeup() {
             ROUND_TRIPS
         })
         .expect("spawn ping executor");
-    let b = spawn_pong("pong", ab_rx, ba_tx);
+    let b = spawn_pong(
+        LocalExecutorBuilder::new(Placement::Unbound).name("pong"),
+        ab_rx,
+        ba_tx,
+    );
 
     std::thread::spawn(move || {
         let pings = a.join().expect("ping executor");
@@ -178,7 +181,11 @@ fn timers_fire_across_parks_whose_timeouts_were_cancelled() {
             (ROUND_TRIPS, shorts)
         })
         .expect("spawn ping executor");
-    let b = spawn_pong("pong-timers", ab_rx, ba_tx);
+    let b = spawn_pong(
+        LocalExecutorBuilder::new(Placement::Unbound).name("pong-timers"),
+        ab_rx,
+        ba_tx,
+    );
 
     std::thread::spawn(move || {
         let (pings, shorts) = a.join().expect("ping executor");
@@ -192,5 +199,64 @@ fn timers_fire_across_parks_whose_timeouts_were_cancelled() {
             assert_eq!(shorts, ROUND_TRIPS.div_ceil(64));
         }
         Err(_) => panic!("timers did not all fire within {DEADLINE:?} (a live timeout was lost)"),
+    }
+}
+
+/// Spinning reactors (`spin_before_park_us`) that share a CPU with other runnable threads, as
+/// the server's do with the load generator and the io_uring fsync workers on a small box.
+/// Patch 5 (`third_party/glommio/SWITCHBOARD.md`): a reactor with nothing to do yields its CPU
+/// while it spins and parks once another thread ran. Here two executors pinned to one CPU
+/// ping-pong with a spin far longer than the test: every hop needs the CPU the other one is
+/// spinning on. Without the yield each hop waits for the scheduler to preempt the spinner (a
+/// slice of ~1-3 ms: 1,000 round trips take seconds); with it a hop is a context switch.
+#[test]
+fn spinning_reactors_hand_over_a_shared_cpu() {
+    /// Far below what preemption alone allows (2,000 hops x >= 0.75 ms = 1.5 s), far above what
+    /// the yield needs (tens of microseconds a hop, measured ~0.1 s on the 2-vCPU dev box).
+    const BOUND: Duration = Duration::from_millis(1000);
+    const TRIPS: u32 = 1_000;
+    const SPIN: Duration = Duration::from_secs(30);
+    let (ab_tx, ab_rx) = shared_channel::new_bounded::<u32>(1);
+    let (ba_tx, ba_rx) = shared_channel::new_bounded::<u32>(1);
+    let (done_tx, done_rx) = mpsc::channel::<Duration>();
+
+    let a = LocalExecutorBuilder::new(Placement::Fixed(0))
+        .name("ping-spin")
+        .spin_before_park(SPIN)
+        .spawn(move || async move {
+            let tx = ab_tx.connect().await;
+            let rx = ba_rx.connect().await;
+            // One round trip first: both executors are running and connected.
+            tx.send(0).await.expect("send ping");
+            rx.recv().await.expect("recv pong");
+            let started = Instant::now();
+            for i in 1..=TRIPS {
+                tx.send(i).await.expect("send ping");
+                let got = rx.recv().await.expect("recv pong");
+                assert_eq!(got, i + 1, "pong answers its ping");
+            }
+            started.elapsed()
+        })
+        .expect("spawn ping executor");
+    let b = spawn_pong(
+        LocalExecutorBuilder::new(Placement::Fixed(0))
+            .name("pong-spin")
+            .spin_before_park(SPIN),
+        ab_rx,
+        ba_tx,
+    );
+    std::thread::spawn(move || {
+        let took = a.join().expect("ping executor");
+        let pongs = b.join().expect("pong executor");
+        assert_eq!(pongs, TRIPS + 1);
+        done_tx.send(took).expect("report");
+    });
+    match done_rx.recv_timeout(DEADLINE) {
+        Ok(took) => assert!(
+            took < BOUND,
+            "{TRIPS} round trips between two spinning executors on one CPU took {took:?} \
+             (a spinning reactor kept the CPU from a runnable thread)"
+        ),
+        Err(_) => panic!("spinning ping-pong did not finish in {DEADLINE:?}"),
     }
 }

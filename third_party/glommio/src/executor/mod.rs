@@ -73,6 +73,9 @@ pub(crate) const DEFAULT_EXECUTOR_NAME: &str = "unnamed";
 pub(crate) const DEFAULT_PREEMPT_TIMER: Duration = Duration::from_millis(100);
 pub(crate) const DEFAULT_IO_MEMORY: usize = 10 << 20;
 pub(crate) const DEFAULT_RING_SUBMISSION_DEPTH: usize = 128;
+/// Switchboard patch 5: a `sched_yield` in the spin-before-park loop that took longer than this
+/// ran another thread (a yield with nothing else runnable returns in well under a microsecond).
+const YIELD_SWITCHED: Duration = Duration::from_micros(10);
 
 /// Result type alias that removes the need to specify a type parameter
 /// that's only valid in the channel variants of the error. Otherwise, it
@@ -1499,6 +1502,24 @@ impl LocalExecutor {
                                 this.parker
                                     .park()
                                     .expect("Failed to park! This is actually pretty bad!");
+                                break;
+                            }
+                            // Switchboard patch 5: a spinning reactor hands its CPU to any
+                            // other runnable thread on it (the scheduler otherwise lets it
+                            // spin out its slice while that thread waits), and parks once one
+                            // ran: it spins only while it has the CPU to itself. A yield that
+                            // switched costs the reactor a slice of virtual deadline, so
+                            // yielding on and on would lower its priority against the threads
+                            // it yields to; one per spin bounds that.
+                            let before = Instant::now();
+                            // SAFETY: sched_yield takes no arguments and cannot fail.
+                            unsafe { libc::sched_yield() };
+                            if before.elapsed() > YIELD_SWITCHED {
+                                if !this.reactor.spin_poll_io().unwrap() {
+                                    this.parker
+                                        .park()
+                                        .expect("Failed to park! This is actually pretty bad!");
+                                }
                                 break;
                             }
                         }
