@@ -173,14 +173,16 @@ pub struct Config {
     /// ring memory per ring (three per core).
     pub io_ring_entries: usize,
     /// How long a reactor with nothing to do keeps polling before it parks (sleeps in the
-    /// kernel), microseconds. Default 200; 0 parks at once. A park and the wake-up after it cost
+    /// kernel), microseconds. Default 0 (park at once). A park and the wake-up after it cost
     /// a timer arm and cancel, an `eventfd` write by the waking core, two context switches and,
     /// on a VM, an exit to wake the halted vCPU; at moderate load work arrives within
     /// microseconds and a short spin skips all of it. While it spins the reactor yields its CPU
     /// to any other runnable thread and parks once one ran (glommio patch 5), so it never
     /// holds a CPU another process (the load generator, the fsync workers) is waiting for.
     /// Cost: an idle server burns up to this long per wake-up (200 µs: ~1% of a core idle on
-    /// the dev box). See `benches/results/dev-2vcpu-epyc/spin.md`.
+    /// the dev box), and busy CPU under load rises 7–9 %. Measured on the dev box
+    /// (`benches/results/dev-2vcpu-epyc/spin.md`): 200 µs halved 1:1 p99 at 15K msgs/s on fresh
+    /// servers but showed no gain on a long-lived server, hence not the default.
     pub spin_before_park_us: u64,
     /// Largest media object `POST /v1/media` accepts, bytes (413 over it). Default 104_857_600
     /// (100 MiB); at most 5 GiB (an upload is streamed, so memory does not grow with it).
@@ -252,7 +254,7 @@ impl Default for Config {
             tls_cert: None,
             tls_key: None,
             io_ring_entries: 4096,
-            spin_before_park_us: 200,
+            spin_before_park_us: 0,
             media_bytes_max: switchboard_media::MEDIA_BYTES_MAX_DEFAULT,
             media_backend: "local".into(),
             media_s3_endpoint: String::new(),
