@@ -177,8 +177,9 @@ pub struct Config {
     /// a timer arm and cancel, an `eventfd` write by the waking core, two context switches and,
     /// on a VM, an exit to wake the halted vCPU; at moderate load work arrives within
     /// microseconds and a short spin skips all of it. While it spins the reactor yields its CPU
-    /// to any other runnable thread and parks once one ran (glommio patch 5), so it never
-    /// holds a CPU another process (the load generator, the fsync workers) is waiting for.
+    /// to any other runnable thread and parks once one ran (glommio patch 5), so it does not
+    /// keep a CPU from another thread (the load generator, the fsync workers) for longer than
+    /// one poll.
     /// Cost: an idle server burns up to this long per wake-up (200 µs: ~1% of a core idle on
     /// the dev box), and busy CPU under load rises 7–9 %. Measured on the dev box
     /// (`benches/results/dev-2vcpu-epyc/spin.md`): 200 µs halved 1:1 p99 at 15K msgs/s on fresh

@@ -1497,31 +1497,25 @@ impl LocalExecutor {
                         // future is probably the one setting up the task queues and etc.
                         break t.unwrap();
                     } else {
+                        // Switchboard patch 5: a spinning reactor hands its CPU to any
+                        // other runnable thread on it (the scheduler otherwise lets it spin
+                        // out its slice while that thread waits), and parks once one ran: it
+                        // spins only while it has the CPU to itself. A yield that switched
+                        // costs the reactor a slice of virtual deadline, so yielding on and on
+                        // would lower its priority against the threads it yields to; one per
+                        // spin bounds that.
+                        let mut switched = false;
                         while !this.reactor.spin_poll_io().unwrap() {
-                            if pre_time.elapsed() > spin_before_park {
+                            if switched || pre_time.elapsed() > spin_before_park {
                                 this.parker
                                     .park()
                                     .expect("Failed to park! This is actually pretty bad!");
                                 break;
                             }
-                            // Switchboard patch 5: a spinning reactor hands its CPU to any
-                            // other runnable thread on it (the scheduler otherwise lets it
-                            // spin out its slice while that thread waits), and parks once one
-                            // ran: it spins only while it has the CPU to itself. A yield that
-                            // switched costs the reactor a slice of virtual deadline, so
-                            // yielding on and on would lower its priority against the threads
-                            // it yields to; one per spin bounds that.
                             let before = Instant::now();
                             // SAFETY: sched_yield takes no arguments and cannot fail.
                             unsafe { libc::sched_yield() };
-                            if before.elapsed() > YIELD_SWITCHED {
-                                if !this.reactor.spin_poll_io().unwrap() {
-                                    this.parker
-                                        .park()
-                                        .expect("Failed to park! This is actually pretty bad!");
-                                }
-                                break;
-                            }
+                            switched = before.elapsed() > YIELD_SWITCHED;
                         }
                         // reset the timer for deduct spin loop time
                         pre_time = Instant::now();
