@@ -16,6 +16,7 @@ echo "data dir fs: $(df -T "$data" | awk 'NR==2{print $2 " on " $1}')"
 echo "open files:  soft $(ulimit -Sn), hard $(ulimit -Hn)"
 echo "port range:  $(sysctl -n net.ipv4.ip_local_port_range | xargs)"
 echo "somaxconn:   $(sysctl -n net.core.somaxconn)"
+echo "cpuidle:     $(cat /sys/devices/system/cpu/cpuidle/current_driver 2>/dev/null || echo n/a)$( [ -r /sys/module/haltpoll/parameters/guest_halt_poll_ns ] && echo ", guest_halt_poll_ns $(cat /sys/module/haltpoll/parameters/guest_halt_poll_ns) (tuning/halt-poll.sh)")"
 echo "rustc:       $(rustc --version)"
 echo "server:      switchboard serve --cores $cores (pinned), embedded store, fdatasync per group commit"
 if [ -n "${SB_CONFIG:-}" ]; then echo "config:      ${SB_CONFIG//$'\n'/; } (SB_CONFIG, on top of the defaults)"; fi

@@ -6,7 +6,8 @@
 # OUT (default benches/results/latest):
 #   machine.md load.txt idle.txt idle.json  {default,sweep,groups}/report.{json,md,html}
 #   plan.md  server.log  README.md (summary)
-# SB_CONFIG adds server settings (TOML lines) for A/B runs; machine.md records them.
+# SB_CONFIG adds server settings (TOML lines) for A/B runs; machine.md records them. HALT_POLL_NS
+# sets guest halt polling for the run (tuning/halt-poll.sh; KVM guests only, restored on exit).
 # Every load-generator run is bounded by its scenario (≤ ~60 s each); the server is stopped on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,9 +32,18 @@ frames_per_conn_refill_per_s = 1000
 TOML
 # SB_CONFIG: more server settings for an A/B run, e.g. SB_CONFIG='commit_delay_us = 0'.
 if [ -n "${SB_CONFIG:-}" ]; then printf '%s\n' "$SB_CONFIG" >> "$DATA.toml"; fi
+# HALT_POLL_NS: guest halt polling for this run (KVM guests, tuning/halt-poll.sh), put back on exit.
+HALT_POLL_BEFORE=
+if [ -n "${HALT_POLL_NS:-}" ] && [ -r /sys/module/haltpoll/parameters/guest_halt_poll_ns ]; then
+  HALT_POLL_BEFORE="$(cat /sys/module/haltpoll/parameters/guest_halt_poll_ns)"
+  tuning/halt-poll.sh "$HALT_POLL_NS"
+fi
 "$SB" serve --config "$DATA.toml" --listen 127.0.0.1:0 --data-dir "$DATA" --cores "$CORES" > "$OUT/server.log" 2>&1 &
 PID=$!
-cleanup() { kill "$PID" 2>/dev/null || true; wait "$PID" 2>/dev/null || true; rm -rf "$DATA" "$DATA.toml"; }
+cleanup() {
+  kill "$PID" 2>/dev/null || true; wait "$PID" 2>/dev/null || true; rm -rf "$DATA" "$DATA.toml"
+  if [ -n "$HALT_POLL_BEFORE" ]; then tuning/halt-poll.sh "$HALT_POLL_BEFORE"; fi
+}
 trap cleanup EXIT
 ADDR=
 for _ in $(seq 1 100); do
