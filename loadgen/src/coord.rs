@@ -558,7 +558,8 @@ fn drive(
         0.0
     };
     let connect_limit = Duration::from_secs_f64(ramp_s) + 2 * sc.connect_timeout + WORKER_SLACK;
-    let run_limit = sc.warmup + sc.duration + sc.drain + WORKER_SLACK;
+    // A worker behind schedule may send late for up to `drain` after the window (`RunEnd`).
+    let run_limit = sc.warmup + sc.duration + 2 * sc.drain + WORKER_SLACK;
 
     // ---------------------------------------------------------------- connect
     let mut connected: Vec<Option<Record>> = vec![None; k];

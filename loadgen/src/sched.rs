@@ -83,9 +83,148 @@ impl Arrivals {
     }
 }
 
+/// When a worker stops sending and stops waiting. The drain is measured from the worker's last
+/// send, not from the end of the measured window: a worker running behind schedule still sends
+/// the window's late arrivals after `send_until`, and their messages get the whole drain too
+/// (else they would be counted lost or unacked for the generator's own lateness). Sending late
+/// is bounded: arrivals still unsent `drain` after `send_until` are abandoned (the worker counts
+/// them as `loadgen_behind` errors), so a run's message phase ends by `send_until + 2 × drain`.
+///
+/// ```text
+///  on time:  … sends ─┤send_until├─ drain (until nothing is outstanding, at most `drain`) ─┤
+///  behind:   … sends ─┤send_until├─ late sends ─┤last send├─ drain ─┤
+///  far behind: late sends until send_until + drain, the rest abandoned ─┤─ drain ─┤
+/// ```
+#[derive(Clone, Debug)]
+pub struct RunEnd {
+    send_until: u64,
+    drain: u64,
+    /// Set once sending is over: when the drain ends at the latest.
+    drain_until: Option<u64>,
+}
+
+impl RunEnd {
+    pub fn new(send_until: u64, drain: u64) -> RunEnd {
+        RunEnd {
+            send_until,
+            drain,
+            drain_until: None,
+        }
+    }
+
+    fn late_sends_until(&self) -> u64 {
+        self.send_until.saturating_add(self.drain)
+    }
+
+    /// Whether the arrival scheduled at `sched` may be sent at `now`.
+    pub fn may_send(&self, sched: u64, now: u64) -> bool {
+        self.drain_until.is_none() && sched < self.send_until && now < self.late_sends_until()
+    }
+
+    /// Called after each round of sends with the next unsent arrival's time. Returns how sending
+    /// ended the first time it does: `Some(true)` if arrivals of the window were left unsent
+    /// (the worker abandons them), `Some(false)` if all were sent; `None` otherwise.
+    pub fn after_sends(&mut self, now: u64, next_arrival: u64) -> Option<bool> {
+        if self.drain_until.is_some() || now < self.send_until {
+            return None;
+        }
+        let all_sent = next_arrival >= self.send_until;
+        if !all_sent && now < self.late_sends_until() {
+            return None;
+        }
+        self.drain_until = Some(now.saturating_add(self.drain));
+        Some(!all_sent)
+    }
+
+    /// When sending ended, once it has.
+    pub fn sending_ended_at(&self) -> Option<u64> {
+        self.drain_until.map(|d| d - self.drain)
+    }
+
+    /// Whether the run is over: sending has ended and nothing is outstanding, or the drain ran
+    /// out.
+    pub fn finished(&self, now: u64, nothing_outstanding: bool) -> bool {
+        self.drain_until
+            .is_some_and(|d| nothing_outstanding || now >= d)
+    }
+
+    /// The latest time the worker may sleep until.
+    pub fn deadline(&self) -> u64 {
+        self.drain_until.unwrap_or(self.late_sends_until())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const S: u64 = 1_000_000_000;
+
+    #[test]
+    fn run_end_on_time_drains_from_the_window_end() {
+        let mut e = RunEnd::new(10 * S, 5 * S);
+        assert!(e.may_send(9 * S, 9 * S));
+        assert!(
+            !e.may_send(10 * S, 10 * S),
+            "arrivals after the window are not sent"
+        );
+        assert_eq!(
+            e.after_sends(9 * S, 10 * S),
+            None,
+            "still inside the window"
+        );
+        assert!(
+            !e.finished(9 * S, true),
+            "nothing outstanding mid-window is not the end"
+        );
+        assert_eq!(e.after_sends(10 * S, 10 * S + 7), Some(false));
+        assert_eq!(e.after_sends(10 * S + 1, 10 * S + 7), None, "reported once");
+        assert_eq!(e.sending_ended_at(), Some(10 * S));
+        assert_eq!(e.deadline(), 15 * S);
+        assert!(!e.finished(12 * S, false));
+        assert!(e.finished(12 * S, true));
+        assert!(e.finished(15 * S, false));
+    }
+
+    #[test]
+    fn run_end_behind_schedule_gets_the_whole_drain_after_the_last_send() {
+        let mut e = RunEnd::new(10 * S, 5 * S);
+        // At 12 s the worker is still sending arrivals scheduled before 10 s.
+        assert!(e.may_send(9 * S, 12 * S));
+        assert_eq!(e.after_sends(12 * S, 9 * S + 5), None);
+        assert!(!e.finished(12 * S, true), "late sends are still due");
+        // At 13 s the last one is out: the drain runs to 18 s, not 15 s.
+        assert_eq!(e.after_sends(13 * S, 10 * S), Some(false));
+        assert_eq!(e.sending_ended_at(), Some(13 * S));
+        assert!(!e.finished(16 * S, false));
+        assert!(e.finished(18 * S, false));
+        assert!(
+            !e.may_send(9 * S, 13 * S),
+            "no sends once the drain started"
+        );
+    }
+
+    #[test]
+    fn run_end_far_behind_abandons_late_sends_and_stays_bounded() {
+        let mut e = RunEnd::new(10 * S, 5 * S);
+        assert!(e.may_send(9 * S, 15 * S - 1));
+        assert!(
+            !e.may_send(9 * S, 15 * S),
+            "late sending ends drain after the window"
+        );
+        assert_eq!(
+            e.deadline(),
+            15 * S,
+            "a sleeping worker wakes to stop sending"
+        );
+        assert_eq!(
+            e.after_sends(15 * S, 9 * S),
+            Some(true),
+            "arrivals abandoned"
+        );
+        assert_eq!(e.deadline(), 20 * S);
+        assert!(e.finished(20 * S, false));
+    }
 
     #[test]
     fn constant_is_exact() {

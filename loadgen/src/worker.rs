@@ -34,7 +34,7 @@ use crate::poll::{Epoll, Ready};
 use crate::proto::{key, Record, WorkerSpec, PROTOCOL_VERSION};
 use crate::report::latency_histogram;
 use crate::scenario::{parse_target, source_ip};
-use crate::sched::{Arrivals, Rng};
+use crate::sched::{Arrivals, Rng, RunEnd};
 use crate::simple::{read_payload, stamp_payload};
 use crate::sys::{self, now_ns};
 use crate::token::Minter;
@@ -1229,7 +1229,7 @@ fn run(spec_line: &str, cmds: &mpsc::Receiver<String>) -> Result<(), String> {
     let dur = sc.duration.as_nanos() as u64;
     w.ctx.measure_from = go + warm;
     w.ctx.send_until = go + warm + dur;
-    let drain_until = w.ctx.send_until + sc.drain.as_nanos() as u64;
+    let mut run_end = RunEnd::new(w.ctx.send_until, sc.drain.as_nanos() as u64);
     let mut arrivals = Arrivals::new(spec.share.rate, sc.arrival, go, seed ^ 0x5eed);
     let mut next_tick = go + SEC_NS;
     let mut sec = 0u64;
@@ -1239,7 +1239,7 @@ fn run(spec_line: &str, cmds: &mpsc::Receiver<String>) -> Result<(), String> {
         let mut sent = 0;
         while sent < SENDS_PER_TURN_MAX
             && arrivals.peek() <= now
-            && arrivals.peek() < w.ctx.send_until
+            && run_end.may_send(arrivals.peek(), now)
         {
             let t = arrivals.pop();
             w.send_one(t, now);
@@ -1258,12 +1258,17 @@ fn run(spec_line: &str, cmds: &mpsc::Receiver<String>) -> Result<(), String> {
             sec += 1;
             next_tick += SEC_NS;
         }
-        if now >= w.ctx.send_until {
-            let (a, d, r) = w.ctx.checker.outstanding();
-            if (a == 0 && d == 0 && r == 0) || now >= drain_until {
-                drained_at = now;
-                break;
+        if run_end.after_sends(now, arrivals.peek()) == Some(true) {
+            // Far behind schedule: the window's remaining arrivals are never sent.
+            while arrivals.peek() < w.ctx.send_until {
+                arrivals.pop();
+                w.ctx.error("loadgen_behind");
             }
+        }
+        let (a, d, r) = w.ctx.checker.outstanding();
+        if run_end.finished(now, a == 0 && d == 0 && r == 0) {
+            drained_at = now;
+            break;
         }
         if let Ok(cmd) = cmds.try_recv() {
             if cmd == "stop" || cmd == "eof" {
@@ -1271,12 +1276,12 @@ fn run(spec_line: &str, cmds: &mpsc::Receiver<String>) -> Result<(), String> {
                 return Err("stopped by the coordinator".into());
             }
         }
-        let next_send = if arrivals.peek() < w.ctx.send_until {
+        let next_send = if run_end.may_send(arrivals.peek(), now) {
             arrivals.peek()
         } else {
             u64::MAX
         };
-        let deadline = next_send.min(next_tick).min(drain_until);
+        let deadline = next_send.min(next_tick).min(run_end.deadline());
         w.turn(deadline)?;
     }
     // The last partial second.
@@ -1317,7 +1322,11 @@ fn run(spec_line: &str, cmds: &mpsc::Receiver<String>) -> Result<(), String> {
     set(&mut r, "acks_window", w.ctx.acks_window);
     set(&mut r, "deliveries_window", w.ctx.deliveries_window);
     set(&mut r, "measure_ns", dur);
-    set(&mut r, "drain_ns", end.saturating_sub(w.ctx.send_until));
+    set(
+        &mut r,
+        "drain_ns",
+        end.saturating_sub(run_end.sending_ended_at().unwrap_or(w.ctx.send_until)),
+    );
     set(&mut r, "client_rss_bytes", sys::self_rss_bytes());
     set(&mut r, "messages_tracked", w.ctx.checker.len() as u64);
     for (k, val) in &w.ctx.errors {
