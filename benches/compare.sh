@@ -5,7 +5,8 @@
 # Debian (apt-get) if it is missing. Writes OUT (default benches/results/compare-latest):
 #   switchboard/report.*  mosquitto/report.*  compare.md  mosquitto.conf  *.log
 # What each side guarantees is stated in compare.md: Switchboard acks after fdatasync; Mosquitto
-# (persistence off, its default) acks from memory and never fsyncs per message.
+# (persistence off, its default) acks from memory and never fsyncs per message. HALT_POLL_NS sets
+# guest halt polling for the run (KVM guests; tuning/halt-poll.sh), as in run.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:-benches/results/compare-latest}"
@@ -47,6 +48,9 @@ messages_per_user_refill_per_s = 1000
 frames_per_conn_burst = 1000000
 frames_per_conn_refill_per_s = 1000
 TOML
+# HALT_POLL_NS: guest halt polling for both sides' runs (KVM guests), put back on exit.
+. benches/halt-poll-env.sh
+halt_poll_begin
 "$SB" serve --config "$OUT/switchboard.toml" --listen 127.0.0.1:0 --data-dir "$DATA" --cores "$CORES" > "$OUT/switchboard.log" 2>&1 &
 SPID=$!
 "$MOSQ" -c "$OUT/mosquitto.conf" > "$OUT/mosquitto.log" 2>&1 &
@@ -55,6 +59,7 @@ cleanup() {
   kill "$SPID" "$MPID" 2>/dev/null || true
   wait "$SPID" "$MPID" 2>/dev/null || true
   rm -rf "$DATA"
+  halt_poll_restore
 }
 trap cleanup EXIT
 ADDR=

@@ -33,16 +33,13 @@ TOML
 # SB_CONFIG: more server settings for an A/B run, e.g. SB_CONFIG='commit_delay_us = 0'.
 if [ -n "${SB_CONFIG:-}" ]; then printf '%s\n' "$SB_CONFIG" >> "$DATA.toml"; fi
 # HALT_POLL_NS: guest halt polling for this run (KVM guests, tuning/halt-poll.sh), put back on exit.
-HALT_POLL_BEFORE=
-if [ -n "${HALT_POLL_NS:-}" ] && [ -r /sys/module/haltpoll/parameters/guest_halt_poll_ns ]; then
-  HALT_POLL_BEFORE="$(cat /sys/module/haltpoll/parameters/guest_halt_poll_ns)"
-  tuning/halt-poll.sh "$HALT_POLL_NS"
-fi
+. benches/halt-poll-env.sh
+halt_poll_begin
 "$SB" serve --config "$DATA.toml" --listen 127.0.0.1:0 --data-dir "$DATA" --cores "$CORES" > "$OUT/server.log" 2>&1 &
 PID=$!
 cleanup() {
   kill "$PID" 2>/dev/null || true; wait "$PID" 2>/dev/null || true; rm -rf "$DATA" "$DATA.toml"
-  if [ -n "$HALT_POLL_BEFORE" ]; then tuning/halt-poll.sh "$HALT_POLL_BEFORE"; fi
+  halt_poll_restore
 }
 trap cleanup EXIT
 ADDR=
