@@ -7,7 +7,9 @@
 //!  /metrics (before) ◄──── all "connected" ◄──────────────────────────────┘
 //!  /metrics (connected) ─► go ─► ticks (per second, per worker) ─► merged row ─► stderr line
 //!                              results ─► merged Record ─► RunResult ─► report.{json,md,html}
-//!  sweep: rates ascending, one full run each (fresh users), stop after the first failing rate
+//!  sweep: rates ascending, `sweep_repeat` full runs each (fresh users) = one Step; the step
+//!         passes when every run passed its checks and the median e2e p95 is under the limit;
+//!         stop after the first failing rate
 //! ```
 
 use std::collections::BTreeMap;
@@ -732,56 +734,295 @@ fn drive(
     Ok((merged, timeline, run_s))
 }
 
+/// Median, min and max of one figure over a step's runs.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Spread {
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+}
+
+impl Spread {
+    /// `None` without values. For an even count the median is the worse of the two middle
+    /// values (conservative): the higher one when `higher_is_worse` (latency), else the lower
+    /// one (throughput).
+    pub fn of(values: impl IntoIterator<Item = f64>, higher_is_worse: bool) -> Option<Spread> {
+        let mut v: Vec<f64> = values.into_iter().collect();
+        if v.is_empty() {
+            return None;
+        }
+        v.sort_by(f64::total_cmp);
+        let n = v.len();
+        Some(Spread {
+            median: v[if higher_is_worse { n / 2 } else { (n - 1) / 2 }],
+            min: v[0],
+            max: v[n - 1],
+        })
+    }
+}
+
+/// The e2e p95 the knee test looks at, ms (0 for a run without deliveries, as before repeats).
+pub fn e2e_p95_ms(r: &RunResult) -> f64 {
+    ms(r.hist("e2e").value_at_quantile(0.95))
+}
+
+/// One sweep rate (or the half-knee run), measured `sweep_repeat` times in a row, each a full
+/// fresh run. Correctness is never a vote: one run failing a check fails the step. Latency is
+/// judged on the median e2e p95 over the runs (the upper median for an even count).
+#[derive(Clone, Debug)]
+pub struct Step {
+    /// The runs in the order they ran; never empty.
+    pub runs: Vec<RunResult>,
+}
+
+impl Step {
+    pub fn new(runs: Vec<RunResult>) -> Step {
+        assert!(!runs.is_empty(), "a step has at least one run");
+        Step { runs }
+    }
+
+    pub fn rate(&self) -> f64 {
+        self.runs[0].scenario.rate
+    }
+
+    pub fn repeats(&self) -> usize {
+        self.runs.len()
+    }
+
+    /// Index of the run whose e2e p95 is the median (the upper one for an even count; on
+    /// equal p95s the earlier run).
+    pub fn representative_index(&self) -> usize {
+        let mut idx: Vec<usize> = (0..self.runs.len()).collect();
+        idx.sort_by(|&a, &b| {
+            e2e_p95_ms(&self.runs[a])
+                .total_cmp(&e2e_p95_ms(&self.runs[b]))
+                .then(a.cmp(&b))
+        });
+        idx[idx.len() / 2]
+    }
+
+    /// The run a report details for this step: the one whose e2e p95 is the median.
+    pub fn representative(&self) -> &RunResult {
+        &self.runs[self.representative_index()]
+    }
+
+    /// The median e2e p95 over the runs, ms: the step's latency verdict.
+    pub fn median_p95_ms(&self) -> f64 {
+        e2e_p95_ms(self.representative())
+    }
+
+    /// Every run passed every check.
+    pub fn ok(&self) -> bool {
+        self.runs.iter().all(RunResult::ok)
+    }
+
+    /// Messages lost over all runs.
+    pub fn lost(&self) -> u64 {
+        self.runs.iter().map(|r| r.result.num("lost")).sum()
+    }
+
+    /// Errors over all runs.
+    pub fn errors_total(&self) -> u64 {
+        self.runs.iter().map(RunResult::errors_total).sum()
+    }
+
+    /// The knee test: every run passed its checks and lost nothing, and the median e2e p95 is
+    /// under the limit.
+    pub fn under_knee(&self) -> bool {
+        self.runs
+            .iter()
+            .all(|r| r.ok() && r.result.num("lost") == 0)
+            && self.median_p95_ms() < self.runs[0].scenario.knee_p95_ms
+    }
+
+    /// Every run's failed checks; with repeats each prefixed by its run ("run 2/3: …").
+    pub fn failures(&self) -> Vec<String> {
+        let n = self.runs.len();
+        if n == 1 {
+            return self.runs[0].failures.clone();
+        }
+        self.runs
+            .iter()
+            .enumerate()
+            .flat_map(|(k, r)| {
+                r.failures
+                    .iter()
+                    .map(move |f| format!("run {}/{n}: {f}", k + 1))
+            })
+            .collect()
+    }
+
+    /// Median, min and max over the runs of one figure (`None` values skipped).
+    pub fn spread(
+        &self,
+        higher_is_worse: bool,
+        f: impl Fn(&RunResult) -> Option<f64>,
+    ) -> Option<Spread> {
+        Spread::of(self.runs.iter().filter_map(f), higher_is_worse)
+    }
+
+    /// Achieved throughput over the runs (median: the lower middle one for an even count).
+    pub fn throughput(&self) -> Spread {
+        self.spread(false, |r| Some(r.throughput()))
+            .expect("a step has at least one run")
+    }
+
+    /// An e2e latency quantile over the runs, ms (`None` when no run delivered anything).
+    pub fn e2e_ms(&self, q: f64) -> Option<Spread> {
+        self.spread(true, |r| {
+            let h = r.hist("e2e");
+            (!h.is_empty()).then(|| ms(h.value_at_quantile(q)))
+        })
+    }
+}
+
 /// What a sweep measured: every step in ascending rate order, the knee (index of the highest
-/// passing step) and, with `half_knee`, one extra run at half the knee's offered rate.
+/// passing step) and, with `half_knee`, the runs at half the knee's offered rate.
 pub struct Sweep {
-    pub steps: Vec<RunResult>,
+    pub steps: Vec<Step>,
     pub knee: Option<usize>,
-    pub half_knee: Option<RunResult>,
+    pub half_knee: Option<Step>,
 }
 
 impl Sweep {
     /// The step a report details: the knee, else the last step.
-    pub fn main_step(&self) -> &RunResult {
+    pub fn main(&self) -> &Step {
         &self.steps[self.knee.unwrap_or(self.steps.len() - 1)]
+    }
+
+    /// The run a report details: the main step's representative run.
+    pub fn main_step(&self) -> &RunResult {
+        self.main().representative()
+    }
+
+    /// Runs per rate.
+    pub fn repeats(&self) -> usize {
+        self.steps.first().map_or(1, Step::repeats)
     }
 }
 
-/// A sweep: one run per rate, ascending; stops after the first rate that fails the knee test
-/// unless `sweep_all`. With `half_knee` and a knee found, then runs once more at half the knee's
-/// offered rate (a fresh run, not a swept step: the latency at 2× headroom).
-pub fn sweep(sc: &Scenario, opts: &RunOpts) -> Result<Sweep, String> {
-    let mut rates = sc.sweep.clone();
-    rates.sort_by(f64::total_cmp);
-    rates.dedup();
-    let mut steps = Vec::with_capacity(rates.len());
-    let mut knee = None;
-    for (i, &rate) in rates.iter().enumerate() {
-        if i > 0 {
+fn checks_text(failures: &[String]) -> String {
+    if failures.is_empty() {
+        "checks ok".to_string()
+    } else {
+        failures.join("; ")
+    }
+}
+
+fn knee_text(pass: bool) -> &'static str {
+    if pass {
+        "under the knee"
+    } else {
+        "over the knee"
+    }
+}
+
+fn spread_text(s: Option<Spread>) -> String {
+    s.map_or("–".into(), |s| {
+        format!("{:.2} ms ({:.2}–{:.2})", s.median, s.min, s.max)
+    })
+}
+
+/// The stderr line after a sweep step (`half: false`) or the half-knee runs (`half: true`).
+/// With one run per rate exactly the line from before repeats.
+fn step_summary(step: &Step, half: bool) -> String {
+    let rate = step.rate();
+    let n = step.repeats();
+    if n == 1 {
+        let r = &step.runs[0];
+        return if half {
+            format!(
+                "== half the knee, {rate:.0} msgs/s: throughput {:.0}/s, e2e p99 {:.2} ms, {}",
+                r.throughput(),
+                ms(r.hist("e2e").value_at_quantile(0.99)),
+                checks_text(&r.failures),
+            )
+        } else {
+            format!(
+                "== {rate:.0} msgs/s: throughput {:.0}/s, e2e p95 {:.2} ms, p99 {:.2} ms, {} -> {}",
+                r.throughput(),
+                ms(r.hist("e2e").value_at_quantile(0.95)),
+                ms(r.hist("e2e").value_at_quantile(0.99)),
+                checks_text(&r.failures),
+                knee_text(step.under_knee())
+            )
+        };
+    }
+    let tp = step.throughput();
+    let head = format!(
+        "== {}{rate:.0} msgs/s, median of {n} runs (min–max): throughput {:.0}/s ({:.0}–{:.0}), e2e p95 {}, p99 {}, {}",
+        if half { "half the knee, " } else { "" },
+        tp.median,
+        tp.min,
+        tp.max,
+        spread_text(step.e2e_ms(0.95)),
+        spread_text(step.e2e_ms(0.99)),
+        checks_text(&step.failures()),
+    );
+    if half {
+        head
+    } else {
+        format!("{head} -> {}", knee_text(step.under_knee()))
+    }
+}
+
+/// `n` fresh runs at `rate` in a row (`SWEEP_PAUSE` before each, except before the very first
+/// run of a sweep); `header(k)` is the progress line before run `k` (1-based).
+fn repeated(
+    sc: &Scenario,
+    rate: f64,
+    opts: &RunOpts,
+    pause_first: bool,
+    header: impl Fn(usize) -> String,
+) -> Result<Step, String> {
+    let n = sc.sweep_repeat.max(1) as usize;
+    let mut runs = Vec::with_capacity(n);
+    for k in 1..=n {
+        if pause_first || k > 1 {
             std::thread::sleep(SWEEP_PAUSE);
         }
         if opts.progress {
-            eprintln!("== sweep step {}/{}: {rate:.0} msgs/s", i + 1, rates.len());
+            eprintln!("{}", header(k));
         }
-        let step = run_once(&sc.at_rate(rate), opts)?;
+        let r = run_once(&sc.at_rate(rate), opts)?;
+        if opts.progress && n > 1 {
+            eprintln!(
+                "== {rate:.0} msgs/s, run {k}/{n}: throughput {:.0}/s, e2e p95 {:.2} ms, p99 {:.2} ms, {}",
+                r.throughput(),
+                e2e_p95_ms(&r),
+                ms(r.hist("e2e").value_at_quantile(0.99)),
+                checks_text(&r.failures),
+            );
+        }
+        runs.push(r);
+    }
+    Ok(Step::new(runs))
+}
+
+/// A sweep: `sweep_repeat` runs per rate, ascending; stops after the first rate that fails the
+/// knee test unless `sweep_all`. With `half_knee` and a knee found, then runs `sweep_repeat`
+/// times more at half the knee's offered rate (fresh runs, not a swept step: the latency at 2×
+/// headroom).
+pub fn sweep(sc: &Scenario, opts: &RunOpts) -> Result<Sweep, String> {
+    crate::scenario::check_sweep_repeat(sc.sweep_repeat)?;
+    let n = sc.sweep_repeat as usize;
+    let mut rates = sc.sweep.clone();
+    rates.sort_by(f64::total_cmp);
+    rates.dedup();
+    let mut steps: Vec<Step> = Vec::with_capacity(rates.len());
+    let mut knee = None;
+    for (i, &rate) in rates.iter().enumerate() {
+        let step = repeated(sc, rate, opts, i > 0, |k| {
+            let head = format!("== sweep step {}/{}: {rate:.0} msgs/s", i + 1, rates.len());
+            if n > 1 {
+                format!("{head} (run {k}/{n})")
+            } else {
+                head
+            }
+        })?;
         let pass = step.under_knee();
         if opts.progress {
-            eprintln!(
-                "== {rate:.0} msgs/s: throughput {:.0}/s, e2e p95 {:.2} ms, p99 {:.2} ms, {} -> {}",
-                step.throughput(),
-                ms(step.hist("e2e").value_at_quantile(0.95)),
-                ms(step.hist("e2e").value_at_quantile(0.99)),
-                if step.failures.is_empty() {
-                    "checks ok".to_string()
-                } else {
-                    step.failures.join("; ")
-                },
-                if pass {
-                    "under the knee"
-                } else {
-                    "over the knee"
-                }
-            );
+            eprintln!("{}", step_summary(&step, false));
         }
         steps.push(step);
         if pass {
@@ -792,23 +1033,17 @@ pub fn sweep(sc: &Scenario, opts: &RunOpts) -> Result<Sweep, String> {
     }
     let half_knee = match knee {
         Some(k) if sc.half_knee => {
-            let rate = steps[k].scenario.rate / 2.0;
-            std::thread::sleep(SWEEP_PAUSE);
+            let rate = steps[k].rate() / 2.0;
+            let step = repeated(sc, rate, opts, true, |k| {
+                let head = format!("== half the knee: {rate:.0} msgs/s");
+                if n > 1 {
+                    format!("{head} (run {k}/{n})")
+                } else {
+                    head
+                }
+            })?;
             if opts.progress {
-                eprintln!("== half the knee: {rate:.0} msgs/s");
-            }
-            let step = run_once(&sc.at_rate(rate), opts)?;
-            if opts.progress {
-                eprintln!(
-                    "== half the knee, {rate:.0} msgs/s: throughput {:.0}/s, e2e p99 {:.2} ms, {}",
-                    step.throughput(),
-                    ms(step.hist("e2e").value_at_quantile(0.99)),
-                    if step.failures.is_empty() {
-                        "checks ok".to_string()
-                    } else {
-                        step.failures.join("; ")
-                    },
-                );
+                eprintln!("{}", step_summary(&step, true));
             }
             Some(step)
         }
@@ -900,5 +1135,139 @@ mod tests {
         assert!(f[0].contains("lost = 2"));
         assert!(f[1].contains("server_Overloaded=3"));
         assert!(!r.under_knee() || !failures(&r).is_empty());
+    }
+
+    /// A run at `rate` whose e2e p95 is `p95_ms` (all samples equal), with `failures`.
+    fn run(rate: f64, p95_ms: f64, failures: &[&str]) -> RunResult {
+        let mut res = Record::new("result");
+        res.set("conns_established", 10);
+        res.set("acks_window", (rate * 30.0) as u64);
+        let mut h = latency_histogram();
+        h.record((p95_ms * 1000.0) as u64).expect("in range");
+        res.hists.insert("e2e".into(), h);
+        RunResult {
+            scenario: Scenario {
+                rate,
+                ..Scenario::default()
+            },
+            started_at: String::new(),
+            workers: 1,
+            first_user: 1,
+            connections_target: 10,
+            result: res,
+            timeline: Vec::new(),
+            server: ServerView::default(),
+            client_cpu_s: 0.0,
+            phase_cpu: PhaseCpu::default(),
+            run_s: 0.0,
+            failures: failures.iter().map(|f| f.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn spread_takes_the_worse_middle_for_even_counts() {
+        let s = Spread::of([3.0, 1.0, 2.0], true).expect("values");
+        assert_eq!((s.median, s.min, s.max), (2.0, 1.0, 3.0));
+        assert_eq!(
+            Spread::of([3.0, 1.0, 2.0], false).expect("values").median,
+            2.0
+        );
+        // Even: latency takes the higher middle value, throughput the lower one.
+        assert_eq!(
+            Spread::of([4.0, 1.0, 3.0, 2.0], true).expect("v").median,
+            3.0
+        );
+        assert_eq!(
+            Spread::of([4.0, 1.0, 3.0, 2.0], false).expect("v").median,
+            2.0
+        );
+        assert_eq!(Spread::of([10.0, 20.0], true).expect("v").median, 20.0);
+        assert_eq!(Spread::of([7.0], true).expect("v").median, 7.0);
+        assert_eq!(Spread::of([], true), None);
+    }
+
+    #[test]
+    fn a_step_judges_latency_on_the_median_p95() {
+        // Odd: 50, 150, 90 ms -> median 90 < 100 although one run is over the limit.
+        let odd = Step::new(vec![
+            run(1000.0, 50.0, &[]),
+            run(1000.0, 150.0, &[]),
+            run(1000.0, 90.0, &[]),
+        ]);
+        assert_eq!(odd.representative_index(), 2);
+        assert!((odd.median_p95_ms() - 90.0).abs() < 0.1);
+        assert!(odd.under_knee());
+        // Odd, the other way: two of three over the limit.
+        let over = Step::new(vec![
+            run(1000.0, 50.0, &[]),
+            run(1000.0, 150.0, &[]),
+            run(1000.0, 120.0, &[]),
+        ]);
+        assert!(!over.under_knee());
+        assert!(over.ok(), "over the knee, but every check passed");
+        // Even: the upper median (the worse one) decides: 50 and 150 -> 150 -> fails.
+        let even = Step::new(vec![run(1000.0, 150.0, &[]), run(1000.0, 50.0, &[])]);
+        assert_eq!(even.representative_index(), 0);
+        assert!(!even.under_knee());
+        let even_ok = Step::new(vec![
+            run(1000.0, 80.0, &[]),
+            run(1000.0, 20.0, &[]),
+            run(1000.0, 99.0, &[]),
+            run(1000.0, 300.0, &[]),
+        ]);
+        assert_eq!(
+            even_ok.representative_index(),
+            2,
+            "upper median of 4 = 3rd lowest"
+        );
+        assert!(even_ok.under_knee());
+    }
+
+    #[test]
+    fn one_failing_repeat_fails_the_step_even_when_the_median_passes() {
+        let mut lost = run(1000.0, 10.0, &["lost = 3"]);
+        lost.result.set("lost", 3);
+        let st = Step::new(vec![run(1000.0, 10.0, &[]), lost, run(1000.0, 12.0, &[])]);
+        assert!(st.median_p95_ms() < st.runs[0].scenario.knee_p95_ms);
+        assert!(!st.ok());
+        assert!(!st.under_knee());
+        assert_eq!(st.lost(), 3);
+        assert_eq!(st.failures(), vec!["run 2/3: lost = 3".to_string()]);
+        // Lost messages alone (even without a failure sentence) fail the step, as before.
+        let mut quiet = run(1000.0, 10.0, &[]);
+        quiet.result.set("lost", 1);
+        assert!(!Step::new(vec![run(1000.0, 10.0, &[]), quiet]).under_knee());
+        // Any other failed check (errors, duplicates, ...) likewise.
+        let errs = Step::new(vec![
+            run(1000.0, 10.0, &[]),
+            run(1000.0, 10.0, &["2 errors (server_Overloaded=2)"]),
+        ]);
+        assert!(!errs.ok() && !errs.under_knee());
+    }
+
+    #[test]
+    fn one_run_per_step_is_the_run_itself() {
+        for (p95, fails) in [(10.0, &[][..]), (150.0, &[][..]), (10.0, &["gaps = 1"][..])] {
+            let r = run(2000.0, p95, fails);
+            let st = Step::new(vec![r.clone()]);
+            assert_eq!(st.under_knee(), r.under_knee());
+            assert_eq!(st.ok(), r.ok());
+            assert_eq!(st.failures(), r.failures);
+            assert_eq!(st.representative_index(), 0);
+            assert_eq!(st.throughput().median, r.throughput());
+            let line = step_summary(&st, false);
+            assert!(
+                line.starts_with("== 2000 msgs/s: throughput 2000/s, e2e p95"),
+                "{line}"
+            );
+            assert!(!line.contains("median"), "{line}");
+        }
+        let two = Step::new(vec![run(2000.0, 10.0, &[]), run(2000.0, 30.0, &[])]);
+        let line = step_summary(&two, false);
+        assert!(line.contains("median of 2 runs"), "{line}");
+        // The upper median of two (the worse run), with both ends (HdrHistogram rounds up).
+        assert!(line.contains("e2e p95 30.0"), "{line}");
+        assert!(line.contains(" ms (10.0"), "{line}");
+        assert!(line.ends_with("-> under the knee"), "{line}");
     }
 }

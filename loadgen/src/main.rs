@@ -168,6 +168,10 @@ struct RunFlags {
     /// Sweep every rate even after one fails the knee test.
     #[arg(long)]
     sweep_all: bool,
+    /// Runs per sweep rate (1..=9): the knee test uses the median e2e p95 and every run must
+    /// pass its checks; the half-knee run is repeated too. Overrides the file. [default: 1]
+    #[arg(long)]
+    sweep_repeat: Option<u32>,
     /// The knee's p95 e2e latency limit in ms. [default: 100]
     #[arg(long)]
     knee_p95_ms: Option<f64>,
@@ -230,6 +234,7 @@ impl RunFlags {
             workers,
             conns_per_worker_max,
             knee_p95_ms,
+            sweep_repeat,
             seed,
             first_user,
             name
@@ -344,7 +349,9 @@ missing receipt, error or dropped connection.\n\nTokens: minted from the server'
 <data_dir>/token.secret (--secret-file or --data-dir), the same HMAC format `switchboard token` \
 prints, so no login round trip and no process per token.\n\n--sweep R1,R2,...: one full run per \
 rate (fresh users each), ascending, stopping after the first rate over the knee (p95 e2e >= \
---knee-p95-ms, or any error, or anything lost); the report shows the throughput-vs-latency curve.\n\n\
+--knee-p95-ms, or any error, or anything lost); the report shows the throughput-vs-latency curve. \
+--sweep-repeat N runs each rate N times: the step's verdict uses the median p95 (the upper one for \
+even N) and fails if any run fails a check.\n\n\
 --report DIR writes report.json (schema in loadgen/README.md), report.md and report.html."
     )]
     Run(Box<RunFlags>),
@@ -645,6 +652,8 @@ mod tests {
             "10",
             "--data-dir",
             "/srv/d",
+            "--sweep-repeat",
+            "3",
         ])
         .expect("parse");
         let Cmd::Run(flags) = cli.cmd else {
@@ -655,6 +664,7 @@ mod tests {
         assert_eq!(s.connections, 10);
         assert_eq!(s.name, "file");
         assert_eq!(s.sweep, vec![1.0, 2.0]);
+        assert_eq!(s.sweep_repeat, 3);
         assert_eq!((s.direct_pct, s.group_pct), (90.0, 10.0));
         assert_eq!(s.payload_bytes.items, vec![(100, 3), (200, 1)]);
         assert_eq!(s.secret_file, Some(PathBuf::from("/srv/d/token.secret")));

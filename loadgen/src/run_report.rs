@@ -13,7 +13,7 @@ use std::path::Path;
 use hdrhistogram::Histogram;
 use serde_json::{json, Map, Value};
 
-use crate::coord::{Row, RunResult, Sweep};
+use crate::coord::{Row, RunResult, Spread, Step, Sweep};
 use crate::metrics::Buckets;
 use crate::report::human_bytes;
 use crate::svg::{self, Axis, Chart, Series};
@@ -252,8 +252,8 @@ fn phase_cpu_json(r: &RunResult) -> Value {
     })
 }
 
-/// One sweep step (or the half-knee run) in report.json.
-fn step_json(s: &RunResult) -> Value {
+/// One run of a sweep step (or of the half-knee runs) in report.json.
+fn run_step_json(s: &RunResult) -> Value {
     json!({
         "rate": s.scenario.rate,
         "throughput_msgs_per_s": round3(s.throughput()),
@@ -278,22 +278,62 @@ fn step_json(s: &RunResult) -> Value {
     })
 }
 
-/// report.json of a sweep: the knee step's fields at the top (the last step when none passed),
-/// every step under `sweep.steps`, the half-knee run under `sweep.half_knee` (null without).
+fn spread_json(st: &Step, pick: impl Fn(&Spread) -> f64) -> Value {
+    let lat = |q: f64| st.e2e_ms(q).map(|s| round3(pick(&s)));
+    json!({
+        "throughput_msgs_per_s": round3(pick(&st.throughput())),
+        "e2e_p50_ms": lat(0.5),
+        "e2e_p95_ms": lat(0.95),
+        "e2e_p99_ms": lat(0.99),
+    })
+}
+
+/// One sweep step (or the half-knee runs) in report.json: the representative run's fields (the
+/// run whose e2e p95 is the median) with the step's verdict (`ok`, `under_knee`, `failures`,
+/// `lost`, `errors` over all runs), plus `repeats`, every run under `runs` and the
+/// `median`/`min`/`max` of throughput and e2e p50/p95/p99 over the runs.
+fn step_json(st: &Step) -> Value {
+    let mut v = run_step_json(st.representative());
+    if let Value::Object(m) = &mut v {
+        m.insert("lost".into(), json!(st.lost()));
+        m.insert("errors".into(), json!(st.errors_total()));
+        m.insert("ok".into(), json!(st.ok()));
+        m.insert("under_knee".into(), json!(st.under_knee()));
+        m.insert("failures".into(), json!(st.failures()));
+        m.insert("repeats".into(), json!(st.repeats()));
+        m.insert(
+            "runs".into(),
+            Value::Array(st.runs.iter().map(run_step_json).collect()),
+        );
+        m.insert("median".into(), spread_json(st, |s| s.median));
+        m.insert("min".into(), spread_json(st, |s| s.min));
+        m.insert("max".into(), spread_json(st, |s| s.max));
+    }
+    v
+}
+
+/// report.json of a sweep: the knee step's representative run at the top (the last step's when
+/// none passed), every step under `sweep.steps`, the half-knee runs under `sweep.half_knee` (null
+/// without).
 pub fn sweep_json(sw: &Sweep) -> Value {
     let steps = &sw.steps;
     let knee = sw.knee;
     let main = knee.unwrap_or(steps.len().saturating_sub(1));
-    let mut top = steps.get(main).map(run_json).unwrap_or_else(|| json!({}));
+    let mut top = steps
+        .get(main)
+        .map(|s| run_json(s.representative()))
+        .unwrap_or_else(|| json!({}));
     let step_vals: Vec<Value> = steps.iter().map(step_json).collect();
     let knee_step = knee.map(|k| &steps[k]);
     if let Value::Object(m) = &mut top {
         m.insert(
             "sweep".into(),
             json!({
-                "knee_p95_ms": steps.first().map_or(100.0, |s| s.scenario.knee_p95_ms),
-                "knee_rate": knee_step.map(|s| s.scenario.rate),
-                "knee_throughput_msgs_per_s": knee_step.map(|s| round3(s.throughput())),
+                "knee_p95_ms": steps.first().map_or(100.0, |s| s.runs[0].scenario.knee_p95_ms),
+                "repeats": sw.repeats(),
+                "knee_rate": knee_step.map(Step::rate),
+                // The median (for an even count the lower middle) over the knee's runs.
+                "knee_throughput_msgs_per_s": knee_step.map(|s| round3(s.throughput().median)),
                 "report_step": main,
                 "steps": step_vals,
                 "half_knee": sw.half_knee.as_ref().map(step_json),
@@ -342,15 +382,26 @@ pub fn markdown(r: &RunResult, sweep: Option<&Sweep>) -> String {
             format!(": {}", r.failures.join("; "))
         }
     );
-    if let Some(Sweep { steps, knee, .. }) = sweep {
+    if let Some(sw @ Sweep { steps, knee, .. }) = sweep {
         let knee = *knee;
-        let _ = writeln!(
-            o,
-            "Sweep of {} rates; this page details the {} step ({:.0} msgs/s offered); every step is in the Sweep table.\n",
-            steps.len(),
-            if knee.is_some() { "knee" } else { "last (no rate passed)" },
-            r.scenario.rate
-        );
+        let n = sw.repeats();
+        if n == 1 {
+            let _ = writeln!(
+                o,
+                "Sweep of {} rates; this page details the {} step ({:.0} msgs/s offered); every step is in the Sweep table.\n",
+                steps.len(),
+                if knee.is_some() { "knee" } else { "last (no rate passed)" },
+                r.scenario.rate
+            );
+        } else {
+            let _ = writeln!(
+                o,
+                "Sweep of {} rates, each run {n} times (a step passes when every run passed its checks and the median e2e p95 is under the limit); this page details one run of the {} step ({:.0} msgs/s offered): the run whose e2e p95 is the median. Every step is in the Sweep table.\n",
+                steps.len(),
+                if knee.is_some() { "knee" } else { "last (no rate passed)" },
+                r.scenario.rate
+            );
+        }
     }
     let _ = writeln!(o, "## Scenario\n");
     let _ = writeln!(o, "| setting | value |\n|---|---|");
@@ -524,20 +575,69 @@ pub fn markdown(r: &RunResult, sweep: Option<&Sweep>) -> String {
         let _ = writeln!(o, "| &nbsp; {k} | {v} |");
     }
     if let Some(sw) = sweep {
-        let (steps, knee) = (&sw.steps, sw.knee);
-        let _ = writeln!(o, "\n## Sweep\n");
-        let limit = steps.first().map_or(100.0, |s| s.scenario.knee_p95_ms);
-        let _ = writeln!(
-            o,
-            "Knee = the highest rate with e2e p95 < {limit} ms, no errors and nothing lost: **{}**.\n",
-            knee.map_or("none of the rates passed".to_string(), |k| format!(
-                "{:.0} msgs/s offered, {:.0} msgs/s achieved",
-                steps[k].scenario.rate,
-                steps[k].throughput()
-            ))
-        );
+        sweep_markdown(&mut o, sw);
+    }
+    let _ = writeln!(
+        o,
+        "\nEverything ran on one machine: the load generator's workers, the server and the kernel's \
+         loopback share the CPUs, so the figures are a lower bound for the server alone."
+    );
+    o
+}
+
+fn verdict(s: &Step) -> String {
+    if s.under_knee() {
+        "under the knee".into()
+    } else if s.ok() {
+        "p95 over the limit".into()
+    } else if s.repeats() == 1 {
+        "failed checks".into()
+    } else {
+        let failed: Vec<String> = s
+            .runs
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| !r.ok())
+            .map(|(k, _)| (k + 1).to_string())
+            .collect();
+        format!("failed checks (run {})", failed.join(", "))
+    }
+}
+
+fn spread_cell(s: Option<Spread>) -> String {
+    s.map_or("–".into(), |s| {
+        format!("{:.2} ({:.2}–{:.2})", s.median, s.min, s.max)
+    })
+}
+
+/// The Sweep section of report.md: the knee, one row per step, the half-knee runs.
+fn sweep_markdown(o: &mut String, sw: &Sweep) {
+    let (steps, knee) = (&sw.steps, sw.knee);
+    let n = sw.repeats();
+    let _ = writeln!(o, "\n## Sweep\n");
+    let limit = steps
+        .first()
+        .map_or(100.0, |s| s.runs[0].scenario.knee_p95_ms);
+    let _ = writeln!(
+        o,
+        "Knee = the highest rate with {}e2e p95 < {limit} ms, no errors and nothing lost{}: **{}**.\n",
+        if n > 1 { "median " } else { "" },
+        if n > 1 {
+            format!(" in any of its {n} runs")
+        } else {
+            String::new()
+        },
+        knee.map_or("none of the rates passed".to_string(), |k| format!(
+            "{:.0} msgs/s offered, {:.0} msgs/s achieved{}",
+            steps[k].rate(),
+            steps[k].throughput().median,
+            if n > 1 { " (median)" } else { "" }
+        ))
+    );
+    if n == 1 {
         let _ = writeln!(o, "| offered msgs/s | achieved msgs/s | e2e p50 | p95 | p99 | p99.9 | max | lost | errors | verdict |\n|---|---|---|---|---|---|---|---|---|---|");
-        for s in steps {
+        for st in steps {
+            let s = &st.runs[0];
             let h = s.hist("e2e");
             let q = |p: f64| {
                 if h.is_empty() {
@@ -558,50 +658,91 @@ pub fn markdown(r: &RunResult, sweep: Option<&Sweep>) -> String {
                 ms(h.max()),
                 s.result.num("lost"),
                 s.errors_total(),
-                if s.under_knee() {
-                    "under the knee"
-                } else if s.ok() {
-                    "p95 over the limit"
-                } else {
-                    "failed checks"
-                }
+                verdict(st)
             );
         }
-        if let Some(h) = &sw.half_knee {
-            let e2e = h.hist("e2e");
-            let rc = h.hist("receipt");
-            let q = |hist: &Histogram<u64>, p: f64| {
-                if hist.is_empty() {
-                    "–".to_string()
-                } else {
-                    format!("{:.2}", ms(hist.value_at_quantile(p)))
-                }
-            };
+    } else {
+        let _ = writeln!(
+            o,
+            "Each rate ran {n} times; figures are the median over the runs (for an even count the worse middle one: the higher latency, the lower throughput) with min–max in brackets; lost and errors are summed over the runs.\n"
+        );
+        let _ = writeln!(o, "| offered msgs/s | achieved msgs/s median (min–max) | e2e p50 median | p95 median (min–max) | p99 median (min–max) | lost | errors | verdict |\n|---|---|---|---|---|---|---|---|");
+        for st in steps {
+            let tp = st.throughput();
             let _ = writeln!(
                 o,
-                "\nAt half the knee (a separate run at {:.0} msgs/s offered, {:.0} achieved; {}): \
-                 e2e p50 {} ms, p95 {} ms, **p99 {} ms**, p99.9 {} ms; send → delivered receipt p99 {} ms.",
-                h.scenario.rate,
-                h.throughput(),
-                if h.ok() {
-                    "checks passed".to_string()
-                } else {
-                    format!("FAILED: {}", h.failures.join("; "))
-                },
-                q(&e2e, 0.5),
-                q(&e2e, 0.95),
-                q(&e2e, 0.99),
-                q(&e2e, 0.999),
-                q(&rc, 0.99),
+                "| {:.0} | {:.0} ({:.0}–{:.0}) | {} | {} | {} | {} | {} | {} |",
+                st.rate(),
+                tp.median,
+                tp.min,
+                tp.max,
+                st.e2e_ms(0.5)
+                    .map_or("–".into(), |s| format!("{:.2}", s.median)),
+                spread_cell(st.e2e_ms(0.95)),
+                spread_cell(st.e2e_ms(0.99)),
+                st.lost(),
+                st.errors_total(),
+                verdict(st)
             );
         }
     }
-    let _ = writeln!(
-        o,
-        "\nEverything ran on one machine: the load generator's workers, the server and the kernel's \
-         loopback share the CPUs, so the figures are a lower bound for the server alone."
-    );
-    o
+    let Some(hk) = &sw.half_knee else {
+        return;
+    };
+    let checks = if hk.ok() {
+        "checks passed".to_string()
+    } else {
+        format!("FAILED: {}", hk.failures().join("; "))
+    };
+    if hk.repeats() == 1 {
+        let h = &hk.runs[0];
+        let e2e = h.hist("e2e");
+        let rc = h.hist("receipt");
+        let q = |hist: &Histogram<u64>, p: f64| {
+            if hist.is_empty() {
+                "–".to_string()
+            } else {
+                format!("{:.2}", ms(hist.value_at_quantile(p)))
+            }
+        };
+        let _ = writeln!(
+            o,
+            "\nAt half the knee (a separate run at {:.0} msgs/s offered, {:.0} achieved; {checks}): \
+             e2e p50 {} ms, p95 {} ms, **p99 {} ms**, p99.9 {} ms; send → delivered receipt p99 {} ms.",
+            h.scenario.rate,
+            h.throughput(),
+            q(&e2e, 0.5),
+            q(&e2e, 0.95),
+            q(&e2e, 0.99),
+            q(&e2e, 0.999),
+            q(&rc, 0.99),
+        );
+    } else {
+        let med = |q: f64| {
+            hk.e2e_ms(q)
+                .map_or("–".into(), |s| format!("{:.2}", s.median))
+        };
+        let range = |q: f64| {
+            hk.e2e_ms(q)
+                .map_or("–".into(), |s| format!("{:.2}–{:.2}", s.min, s.max))
+        };
+        let tp = hk.throughput();
+        let _ = writeln!(
+            o,
+            "\nAt half the knee ({} separate runs at {:.0} msgs/s offered, median {:.0} achieved ({:.0}–{:.0}); {checks}): \
+             e2e p50 {} ms, p95 {} ms ({}), **p99 {} ms** ({}) (medians over the runs, min–max in brackets).",
+            hk.repeats(),
+            hk.rate(),
+            tp.median,
+            tp.min,
+            tp.max,
+            med(0.5),
+            med(0.95),
+            range(0.95),
+            med(0.99),
+            range(0.99),
+        );
+    }
 }
 
 fn phase_marks(r: &RunResult) -> Vec<(f64, String)> {
@@ -618,6 +759,7 @@ fn timeline_series(rows: &[Row], name: &str, f: impl Fn(&Row) -> Option<f64>) ->
             .filter_map(|r| f(r).map(|v| (r.sec as f64 + 1.0, v)))
             .collect(),
         labels: Vec::new(),
+        whiskers: Vec::new(),
     }
 }
 
@@ -644,6 +786,7 @@ fn hdr_series(name: &str, h: &Histogram<u64>) -> Series {
         name: name.into(),
         points,
         labels: Vec::new(),
+        whiskers: Vec::new(),
     }
 }
 
@@ -658,31 +801,45 @@ fn hdr_ticks() -> Vec<(f64, String)> {
 pub fn charts(r: &RunResult, sweep: Option<&Sweep>) -> Vec<String> {
     let mut out = Vec::new();
     let rows = &r.timeline;
-    if let Some(Sweep { steps, .. }) = sweep {
-        let limit = steps.first().map_or(100.0, |s| s.scenario.knee_p95_ms);
+    if let Some(sw @ Sweep { steps, .. }) = sweep {
+        let limit = steps
+            .first()
+            .map_or(100.0, |s| s.runs[0].scenario.knee_p95_ms);
+        let n = sw.repeats();
         let mut series = Vec::new();
         for (name, p) in [("e2e p50", 0.5), ("e2e p95", 0.95), ("e2e p99", 0.99)] {
-            let with: Vec<&RunResult> =
-                steps.iter().filter(|s| !s.hist("e2e").is_empty()).collect();
+            // Each step at its median throughput and median latency (one run: that run's).
+            let with: Vec<(&Step, Spread)> = steps
+                .iter()
+                .filter_map(|s| s.e2e_ms(p).map(|l| (s, l)))
+                .collect();
+            let x = |s: &Step| s.throughput().median;
             series.push(Series {
                 name: name.into(),
-                points: with
-                    .iter()
-                    .filter_map(|s| q_ms(&s.hist("e2e"), p).map(|v| (s.throughput(), v)))
-                    .collect(),
+                points: with.iter().map(|(s, l)| (x(s), l.median)).collect(),
                 // The offered rate next to each p95 point: past the knee achieved throughput
                 // falls while the offered rate rises, and the curve turns back.
                 labels: if p == 0.95 {
                     with.iter()
-                        .map(|s| format!("{} offered", svg::fmt_num(s.scenario.rate)))
+                        .map(|(s, _)| format!("{} offered", svg::fmt_num(s.rate())))
                         .collect()
+                } else {
+                    Vec::new()
+                },
+                // With repeats, the min–max of the latency over each step's runs.
+                whiskers: if n > 1 {
+                    with.iter().map(|(s, l)| (x(s), l.min, l.max)).collect()
                 } else {
                     Vec::new()
                 },
             });
         }
         out.push(svg::render(&Chart {
-            title: "Sweep: achieved throughput vs end-to-end latency".into(),
+            title: if n > 1 {
+                format!("Sweep: achieved throughput vs end-to-end latency (median of {n} runs, min–max bars)")
+            } else {
+                "Sweep: achieved throughput vs end-to-end latency".into()
+            },
             x: Axis::linear("achieved msgs/s (acks in the measured window)"),
             y: Axis::log("latency (ms, log)"),
             series,
@@ -976,7 +1133,7 @@ mod tests {
         ];
         assert!(steps[1].under_knee() && !steps[2].under_knee());
         let mut sw = Sweep {
-            steps,
+            steps: steps.into_iter().map(|r| Step::new(vec![r])).collect(),
             knee: Some(1),
             half_knee: None,
         };
@@ -994,7 +1151,7 @@ mod tests {
         assert!(h.contains("<b>PASS</b>"));
 
         // The half-knee run is reported beside the steps, with its own p99.
-        sw.half_knee = Some(sample(1000.0, 7000));
+        sw.half_knee = Some(Step::new(vec![sample(1000.0, 7000)]));
         let j = sweep_json(&sw);
         assert_eq!(j["sweep"]["half_knee"]["rate"], json!(1000.0));
         assert_eq!(j["sweep"]["steps"].as_array().expect("steps").len(), 3);
@@ -1008,5 +1165,122 @@ mod tests {
             .expect("half-knee line");
         assert!(line.contains("1000 msgs/s offered"), "{line}");
         assert!(line.contains(&format!("**p99 {p99:.2} ms**")), "{line}");
+    }
+
+    #[test]
+    fn one_run_per_rate_reports_as_before() {
+        let sw = Sweep {
+            steps: vec![Step::new(vec![sample(1000.0, 2000)])],
+            knee: Some(0),
+            half_knee: None,
+        };
+        let j = sweep_json(&sw);
+        let st = &j["sweep"]["steps"][0];
+        assert_eq!(st["repeats"], json!(1));
+        assert_eq!(st["runs"].as_array().map(Vec::len), Some(1));
+        // The step's fields are its only run's, and median = min = max = that run.
+        let mut only = st["runs"][0].clone();
+        let mut top = st.clone();
+        for k in ["repeats", "runs", "median", "min", "max"] {
+            top.as_object_mut().expect("object").remove(k);
+        }
+        only.as_object_mut().expect("object");
+        assert_eq!(top, only);
+        assert_eq!(st["median"], st["min"]);
+        assert_eq!(st["median"], st["max"]);
+        assert_eq!(st["median"]["e2e_p95_ms"], st["latency_ms"]["e2e"]["p95"]);
+        let md = markdown(sw.main_step(), Some(&sw));
+        assert!(md.contains("| offered msgs/s | achieved msgs/s | e2e p50 | p95 | p99 |"));
+        assert!(!md.contains("median"), "{md}");
+        let h = html(sw.main_step(), Some(&sw));
+        assert!(!h.contains("whisker") && !h.contains("median of"));
+    }
+
+    #[test]
+    fn repeated_steps_report_median_and_spread() {
+        // Three runs per rate: p95 ≈ 2.95, 5.95 and 3.95 ms at 1000; the middle is 3.95 ms.
+        let a = Step::new(vec![
+            sample(1000.0, 2000),
+            sample(1100.0, 5000),
+            sample(900.0, 3000),
+        ]);
+        // At 2000 one run failed its checks although the median p95 is fine.
+        let mut bad = sample(2000.0, 4000);
+        bad.failures = vec!["lost = 1".into()];
+        bad.result.set("lost", 1);
+        let b = Step::new(vec![sample(2000.0, 4000), bad, sample(2000.0, 6000)]);
+        assert!(a.under_knee() && !b.under_knee());
+        let sw = Sweep {
+            steps: vec![a, b],
+            knee: Some(0),
+            half_knee: Some(Step::new(vec![
+                sample(500.0, 1000),
+                sample(500.0, 9000),
+                sample(500.0, 2000),
+            ])),
+        };
+        let j = sweep_json(&sw);
+        assert_eq!(j["sweep"]["repeats"], json!(3));
+        let s0 = &j["sweep"]["steps"][0];
+        assert_eq!(s0["repeats"], json!(3));
+        assert_eq!(s0["runs"].as_array().map(Vec::len), Some(3));
+        let p95 = |v: &Value| v.as_f64().expect("number");
+        assert!(
+            (p95(&s0["median"]["e2e_p95_ms"]) - 3.95).abs() < 0.01,
+            "{s0:#}"
+        );
+        assert!(
+            (p95(&s0["min"]["e2e_p95_ms"]) - 2.95).abs() < 0.01,
+            "{s0:#}"
+        );
+        assert!(
+            (p95(&s0["max"]["e2e_p95_ms"]) - 5.95).abs() < 0.01,
+            "{s0:#}"
+        );
+        assert_eq!(s0["median"]["throughput_msgs_per_s"], json!(1000.0));
+        assert_eq!(s0["min"]["throughput_msgs_per_s"], json!(900.0));
+        // The step's detail fields are the median run's (the one at 900 msgs/s achieved).
+        assert_eq!(s0["latency_ms"]["e2e"]["p95"], s0["median"]["e2e_p95_ms"]);
+        assert_eq!(s0["throughput_msgs_per_s"], json!(900.0));
+        assert_eq!(
+            j["throughput_msgs_per_s"],
+            json!(900.0),
+            "top = knee's median run"
+        );
+        assert_eq!(j["sweep"]["knee_throughput_msgs_per_s"], json!(1000.0));
+        // Correctness is not a vote: the failing run fails the step, whichever run is detailed.
+        let s1 = &j["sweep"]["steps"][1];
+        assert_eq!(s1["ok"], json!(false));
+        assert_eq!(s1["under_knee"], json!(false));
+        assert_eq!(s1["lost"], json!(1));
+        assert_eq!(s1["failures"], json!(["run 2/3: lost = 1"]));
+        assert_eq!(s1["runs"][0]["ok"], json!(true));
+        let hk = &j["sweep"]["half_knee"];
+        assert_eq!(hk["runs"].as_array().map(Vec::len), Some(3));
+        assert!(
+            (p95(&hk["median"]["e2e_p99_ms"]) - 2.99).abs() < 0.01,
+            "{hk:#}"
+        );
+
+        let md = markdown(sw.main_step(), Some(&sw));
+        assert!(md.contains("each run 3 times"), "{md}");
+        assert!(
+            md.contains("| p95 median (min–max) | p99 median (min–max) |"),
+            "{md}"
+        );
+        assert!(md.contains("| 1000 | 1000 (900–1100) |"), "{md}");
+        assert!(md.contains("| 3.95 (2.95–5.95) |"), "{md}");
+        assert!(md.contains("failed checks (run 2)"), "{md}");
+        let line = md
+            .lines()
+            .find(|l| l.starts_with("At half the knee"))
+            .expect("half-knee line");
+        assert!(line.contains("3 separate runs at 500 msgs/s"), "{line}");
+        assert!(line.contains("**p99 2.99 ms** (1.99–9.99)"), "{line}");
+        let h = html(sw.main_step(), Some(&sw));
+        assert!(h.contains("median of 3 runs"));
+        // One min–max bar per step for p50, p95 and p99.
+        assert_eq!(h.matches(r#"class="whisker""#).count(), 6, "{h}");
+        assert!(!h.contains("NaN"));
     }
 }

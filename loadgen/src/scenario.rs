@@ -47,6 +47,10 @@ pub const MESSAGES_PER_WORKER_MAX: u64 = 50_000_000;
 /// Largest rate accepted, messages per second (a typo guard, far above what one box does).
 pub const RATE_MAX: f64 = 10_000_000.0;
 
+/// Most runs per sweep rate (`sweep_repeat`): each is a full run, so a sweep takes this many
+/// times longer; past 9 a capacity question wants a longer `duration`, not more repeats.
+pub const SWEEP_REPEAT_MAX: u32 = 9;
+
 /// Largest group size: what one `CreateGroup` can name (the server may allow fewer:
 /// `group_members_max`).
 pub const GROUP_SIZE_MAX: u32 = switchboard_wire::limits::GROUP_USERS_MAX as u32;
@@ -255,6 +259,9 @@ pub struct Scenario {
     /// The knee: the highest swept rate with p95 e2e latency below this, no errors, nothing lost.
     /// Default 100.
     pub knee_p95_ms: f64,
+    /// Runs per sweep rate (1..=`SWEEP_REPEAT_MAX`), each a full fresh run: a step passes when
+    /// every run passed its checks and the median e2e p95 is under `knee_p95_ms`. Default 1.
+    pub sweep_repeat: u32,
     /// After a sweep finds its knee, run one more step at half the knee's offered rate (the
     /// latency a box shows with 2× headroom) and report it beside the sweep. Default false.
     pub half_knee: bool,
@@ -292,6 +299,7 @@ impl Default for Scenario {
             conns_per_worker_max: CONNS_PER_WORKER_DEFAULT,
             sweep: Vec::new(),
             knee_p95_ms: 100.0,
+            sweep_repeat: 1,
             half_knee: false,
             seed: 1,
             first_user: 0,
@@ -417,6 +425,7 @@ impl Scenario {
         if self.sweep.iter().any(|r| !(*r > 0.0 && *r <= RATE_MAX)) {
             return Err(format!("every sweep rate must be in (0, {RATE_MAX}]"));
         }
+        check_sweep_repeat(self.sweep_repeat)?;
         if !(self.connect_rate >= 0.0 && self.connect_rate.is_finite()) {
             return Err("connect_rate must be >= 0".into());
         }
@@ -574,6 +583,17 @@ impl Scenario {
     }
 }
 
+/// `sweep_repeat` must be 1..=`SWEEP_REPEAT_MAX`.
+pub fn check_sweep_repeat(n: u32) -> Result<(), String> {
+    if (1..=SWEEP_REPEAT_MAX).contains(&n) {
+        Ok(())
+    } else {
+        Err(format!(
+            "sweep_repeat (--sweep-repeat) is {n}: it must be 1..={SWEEP_REPEAT_MAX} runs per sweep rate"
+        ))
+    }
+}
+
 /// `127.0.0.n` for a 1-based source address index (IPv6 targets use `::1`).
 pub fn source_ip(target: SocketAddr, n: u32) -> IpAddr {
     match target {
@@ -713,6 +733,20 @@ mod tests {
             rate: 0.0,
             ..base()
         });
+        for n in [0, SWEEP_REPEAT_MAX + 1] {
+            let e = bad(Scenario {
+                sweep_repeat: n,
+                ..base()
+            });
+            assert!(e.contains("sweep_repeat") && e.contains("1..=9"), "{e}");
+        }
+        for n in [1, SWEEP_REPEAT_MAX] {
+            let ok = Scenario {
+                sweep_repeat: n,
+                ..base()
+            };
+            assert!(ok.layout().is_ok(), "sweep_repeat {n}");
+        }
         bad(Scenario {
             target: "ws://8.8.8.8:80".into(),
             ..base()
@@ -755,6 +789,9 @@ mod tests {
         assert_eq!(s.duration, Duration::from_secs(10));
         assert_eq!(s.arrival, Arrival::Constant);
         assert_eq!(s.warmup, Scenario::default().warmup);
+        assert_eq!(s.sweep_repeat, 1, "one run per rate unless asked");
+        let r = Scenario::from_toml("sweep_repeat = 3\n").expect("parse");
+        assert_eq!(r.sweep_repeat, 3);
         assert_eq!(Scenario::from_toml(&s.to_toml()), Ok(s));
         assert!(Scenario::from_toml("no_such_key = 1").is_err());
     }

@@ -22,6 +22,9 @@ pub struct Series {
     pub points: Vec<(f64, f64)>,
     /// Optional text next to each point (e.g. the offered rate of a sweep step).
     pub labels: Vec<String>,
+    /// Optional vertical bars `(x, low, high)` in the series' colour (e.g. the min–max of a
+    /// sweep step's repeated runs).
+    pub whiskers: Vec<(f64, f64, f64)>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -186,7 +189,11 @@ pub fn render(c: &Chart) -> String {
         xlo = xlo.min(t.iter().map(|t| t.0).fold(f64::INFINITY, f64::min));
         xhi = xhi.max(t.iter().map(|t| t.0).fold(f64::NEG_INFINITY, f64::max));
     }
-    let mut ys: Vec<f64> = all().map(|p| p.1).collect();
+    let bars = || c.series.iter().flat_map(|s| s.whiskers.iter());
+    let mut ys: Vec<f64> = all()
+        .map(|p| p.1)
+        .chain(bars().flat_map(|w| [w.1, w.2]))
+        .collect();
     if let Some((y, _)) = &c.hline {
         ys.push(*y);
     }
@@ -296,6 +303,21 @@ pub fn render(c: &Chart) -> String {
                 let _ = write!(o, r#"<circle cx="{x}" cy="{y}" r="3" fill="{color}"/>"#);
             }
         }
+        for &(x, lo, hi) in &s.whiskers {
+            let fine = |v: f64| v.is_finite() && (!c.y.log || v > 0.0);
+            if !(x.is_finite() && fine(lo) && fine(hi)) {
+                continue;
+            }
+            let (x, y1, y2) = (sx.map(x), sy.map(lo), sy.map(hi));
+            let _ = write!(
+                o,
+                r#"<g class="whisker" stroke="{color}" stroke-width="1.2"><line x1="{x:.1}" x2="{x:.1}" y1="{y1:.1}" y2="{y2:.1}"/><line x1="{:.1}" x2="{:.1}" y1="{y1:.1}" y2="{y1:.1}"/><line x1="{:.1}" x2="{:.1}" y1="{y2:.1}" y2="{y2:.1}"/></g>"#,
+                x - 4.0,
+                x + 4.0,
+                x - 4.0,
+                x + 4.0
+            );
+        }
         if pts.len() > 1 {
             let _ = write!(
                 o,
@@ -360,6 +382,7 @@ mod tests {
                 name: "p99".into(),
                 points: vec![(0.0, 1.0), (1.0, 10.0), (2.0, 0.0)],
                 labels: vec!["first".into()],
+                whiskers: vec![(1.0, 5.0, 500.0), (2.0, 0.0, 3.0)],
             }],
             vmarks: vec![(1.0, "measure".into())],
             hline: Some((100.0, "limit".into())),
@@ -368,6 +391,10 @@ mod tests {
         assert!(s.starts_with("<svg") && s.ends_with("</svg>"));
         assert!(s.contains("a &lt; b"));
         assert!(s.contains("<polyline"));
+        // One whisker; the one reaching 0 on the log axis is dropped. Its top widens the
+        // y range to the decade above 500.
+        assert_eq!(s.matches(r#"class="whisker""#).count(), 1, "{s}");
+        assert!(s.contains(">1000<"), "{s}");
         assert!(s.contains("measure") && s.contains("limit") && s.contains(">first<"));
         // Zero is dropped on a log axis instead of producing NaN.
         assert!(!s.contains("NaN"));

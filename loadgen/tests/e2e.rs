@@ -208,3 +208,94 @@ fn a_sweep_with_no_rate_under_the_limit_fails_its_exit_code() {
     // The run itself was fine: only the latency limit failed.
     assert_eq!(num(&v, &["lost"]), 0.0, "{v:#}");
 }
+
+#[test]
+fn a_repeated_sweep_reports_every_run_and_the_median_over_real_sockets() {
+    let s = start_server("repeat");
+    let (code, v) = loadgen(
+        &s,
+        "repeat",
+        &[
+            "--connections",
+            "40",
+            "--contacts-per-user",
+            "2",
+            "--sweep",
+            "100,200",
+            "--sweep-repeat",
+            "2",
+        ],
+    );
+    assert_eq!(code, 0, "{v:#}");
+    assert_eq!(num(&v, &["sweep", "repeats"]), 2.0, "{v:#}");
+    assert_eq!(num(&v, &["sweep", "knee_rate"]), 200.0, "{v:#}");
+    let steps = v["sweep"]["steps"].as_array().expect("steps");
+    assert_eq!(steps.len(), 2, "{v:#}");
+    for st in steps {
+        assert_eq!(num(st, &["repeats"]), 2.0, "{st:#}");
+        let runs = st["runs"].as_array().expect("runs");
+        assert_eq!(runs.len(), 2, "{st:#}");
+        for r in runs {
+            assert_eq!(r["ok"], true, "{r:#}");
+            assert_eq!(num(r, &["rate"]), num(st, &["rate"]));
+        }
+        // Upper median of two = the worse run; min/max are the two runs' values.
+        let p95s: Vec<f64> = runs
+            .iter()
+            .map(|r| num(r, &["latency_ms", "e2e", "p95"]))
+            .collect();
+        let (lo, hi) = (p95s[0].min(p95s[1]), p95s[0].max(p95s[1]));
+        assert_eq!(num(st, &["median", "e2e_p95_ms"]), hi, "{st:#}");
+        assert_eq!(num(st, &["min", "e2e_p95_ms"]), lo, "{st:#}");
+        assert_eq!(num(st, &["max", "e2e_p95_ms"]), hi, "{st:#}");
+        assert_eq!(num(st, &["latency_ms", "e2e", "p95"]), hi, "representative");
+        let tps: Vec<f64> = runs
+            .iter()
+            .map(|r| num(r, &["throughput_msgs_per_s"]))
+            .collect();
+        assert_eq!(
+            num(st, &["median", "throughput_msgs_per_s"]),
+            tps[0].min(tps[1]),
+            "lower median of throughput: {st:#}"
+        );
+        for k in ["e2e_p50_ms", "e2e_p99_ms"] {
+            let (m, a, b) = (
+                num(st, &["median", k]),
+                num(st, &["min", k]),
+                num(st, &["max", k]),
+            );
+            assert!(a <= m && m <= b && a > 0.0, "{k}: {st:#}");
+        }
+        assert_eq!(st["under_knee"], true, "{st:#}");
+    }
+    let md = std::fs::read_to_string(s.dir.join("repeat/report.md")).expect("report.md");
+    assert!(md.contains("p95 median (min–max)"), "{md}");
+}
+
+#[test]
+fn sweep_repeat_out_of_range_is_refused_before_connecting() {
+    // Nothing listens here: the scenario is refused before any connection is tried.
+    for n in ["0", "10"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_switchboard-loadgen"))
+            .args([
+                "run",
+                "--target",
+                "ws://127.0.0.1:9",
+                "--secret-file",
+                "/nonexistent/token.secret",
+                "--sweep",
+                "100",
+                "--sweep-repeat",
+                n,
+                "--quiet",
+            ])
+            .output()
+            .expect("run switchboard-loadgen");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{n}: {err}");
+        assert!(
+            err.contains(&format!("sweep_repeat (--sweep-repeat) is {n}")) && err.contains("1..=9"),
+            "{n}: {err}"
+        );
+    }
+}
