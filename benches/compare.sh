@@ -6,11 +6,14 @@
 #   switchboard/report.*  mosquitto/report.*  compare.md  mosquitto.conf  *.log
 # What each side guarantees is stated in compare.md: Switchboard acks after fdatasync; Mosquitto
 # (persistence off, its default) acks from memory and never fsyncs per message. HALT_POLL_NS sets
-# guest halt polling for the run (KVM guests; tuning/halt-poll.sh), as in run.sh.
+# guest halt polling for the run (KVM guests; tuning/halt-poll.sh), as in run.sh. SWEEP_REPEAT=N
+# (default 1) runs each rate N times on both sides (`--sweep-repeat`; compare.md then uses the
+# medians): N times the run time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:-benches/results/compare-latest}"
 CORES="${CORES:-2}"
+SWEEP_REPEAT="${SWEEP_REPEAT:-1}"
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
 
@@ -76,13 +79,13 @@ benches/machine.sh "$DATA" "$CORES" > "$OUT/machine.md"
 echo "load average before: $(cut -d' ' -f1-3 /proc/loadavg)" | tee "$OUT/load.txt"
 
 echo "== switchboard"
-"$LG" run --scenario benches/scenarios/compare.toml --sweep-all --target "ws://$ADDR" --data-dir "$DATA" \
+"$LG" run --scenario benches/scenarios/compare.toml --sweep-all --sweep-repeat "$SWEEP_REPEAT" --target "ws://$ADDR" --data-dir "$DATA" \
   --server-pid "$SPID" --report "$OUT/switchboard" > "$OUT/switchboard.stdout" 2> "$OUT/switchboard.progress" || true
 grep '^==' "$OUT/switchboard.progress" || true
 echo "load average after switchboard: $(cut -d' ' -f1-3 /proc/loadavg)" | tee -a "$OUT/load.txt"
 sleep 3
 echo "== mosquitto"
-"$LG" run --scenario benches/scenarios/compare.toml --sweep-all --target "mqtt://127.0.0.1:$MPORT" \
+"$LG" run --scenario benches/scenarios/compare.toml --sweep-all --sweep-repeat "$SWEEP_REPEAT" --target "mqtt://127.0.0.1:$MPORT" \
   --server-pid "$MPID" --report "$OUT/mosquitto" > "$OUT/mosquitto.stdout" 2> "$OUT/mosquitto.progress" || true
 grep '^==' "$OUT/mosquitto.progress" || true
 echo "load average after mosquitto: $(cut -d' ' -f1-3 /proc/loadavg)" | tee -a "$OUT/load.txt"

@@ -8,11 +8,14 @@
 #   plan.md  server.log  README.md (summary)
 # SB_CONFIG adds server settings (TOML lines) for A/B runs; machine.md records them. HALT_POLL_NS
 # sets guest halt polling for the run (tuning/halt-poll.sh; KVM guests only, restored on exit).
+# SWEEP_REPEAT=N (default 1) runs each sweep rate N times (`--sweep-repeat`; knee on the median
+# p95, every run must pass its checks): the sweeps take N times as long.
 # Every load-generator run is bounded by its scenario (≤ ~60 s each); the server is stopped on exit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:-benches/results/latest}"
 CORES="${CORES:-2}"
+SWEEP_REPEAT="${SWEEP_REPEAT:-1}"
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
 
@@ -73,14 +76,14 @@ tail -n 25 "$OUT/default.progress"
 sleep 3
 
 load "before sweep"
-echo "== sweep"
-"$LG" run --scenario benches/scenarios/sweep.toml --target "ws://$ADDR" --data-dir "$DATA" \
+echo "== sweep ($SWEEP_REPEAT run(s) per rate)"
+"$LG" run --scenario benches/scenarios/sweep.toml --sweep-repeat "$SWEEP_REPEAT" --target "ws://$ADDR" --data-dir "$DATA" \
   --server-pid "$PID" --report "$OUT/sweep" > "$OUT/sweep.stdout" 2> "$OUT/sweep.progress" || true
 grep '^==' "$OUT/sweep.progress" || true
 
 load "before groups"
-echo "== groups sweep (100 members)"
-"$LG" run --scenario benches/scenarios/groups.toml --target "ws://$ADDR" --data-dir "$DATA" \
+echo "== groups sweep (100 members, $SWEEP_REPEAT run(s) per rate)"
+"$LG" run --scenario benches/scenarios/groups.toml --sweep-repeat "$SWEEP_REPEAT" --target "ws://$ADDR" --data-dir "$DATA" \
   --server-pid "$PID" --report "$OUT/groups" > "$OUT/groups.stdout" 2> "$OUT/groups.progress" || true
 grep '^==' "$OUT/groups.progress" || true
 
@@ -108,6 +111,8 @@ cat "$OUT/plan.md"
   grep -E 'server RSS per connection|opened ' "$OUT/idle.txt" | sed 's/^/    /'
   echo
   grep -E '^\*\*|^Started|throughput|send → |^Knee' "$OUT/default/report.md" | sed 's/^/    /' || true
+  echo
+  echo "Sweeps: $SWEEP_REPEAT run(s) per rate (SWEEP_REPEAT)."
   echo
   echo "1:1 sweep (2K connections, receipts):"
   grep -E '^Knee|^At half the knee' "$OUT/sweep/report.md" || true
