@@ -260,3 +260,70 @@ fn spinning_reactors_hand_over_a_shared_cpu() {
         Err(_) => panic!("spinning ping-pong did not finish in {DEADLINE:?}"),
     }
 }
+
+/// Patch 6 (`third_party/glommio/SWITCHBOARD.md`): a reactor turn keeps its latency preemption
+/// timer while at least half of it is left instead of re-arming it every turn. A spinning
+/// reactor that ping-pongs with another executor for three quarters of a slice makes a turn
+/// per message without parking (the turns that keep the timer); a task that then runs without
+/// yielding must still be preempted: not before half a slice (a kept timer had at least half of
+/// it left) and not much after a whole one (the timer kept was armed at most one slice ago, so
+/// it still fires). A timer kept regardless of its age failed it (a round waited 10 ms); not
+/// every round catches that, since a park now and then (a yield that ran another thread)
+/// cancels the timer and the next turn re-arms it.
+#[test]
+fn a_kept_preemption_timer_still_preempts_a_busy_task_queue() {
+    const SLICE: Duration = Duration::from_millis(40);
+    /// Room for a noisy shared box: the timer is an io_uring timeout posted as task work.
+    const LATE: Duration = Duration::from_millis(500);
+    const ROUNDS: usize = 10;
+    let (ab_tx, ab_rx) = shared_channel::new_bounded::<u32>(1);
+    let (ba_tx, ba_rx) = shared_channel::new_bounded::<u32>(1);
+    let (done_tx, done_rx) = mpsc::channel::<Vec<Duration>>();
+    // On two CPUs the spinning side never parks (a park cancels the timer, as upstream does).
+    let two_cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) >= 2;
+    let (pa, pb) = if two_cpus {
+        (Placement::Fixed(0), Placement::Fixed(1))
+    } else {
+        (Placement::Unbound, Placement::Unbound)
+    };
+    let a = LocalExecutorBuilder::new(pa)
+        .name("preempt")
+        .preempt_timer(SLICE)
+        .spin_before_park(Duration::from_secs(5))
+        .spawn(move || async move {
+            let tx = ab_tx.connect().await;
+            let rx = ba_rx.connect().await;
+            let mut waits = Vec::new();
+            let mut i = 0;
+            for _ in 0..ROUNDS {
+                let turns_started = Instant::now();
+                while turns_started.elapsed() < SLICE * 3 / 4 {
+                    tx.send(i).await.expect("send ping");
+                    assert_eq!(rx.recv().await, Some(i + 1), "pong answers its ping");
+                    i += 1;
+                }
+                let started = Instant::now();
+                while !glommio::executor().need_preempt() {
+                    assert!(started.elapsed() < DEADLINE, "never preempted");
+                    std::hint::spin_loop();
+                }
+                waits.push(started.elapsed());
+                glommio::executor().yield_task_queue_now().await;
+            }
+            waits
+        })
+        .expect("spawn executor");
+    let b = spawn_pong(LocalExecutorBuilder::new(pb).name("pong"), ab_rx, ba_tx);
+    std::thread::spawn(move || {
+        let waits = a.join().expect("ping executor");
+        b.join().expect("pong executor");
+        done_tx.send(waits).expect("report");
+    });
+    let waits = done_rx.recv_timeout(DEADLINE).expect("executors finished");
+    for w in &waits {
+        assert!(
+            *w >= SLICE / 2 - Duration::from_millis(2) && *w <= SLICE + LATE,
+            "a busy task queue was preempted after {w:?} (slice {SLICE:?}; all: {waits:?})"
+        );
+    }
+}

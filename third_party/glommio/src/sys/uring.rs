@@ -1248,6 +1248,9 @@ pub(crate) struct Reactor {
 
     latency_preemption_timeout_src: Cell<Option<Source>>,
     throughput_preemption_timeout_src: Cell<Option<Source>>,
+    // Switchboard patch 6: when the latency ring's timer is a preemption timer (not a user
+    // timer), its duration and when it was armed, so a turn can keep it instead of re-arming.
+    latency_preemption_armed: Cell<Option<(Duration, Instant)>>,
 
     link_fd: RawFd,
 
@@ -1379,6 +1382,7 @@ impl Reactor {
             poll_ring: RefCell::new(poll_ring),
             latency_preemption_timeout_src: Cell::new(None),
             throughput_preemption_timeout_src: Cell::new(None),
+            latency_preemption_armed: Cell::new(None),
             blocking_thread,
             link_fd,
             notifier,
@@ -1839,22 +1843,51 @@ impl Reactor {
         // consume all events from the rings
         consume_rings!(into &mut woke; lat_ring, poll_ring, main_ring);
 
-        // Cancel the old timer regardless of whether we can sleep:
-        // if we won't sleep, we will register the new timer with its new
-        // value.
-        //
-        // But if we will sleep, there might be a timer registered that needs
-        // to be removed otherwise we'll wake up when it expires.
-        drop(self.latency_preemption_timeout_src.take());
+        // Switchboard patch 6: upstream cancels and re-arms both preemption timers on every
+        // turn: a TIMEOUT_REMOVE and a TIMEOUT on the latency ring, and a TIMEOUT_REMOVE, a
+        // TIMEOUT and its linked eventfd WRITE on the main ring, a `Source` each, and an
+        // extra `io_uring_enter` for the latency ring at the end of the turn. A turn now keeps
+        // a latency preemption timer that has not fired, was armed for the same duration and
+        // has at least half of it left (so a task queue still gets at least half its slice
+        // before a preemption), and keeps the throughput timer until it fires (it then
+        // preempts after `ring_depth` completions counted since it was armed, not since this
+        // turn: at worst one early preemption per `ring_depth` completions). When the reactor
+        // may sleep (`preempt` is `None`) the latency timer is cancelled as before.
+        let preempt = preempt_timer();
+        let keep_latency_timer = match (preempt, self.latency_preemption_armed.get()) {
+            (Some(d), Some((armed_d, armed_at))) if armed_d == d && armed_at.elapsed() < d / 2 => {
+                let src = self.latency_preemption_timeout_src.take();
+                let pending = src.as_ref().is_some_and(|s| s.result().is_none());
+                self.latency_preemption_timeout_src.set(src);
+                pending
+            }
+            _ => false,
+        };
+        if !keep_latency_timer {
+            // Cancel the old timer regardless of whether we can sleep:
+            // if we won't sleep, we will register the new timer with its new
+            // value.
+            //
+            // But if we will sleep, there might be a timer registered that needs
+            // to be removed otherwise we'll wake up when it expires.
+            drop(self.latency_preemption_timeout_src.take());
+            self.latency_preemption_armed.set(None);
+        }
 
         // Schedule the throughput-based timeout immediately: it won't matter if we end
-        // up sleeping.
-        self.throughput_preemption_timeout_src.replace(Some(
-            main_ring.prepare_throughput_preemption_timer(
-                self.ring_depth() as u32,
-                self.eventfd_src.raw(),
-            ),
-        ));
+        // up sleeping. (Patch 6: only when the previous one has fired.)
+        let throughput_src = self.throughput_preemption_timeout_src.take();
+        if throughput_src.as_ref().is_some_and(|s| s.result().is_none()) {
+            self.throughput_preemption_timeout_src.set(throughput_src);
+        } else {
+            drop(throughput_src);
+            self.throughput_preemption_timeout_src.set(Some(
+                main_ring.prepare_throughput_preemption_timer(
+                    self.ring_depth() as u32,
+                    self.eventfd_src.raw(),
+                ),
+            ));
+        }
 
         // This will only dispatch if we run out of sqes. Which means until
         // flush_rings! nothing is really send to the kernel...
@@ -1866,7 +1899,7 @@ impl Reactor {
         consume_rings!(into &mut woke; lat_ring, poll_ring, main_ring);
 
         // If we generated any event so far, we can't sleep. Need to handle them.
-        let should_sleep = preempt_timer().is_none()
+        let should_sleep = preempt.is_none()
             && (woke == 0)
             && poll_ring.can_sleep()
             && main_ring.can_sleep()
@@ -1909,9 +1942,13 @@ impl Reactor {
             }
         }
 
-        if let Some(preempt) = preempt_timer() {
-            self.latency_preemption_timeout_src
-                .set(Some(lat_ring.prepare_latency_preemption_timer(preempt)));
+        if let Some(preempt) = preempt {
+            if !keep_latency_timer {
+                self.latency_preemption_timeout_src
+                    .set(Some(lat_ring.prepare_latency_preemption_timer(preempt)));
+                self.latency_preemption_armed
+                    .set(Some((preempt, Instant::now())));
+            }
             flush_rings!(lat_ring, main_ring)?;
         }
 
