@@ -71,12 +71,14 @@ import statistics, sys
 rows = [l.strip().strip("|").split("|") for l in open(sys.argv[1]) if l.startswith("|")]
 by = {}
 for r in rows:
-    by.setdefault(r[0].strip(), []).append((float(r[6]), float(r[7])))
+    by.setdefault(r[0].strip(), []).append((float(r[6]), float(r[7]), float(r[4])))
 if "A" in by and "B" in by:
-    sa = statistics.median(x for x, _ in by["A"]); sb = statistics.median(x for x, _ in by["B"])
-    ma = statistics.median(y for _, y in by["A"]); mb = statistics.median(y for _, y in by["B"])
+    med = lambda side, i: statistics.median(v[i] for v in by[side])
+    sa, sb, ma, mb = med("A", 0), med("B", 0), med("A", 1), med("B", 1)
+    pa, pb = med("A", 2), med("B", 2)
     print(f"Medians: server CPU per message A {sa:.1f} µs, B {sb:.1f} µs (B/A {sb/sa:.3f}); "
-          f"machine A {ma:.1f} µs, B {mb:.1f} µs (B/A {mb/ma:.3f}).")
+          f"machine A {ma:.1f} µs, B {mb:.1f} µs (B/A {mb/ma:.3f}); "
+          f"e2e p99 A {pa:.2f} ms, B {pb:.2f} ms.")
 PY
 } > "$OUT/ab.md"
 rm -f "$OUT/ab.rows"

@@ -18,7 +18,9 @@ echo "port range:  $(sysctl -n net.ipv4.ip_local_port_range | xargs)"
 echo "somaxconn:   $(sysctl -n net.core.somaxconn)"
 echo "cpuidle:     $(cat /sys/devices/system/cpu/cpuidle/current_driver 2>/dev/null || echo n/a)$( [ -r /sys/module/haltpoll/parameters/guest_halt_poll_ns ] && echo ", guest_halt_poll_ns $(cat /sys/module/haltpoll/parameters/guest_halt_poll_ns) (tuning/halt-poll.sh)")"
 echo "rustc:       $(rustc --version)"
-echo "server:      switchboard serve --cores $cores (pinned), embedded store, fdatasync per group commit"
+pinning="pinned"
+if printf '%s\n' "${SB_CONFIG:-}" | grep -Eq '^[[:space:]]*pin_cores[[:space:]]*=[[:space:]]*false'; then pinning="not pinned"; fi
+echo "server:      switchboard serve --cores $cores ($pinning), embedded store, fdatasync per group commit"
 if [ -n "${SB_CONFIG:-}" ]; then echo "config:      ${SB_CONFIG//$'\n'/; } (SB_CONFIG, on top of the defaults)"; fi
 echo "loadgen:     on the same machine, sharing the same $(nproc) CPUs"
 echo "load avg:    $(cut -d' ' -f1-3 /proc/loadavg) (1/5/15 min) at the start; other processes then:"
