@@ -1112,24 +1112,9 @@ mod tests {
 
     #[test]
     fn failures_name_every_anomaly() {
-        let mut res = Record::new("result");
-        res.set("conns_established", 10);
-        res.set("lost", 2);
-        res.set("err.server_Overloaded", 3);
-        let r = RunResult {
-            scenario: Scenario::default(),
-            started_at: String::new(),
-            workers: 1,
-            first_user: 1,
-            connections_target: 10,
-            result: res,
-            timeline: Vec::new(),
-            server: ServerView::default(),
-            client_cpu_s: 0.0,
-            phase_cpu: PhaseCpu::default(),
-            run_s: 0.0,
-            failures: Vec::new(),
-        };
+        let mut r = run(1000.0, 1.0, &[]);
+        r.result.set("lost", 2);
+        r.result.set("err.server_Overloaded", 3);
         let f = failures(&r);
         assert_eq!(f.len(), 2, "{f:?}");
         assert!(f[0].contains("lost = 2"));
