@@ -141,22 +141,26 @@ fn num(v: &serde_json::Value, path: &[&str]) -> f64 {
         .unwrap_or_else(|| panic!("{} is not a number: {x}", path.join(".")))
 }
 
+/// A fresh server (named `name`, report under `name/`) and a sweep of 100 and 200 msgs/s over 40
+/// connections, with `extra` flags; returns the server (keep it alive), exit code and report.
+fn small_sweep(name: &str, extra: &[&str]) -> (Server, i32, serde_json::Value) {
+    let s = start_server(name);
+    let mut args = vec![
+        "--connections",
+        "40",
+        "--contacts-per-user",
+        "2",
+        "--sweep",
+        "100,200",
+    ];
+    args.extend_from_slice(extra);
+    let (code, v) = loadgen(&s, name, &args);
+    (s, code, v)
+}
+
 #[test]
 fn a_sweep_finds_its_knee_and_measures_half_of_it_over_real_sockets() {
-    let s = start_server("sweep");
-    let (code, v) = loadgen(
-        &s,
-        "sweep",
-        &[
-            "--connections",
-            "40",
-            "--contacts-per-user",
-            "2",
-            "--sweep",
-            "100,200",
-            "--half-knee",
-        ],
-    );
+    let (s, code, v) = small_sweep("sweep", &["--half-knee"]);
     assert_eq!(code, 0, "{v:#}");
     // Both rates are far below this server's knee: the knee is the top one and the half-knee
     // run is a separate run at half its offered rate.
@@ -225,21 +229,7 @@ fn a_sweep_with_no_rate_under_the_limit_fails_its_exit_code() {
 
 #[test]
 fn a_repeated_sweep_reports_every_run_and_the_median_over_real_sockets() {
-    let s = start_server("repeat");
-    let (code, v) = loadgen(
-        &s,
-        "repeat",
-        &[
-            "--connections",
-            "40",
-            "--contacts-per-user",
-            "2",
-            "--sweep",
-            "100,200",
-            "--sweep-repeat",
-            "2",
-        ],
-    );
+    let (s, code, v) = small_sweep("repeat", &["--sweep-repeat", "2"]);
     assert_eq!(code, 0, "{v:#}");
     assert_eq!(num(&v, &["sweep", "repeats"]), 2.0, "{v:#}");
     assert_eq!(num(&v, &["sweep", "knee_rate"]), 200.0, "{v:#}");
