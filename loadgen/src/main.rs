@@ -169,7 +169,8 @@ struct RunFlags {
     #[arg(long)]
     sweep_all: bool,
     /// Runs per sweep rate (1..=9): the knee test uses the median e2e p95 and every run must
-    /// pass its checks; the half-knee run is repeated too. Overrides the file. [default: 1]
+    /// pass its checks; the half-knee run is repeated too. Needs a sweep (--sweep or the file's
+    /// `sweep`): N > 1 without one is an error. Overrides the file. [default: 1]
     #[arg(long)]
     sweep_repeat: Option<u32>,
     /// The knee's p95 e2e latency limit in ms. [default: 100]
@@ -295,7 +296,7 @@ fn cmd_run(flags: &RunFlags) -> Result<bool, String> {
         eprintln!("note: MQTT has no delivered receipts; the receipt flow is off for this target");
         sc.receipts = false;
     }
-    sc.layout()?;
+    sc.validate()?;
     sc.check_target_support()?;
     let opts = coord::RunOpts {
         progress: !flags.quiet,

@@ -385,7 +385,24 @@ pub struct Layout {
 }
 
 impl Scenario {
-    /// Checks every field and splits the run over workers.
+    /// Checks the scenario as given (a sweep or one run) and splits a run over workers: what
+    /// `run` calls before connecting. On top of `layout`'s checks (which every single run of a
+    /// sweep passes again, with the sweep removed), `sweep_repeat` > 1 needs a sweep to repeat.
+    pub fn validate(&self) -> Result<Layout, String> {
+        check_sweep_repeat(self.sweep_repeat)?;
+        if self.sweep_repeat > 1 && self.sweep.is_empty() {
+            return Err(format!(
+                "sweep_repeat (--sweep-repeat) is {} but there is no sweep: it runs each rate of a \
+                 sweep (--sweep R1,R2,... or sweep = [...]) that many times; a run at --rate alone \
+                 runs once (drop sweep_repeat, or give the rate as a one-rate sweep)",
+                self.sweep_repeat
+            ));
+        }
+        self.layout()
+    }
+
+    /// Checks every field of one run and splits it over workers (the sweep, if any, only for
+    /// its rates; `validate` checks what needs the whole scenario).
     pub fn layout(&self) -> Result<Layout, String> {
         let kind = parse_target(&self.target)?;
         let target = kind.addr();
@@ -751,6 +768,50 @@ mod tests {
             target: "ws://8.8.8.8:80".into(),
             ..base()
         });
+    }
+
+    #[test]
+    fn sweep_repeat_without_a_sweep_is_refused() {
+        for n in [2, 3, SWEEP_REPEAT_MAX] {
+            let lone = Scenario {
+                sweep_repeat: n,
+                ..base()
+            };
+            let e = lone.validate().expect_err("nothing to repeat");
+            assert!(
+                e.contains(&format!(
+                    "sweep_repeat (--sweep-repeat) is {n} but there is no sweep"
+                )),
+                "{e}"
+            );
+            // A sweep makes it valid; one run per rate needs no sweep.
+            let swept = Scenario {
+                sweep: vec![100.0, 200.0],
+                ..lone.clone()
+            };
+            assert!(swept.validate().is_ok(), "sweep_repeat {n} with a sweep");
+            // Every run of that sweep (the sweep removed, `sweep_repeat` kept) still lays out.
+            assert!(swept.at_rate(100.0).layout().is_ok());
+        }
+        assert!(base().validate().is_ok(), "sweep_repeat 1 without a sweep");
+        // Out of range is still the range error, with or without a sweep.
+        let e = Scenario {
+            sweep_repeat: 0,
+            ..base()
+        }
+        .validate()
+        .expect_err("0 runs");
+        assert!(e.contains("1..=9"), "{e}");
+        let file = Scenario::from_toml("sweep_repeat = 3\n").expect("parse");
+        assert!(
+            Scenario {
+                secret_file: Some("/x".into()),
+                ..file
+            }
+            .validate()
+            .is_err(),
+            "TOML sweep_repeat without sweep = [...]"
+        );
     }
 
     #[test]

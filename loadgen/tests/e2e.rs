@@ -303,3 +303,29 @@ fn sweep_repeat_out_of_range_is_refused_before_connecting() {
         );
     }
 }
+
+#[test]
+fn sweep_repeat_without_a_sweep_is_refused_before_connecting() {
+    // No --sweep: nothing to repeat, so it is an error rather than a silent single run.
+    let out = Command::new(env!("CARGO_BIN_EXE_switchboard-loadgen"))
+        .args([
+            "run",
+            "--target",
+            "ws://127.0.0.1:9",
+            "--secret-file",
+            "/nonexistent/token.secret",
+            "--rate",
+            "100",
+            "--sweep-repeat",
+            "3",
+            "--quiet",
+        ])
+        .output()
+        .expect("run switchboard-loadgen");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("sweep_repeat (--sweep-repeat) is 3 but there is no sweep"),
+        "{err}"
+    );
+}
