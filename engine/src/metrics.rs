@@ -9,6 +9,16 @@ use switchboard_wire::ErrorCode;
 pub const FSYNC_BUCKETS_US: [u64; 12] = [
     100, 250, 500, 1_000, 2_000, 4_000, 8_000, 16_000, 32_000, 64_000, 128_000, 512_000,
 ];
+/// Upper bounds (microseconds) of the commit wait histogram buckets: the fsync buckets, since a
+/// commit wait is at least one write + fdatasync.
+pub const COMMIT_WAIT_BUCKETS_US: [u64; 12] = FSYNC_BUCKETS_US;
+/// Upper bounds (microseconds) of the reactor lag histogram buckets.
+pub const REACTOR_LAG_BUCKETS_US: [u64; 12] = [
+    50, 100, 250, 500, 1_000, 2_000, 4_000, 8_000, 16_000, 32_000, 64_000, 128_000,
+];
+/// How often each core's reactor lag probe asks to be woken (`server.rs`): 100 wake-ups a second
+/// per core, a few microseconds each.
+pub const REACTOR_LAG_PROBE_INTERVAL: std::time::Duration = std::time::Duration::from_millis(10);
 /// Upper bounds (records) of the commit batch size histogram buckets.
 pub const BATCH_BUCKETS: [u64; 8] = [1, 2, 4, 16, 64, 256, 1024, 4096];
 /// Error codes counted individually (others count under "other").
@@ -82,6 +92,14 @@ pub struct CoreMetrics {
     pub slow_consumer_closes: AtomicU64,
     pub fsync_us: Histogram<12>,
     pub commit_batch_records: Histogram<8>,
+    /// Per group commit: from when its oldest record was staged to when its effects (acks,
+    /// deliveries, receipts) were handed on, microseconds. What a send waits for in the server
+    /// beyond reading and routing.
+    pub commit_wait_us: Histogram<12>,
+    /// How late the core's lag probe woke (`REACTOR_LAG_PROBE_INTERVAL` timer), microseconds: the
+    /// delay any ready socket or message on this core sees before its task runs (the reactor busy
+    /// with other tasks, or its thread waiting for a CPU).
+    pub reactor_lag_us: Histogram<12>,
     /// Items waiting in this core's outbox towards each core (index = destination).
     pub mesh_outbox_depth: Vec<AtomicU64>,
     pub mesh_items_sent: AtomicU64,
@@ -307,6 +325,22 @@ pub fn render(all: &[CoreMetrics]) -> String {
         all,
         |m| &m.commit_batch_records,
     );
+    histogram(
+        &mut out,
+        "switchboard_commit_wait_us",
+        "Group commit: oldest record staged to effects handed on, microseconds.",
+        &COMMIT_WAIT_BUCKETS_US,
+        all,
+        |m| &m.commit_wait_us,
+    );
+    histogram(
+        &mut out,
+        "switchboard_reactor_lag_us",
+        "How late the core's 10 ms lag probe timer ran, microseconds.",
+        &REACTOR_LAG_BUCKETS_US,
+        all,
+        |m| &m.reactor_lag_us,
+    );
     let _ = writeln!(out, "# HELP switchboard_mesh_outbox_depth Items waiting towards another core.\n# TYPE switchboard_mesh_outbox_depth gauge");
     for (i, m) in all.iter().enumerate() {
         for (d, g) in m.mesh_outbox_depth.iter().enumerate() {
@@ -361,6 +395,8 @@ mod tests {
         all[1].frames_in.fetch_add(5, Relaxed);
         all[0].fsync_us.observe(&FSYNC_BUCKETS_US, 300);
         all[0].error(ErrorCode::NotMember);
+        all[1].commit_wait_us.observe(&COMMIT_WAIT_BUCKETS_US, 700);
+        all[1].reactor_lag_us.observe(&REACTOR_LAG_BUCKETS_US, 60);
         let text = render(&all);
         assert!(
             text.contains("switchboard_frames_in_total{core=\"1\"} 5"),
@@ -370,5 +406,9 @@ mod tests {
         assert!(text.contains("switchboard_fsync_latency_us_bucket{core=\"0\",le=\"250\"} 0"));
         assert!(text.contains("switchboard_errors_total{core=\"0\",code=\"NotMember\"} 1"));
         assert!(text.contains("switchboard_process_rss_bytes "));
+        assert!(text.contains("switchboard_commit_wait_us_bucket{core=\"1\",le=\"1000\"} 1"));
+        assert!(text.contains("switchboard_commit_wait_us_bucket{core=\"1\",le=\"500\"} 0"));
+        assert!(text.contains("switchboard_reactor_lag_us_bucket{core=\"1\",le=\"100\"} 1"));
+        assert!(text.contains("switchboard_reactor_lag_us_bucket{core=\"1\",le=\"50\"} 0"));
     }
 }

@@ -212,6 +212,24 @@ pub fn run(mut cfg: Config) -> Result<(), String> {
                     .detach();
                 }
                 {
+                    // The reactor lag probe: how late a timer runs is how long anything that
+                    // became ready on this core waited for its task to run.
+                    let c = core.clone();
+                    glommio::spawn_local(async move {
+                        let every = crate::metrics::REACTOR_LAG_PROBE_INTERVAL;
+                        loop {
+                            let due = std::time::Instant::now() + every;
+                            glommio::timer::sleep(every).await;
+                            let late = std::time::Instant::now().saturating_duration_since(due);
+                            c.metrics().reactor_lag_us.observe(
+                                &crate::metrics::REACTOR_LAG_BUCKETS_US,
+                                late.as_micros() as u64,
+                            );
+                        }
+                    })
+                    .detach();
+                }
+                {
                     // Ping and idle deadlines of every chat connection, checked in one sweep
                     // instead of a timer per connection.
                     let c = core.clone();

@@ -11,13 +11,13 @@ use crate::msg::Action;
 use crate::msg::{CoreMsg, FrameKind, Origin};
 use crate::notify::Notify;
 use crate::owner::{message_frame, Batch, Effect, Owner, OwnerLimits, TargetInfo};
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use switchboard_storage::CONTENT_KIND_DELETED;
 use switchboard_storage::{EmbeddedStore, Record, ShardState, StorageError, StoreConfig};
 use switchboard_wire::limits::HISTORY_PAGE_BYTES_MAX;
@@ -33,6 +33,8 @@ pub struct Shard {
     pub accounts: RefCell<crate::accounts::Accounts>,
     pub store: EmbeddedStore,
     wake: Notify,
+    /// When the oldest work now pending was staged (`staged`), for `commit_wait_us`.
+    first_staged: Cell<Option<Instant>>,
 }
 
 impl Shard {
@@ -101,11 +103,15 @@ impl Shard {
             accounts: RefCell::new(accounts),
             store,
             wake: Notify::new(),
+            first_staged: Cell::new(None),
         })
     }
 
     /// Wakes the committer after staging.
     pub fn staged(&self) {
+        if self.first_staged.get().is_none() {
+            self.first_staged.set(Some(Instant::now()));
+        }
         self.wake.notify();
     }
 
@@ -132,6 +138,14 @@ impl Shard {
                 .owner
                 .borrow_mut()
                 .take_batch(cfg.commit_batch_records_max);
+            // The batch's wait runs from its oldest staging. Work left pending (a batch cut at
+            // `commit_batch_records_max`) keeps that time: its next commit's wait is an upper
+            // bound, never an understatement.
+            let staged_at = if self.owner.borrow().has_pending() {
+                self.first_staged.get()
+            } else {
+                self.first_staged.take()
+            };
             if !batch.records.is_empty() {
                 let stats = match self.store.append(&batch.records).await {
                     Ok(s) => s,
@@ -172,6 +186,12 @@ impl Shard {
                 }
             }
             core.run_effects(effects).await;
+            if let Some(t) = staged_at {
+                core.metrics().commit_wait_us.observe(
+                    &crate::metrics::COMMIT_WAIT_BUCKETS_US,
+                    t.elapsed().as_micros() as u64,
+                );
+            }
         }
     }
 

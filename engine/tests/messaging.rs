@@ -321,6 +321,49 @@ fn metrics_and_health_endpoints() {
         .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
         .sum();
     assert_eq!(persisted, 1);
+    // The latency split: the send's commit waited at least its own write + fdatasync, and each
+    // core's lag probe has run. Both are observed just after the ack went out, so poll briefly.
+    let sum = |body: &str, series: &str| -> u64 {
+        body.lines()
+            .filter(|l| l.starts_with(series))
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+            .sum()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let body = loop {
+        let (_, body) = server.http_get("/metrics");
+        let lag_cores = ["0", "1"]
+            .iter()
+            .filter(|c| {
+                sum(
+                    &body,
+                    &format!("switchboard_reactor_lag_us_count{{core=\"{c}\"}}"),
+                ) > 0
+            })
+            .count();
+        if (sum(&body, "switchboard_commit_wait_us_count{") >= 1 && lag_cores == 2)
+            || std::time::Instant::now() > deadline
+        {
+            break body;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(
+        sum(&body, "switchboard_commit_wait_us_count{") >= 1,
+        "{body}"
+    );
+    assert!(
+        sum(&body, "switchboard_commit_wait_us_sum{")
+            >= sum(&body, "switchboard_fsync_latency_us_sum{"),
+        "a commit's wait includes its write + fdatasync: {body}"
+    );
+    for c in ["0", "1"] {
+        let n = sum(
+            &body,
+            &format!("switchboard_reactor_lag_us_count{{core=\"{c}\"}}"),
+        );
+        assert!(n > 0, "core {c} lag probe never ran: {body}");
+    }
     assert_eq!(server.http_get("/healthz"), (200, "ok\n".to_string()));
     assert_eq!(server.http_get("/nope").0, 404);
     assert_eq!(server.http_get("/v1/echo").0, 426);

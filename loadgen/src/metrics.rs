@@ -28,6 +28,11 @@ pub struct Scrape {
     pub fsync_us: Buckets,
     /// `switchboard_commit_batch_records`: records per group commit.
     pub commit_batch: Buckets,
+    /// `switchboard_commit_wait_us`: per group commit, its oldest record staged → its effects
+    /// (acks, deliveries) handed on, microseconds.
+    pub commit_wait_us: Buckets,
+    /// `switchboard_reactor_lag_us`: how late each core's 10 ms probe timer ran, microseconds.
+    pub reactor_lag_us: Buckets,
     /// When the scrape's response was complete.
     pub at: Option<Instant>,
 }
@@ -156,6 +161,8 @@ pub fn parse(body: &str) -> Scrape {
         for (base, h) in [
             ("switchboard_fsync_latency_us", &mut s.fsync_us),
             ("switchboard_commit_batch_records", &mut s.commit_batch),
+            ("switchboard_commit_wait_us", &mut s.commit_wait_us),
+            ("switchboard_reactor_lag_us", &mut s.reactor_lag_us),
         ] {
             match name.strip_prefix(base) {
                 Some("_bucket") => {
@@ -242,7 +249,12 @@ switchboard_fsync_latency_us_sum{core=\"1\"} 18000\n\
 switchboard_fsync_latency_us_count{core=\"1\"} 90\n\
 switchboard_commit_batch_records_bucket{core=\"0\",le=\"4\"} 3\n\
 switchboard_commit_batch_records_bucket{core=\"0\",le=\"1\"} 2\n\
-switchboard_commit_batch_records_count{core=\"0\"} 3\n";
+switchboard_commit_batch_records_count{core=\"0\"} 3\n\
+switchboard_commit_wait_us_bucket{core=\"1\",le=\"1000\"} 4\n\
+switchboard_commit_wait_us_count{core=\"1\"} 4\n\
+switchboard_reactor_lag_us_bucket{core=\"0\",le=\"50\"} 7\n\
+switchboard_reactor_lag_us_bucket{core=\"1\",le=\"50\"} 2\n\
+switchboard_reactor_lag_us_count{core=\"0\"} 7\n";
         let s = parse(body);
         let f = s.fsync_us;
         assert_eq!(&f.le[..f.len], &[100, 250, u64::MAX]);
@@ -255,6 +267,8 @@ switchboard_commit_batch_records_count{core=\"0\"} 3\n";
         assert_eq!(f.mean(), Some(200.0));
         // Buckets sorted by bound whatever the line order.
         assert_eq!(&s.commit_batch.le[..2], &[1, 4]);
+        assert_eq!((s.commit_wait_us.le[0], s.commit_wait_us.count), (1000, 4));
+        assert_eq!(s.reactor_lag_us.cumulative[0], 9, "summed over cores");
 
         let earlier = parse(
             "switchboard_fsync_latency_us_bucket{core=\"0\",le=\"100\"} 1\n\

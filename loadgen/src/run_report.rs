@@ -128,6 +128,33 @@ pub fn server_commits(r: &RunResult) -> Option<(Buckets, Buckets)> {
     ))
 }
 
+/// The server's latency split during the message phase (connected → end, from its `/metrics`
+/// histograms): per group commit, oldest record staged → effects handed on; and how late each
+/// core's 10 ms reactor lag probe ran.
+pub fn server_waits(r: &RunResult) -> Option<(Buckets, Buckets)> {
+    let (a, e) = (r.server.connected?, r.server.end?);
+    Some((
+        e.commit_wait_us.since(&a.commit_wait_us)?,
+        e.reactor_lag_us.since(&a.reactor_lag_us)?,
+    ))
+}
+
+fn waits_json(r: &RunResult) -> Value {
+    let Some((w, l)) = server_waits(r) else {
+        return Value::Null;
+    };
+    let q = |b: &Buckets| {
+        json!({
+            "count": b.count,
+            "mean": b.mean().map(round3),
+            "p50_le": le_json(b.quantile_le(0.5)),
+            "p99_le": le_json(b.quantile_le(0.99)),
+            "p999_le": le_json(b.quantile_le(0.999)),
+        })
+    };
+    json!({ "commit_wait_us": q(&w), "reactor_lag_us": q(&l) })
+}
+
 fn le_json(v: Option<u64>) -> Value {
     match v {
         None => Value::Null,
@@ -224,6 +251,7 @@ pub fn run_json(r: &RunResult) -> Value {
         "server_messages_persisted": persisted,
         "server_cpu_s": r.server.cpu_s.map(round3),
         "server_commits": commits_json(r),
+        "server_waits": waits_json(r),
         "client_cpu_s": round3(r.client_cpu_s),
         "client_rss_bytes": res.num("client_rss_bytes"),
         "phase_cpu": phase_cpu_json(r),
@@ -270,6 +298,7 @@ fn run_step_json(s: &RunResult) -> Value {
         "failures": s.failures,
         "server_cpu_s": s.server.cpu_s.map(round3),
         "server_commits": commits_json(s),
+        "server_waits": waits_json(s),
         "client_cpu_s": round3(s.client_cpu_s),
         "run_s": round3(s.run_s),
         "phase_cpu": phase_cpu_json(s),
@@ -500,6 +529,25 @@ pub fn markdown(r: &RunResult, sweep: Option<&Sweep>) -> String {
             le_text(f.quantile_le(0.5)),
             le_text(f.quantile_le(0.99)),
             le_text(f.quantile_le(0.999)),
+        );
+    }
+    if let Some((w, l)) = server_waits(r).filter(|(w, l)| w.count > 0 || l.count > 0) {
+        let _ = writeln!(
+            o,
+            "| server commit wait (a commit's oldest record staged → its acks and deliveries handed on) | mean {} µs, p50 {} µs, p99 {} µs, p99.9 {} µs (bucket bounds) |",
+            opt(w.mean().map(|m| format!("{m:.0}"))),
+            le_text(w.quantile_le(0.5)),
+            le_text(w.quantile_le(0.99)),
+            le_text(w.quantile_le(0.999)),
+        );
+        let _ = writeln!(
+            o,
+            "| server reactor lag (how late a 10 ms timer ran on a core: the wait of anything that became ready there) | {} samples; mean {} µs, p50 {} µs, p99 {} µs, p99.9 {} µs (bucket bounds) |",
+            l.count,
+            opt(l.mean().map(|m| format!("{m:.0}"))),
+            le_text(l.quantile_le(0.5)),
+            le_text(l.quantile_le(0.99)),
+            le_text(l.quantile_le(0.999)),
         );
     }
     let _ = writeln!(
