@@ -18,6 +18,10 @@ def median(s):
 def steps(r):
     return {s["rate"]: median(s) for s in r["sweep"]["steps"]}
 sb, mq = steps(sides["switchboard"]), steps(sides["mosquitto"])
+def stopped(s):
+    # A rate that could no longer pass stopped before its last run: its medians are over fewer runs.
+    k, n = len(s.get("runs", [])), s.get("repeats", 1)
+    return f" ({k} of {n} runs)" if 0 < k < n else ""
 def lat(s, p):
     v = s["latency_ms"]["e2e"][p]
     return "–" if v is None else f"{v:.2f}"
@@ -44,7 +48,7 @@ lines = ["# Switchboard vs Mosquitto, same 1:1 scenario", "",
          "|---|---|---|---|---|---|---|---|---|"]
 for rate in sorted(set(sb) | set(mq)):
     a, b = sb.get(rate), mq.get(rate)
-    cell = lambda s: [f"{s['throughput_msgs_per_s']:.0f}" + ("" if s["ok"] else " (failed checks)"), lat(s, "p50"), lat(s, "p99"), cpu(s)] if s else ["–"] * 4
+    cell = lambda s: [f"{s['throughput_msgs_per_s']:.0f}" + ("" if s["ok"] else " (failed checks)") + stopped(s), lat(s, "p50"), lat(s, "p99"), cpu(s)] if s else ["–"] * 4
     lines.append("| " + " | ".join([f"{rate:.0f}"] + cell(a) + cell(b)) + " |")
 lines += ["", "## Throughput at equal p99", "",
           "Highest achieved msgs/s among the rates whose run passed every check and whose e2e p99 was at most the bound:", "",

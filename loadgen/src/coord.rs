@@ -10,7 +10,16 @@
 //!  sweep: rates ascending, `sweep_repeat` full runs each (fresh users) = one Step; the step
 //!         passes when every run passed its checks and the median e2e p95 is under the limit;
 //!         stop after the first failing rate
+//!  step:  after each run `early_stop` asks whether the step can still pass; if not, its
+//!         remaining runs are skipped (runs.len() < repeats, `Step::stop` says why)
 //! ```
+//!
+//! A repeated step stops early once its verdict is a failure whatever the remaining runs
+//! measure: a run failed a check (lost, duplicates, order, gaps, missing receipts, errors,
+//! dropped connections: correctness is never a vote), or ⌈N/2⌉ runs had e2e p95 at or over
+//! `knee_p95_ms` (then the median, the middle one for odd N and the upper middle for even N, is
+//! over the limit too). A step that can still pass runs all N. The half-knee runs are a
+//! measurement, not a verdict, and always run N times.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -766,27 +775,123 @@ pub fn e2e_p95_ms(r: &RunResult) -> f64 {
     ms(r.hist("e2e").value_at_quantile(0.95))
 }
 
+/// Why a repeated step stopped before its last run: its verdict was already a failure.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Stop {
+    /// Run `run` (1-based) failed a check (or lost messages): the step fails whatever follows.
+    Checks { run: usize },
+    /// `over` runs had e2e p95 at or over `limit_ms`: enough that the median of all the
+    /// step's runs is over the limit whatever the remaining runs measure.
+    Latency { over: usize, limit_ms: f64 },
+}
+
+impl Stop {
+    /// The reason as report text, e.g. "run 1 failed its checks".
+    pub fn reason(&self, repeats: usize) -> String {
+        match *self {
+            Stop::Checks { run } => format!("run {run} failed its checks"),
+            Stop::Latency { over, limit_ms } => format!(
+                "{over} runs had e2e p95 ≥ {limit_ms} ms, so the median of {repeats} cannot be under it"
+            ),
+        }
+    }
+}
+
+/// One finished run as the early-stop decision sees it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RunVerdict {
+    /// Passed every check and lost nothing (what `Step::under_knee` asks of every run).
+    pub checks_ok: bool,
+    /// The run's e2e p95, ms.
+    pub p95_ms: f64,
+}
+
+impl RunVerdict {
+    pub fn of(r: &RunResult) -> RunVerdict {
+        RunVerdict {
+            checks_ok: r.ok() && r.result.num("lost") == 0,
+            p95_ms: e2e_p95_ms(r),
+        }
+    }
+}
+
+/// Runs at or over the limit that decide the median of `repeats` runs: the median is the
+/// value at sorted index `repeats / 2` (the middle one, or the upper middle for even counts),
+/// so it is over the limit once `repeats - repeats / 2` = ⌈repeats/2⌉ runs are.
+pub fn over_limit_deciding(repeats: usize) -> usize {
+    repeats - repeats / 2
+}
+
+/// After the runs `done` of a step of `repeats` runs: `Some` when the step can no longer pass
+/// (a run failed its checks, or enough runs had p95 ≥ `limit_ms` that the median will be over
+/// it) and runs remain to skip; `None` while it can still pass or when every run has run.
+pub fn early_stop(repeats: usize, limit_ms: f64, done: &[RunVerdict]) -> Option<Stop> {
+    if done.len() >= repeats {
+        return None;
+    }
+    if let Some(k) = done.iter().position(|v| !v.checks_ok) {
+        return Some(Stop::Checks { run: k + 1 });
+    }
+    let over = done.iter().filter(|v| v.p95_ms >= limit_ms).count();
+    (over >= over_limit_deciding(repeats)).then_some(Stop::Latency { over, limit_ms })
+}
+
 /// One sweep rate (or the half-knee run), measured `sweep_repeat` times in a row, each a full
 /// fresh run. Correctness is never a vote: one run failing a check fails the step. Latency is
-/// judged on the median e2e p95 over the runs (the upper median for an even count).
+/// judged on the median e2e p95 over the runs (the upper median for an even count). A step
+/// whose verdict is already a failure stops early (`stop`): then `runs` holds fewer than
+/// `repeats` runs.
 #[derive(Clone, Debug)]
 pub struct Step {
     /// The runs in the order they ran; never empty.
     pub runs: Vec<RunResult>,
+    /// Runs asked for (`sweep_repeat`); more than `runs.len()` when the step stopped early.
+    requested: usize,
+    /// Why the step stopped before `requested` runs.
+    stop: Option<Stop>,
 }
 
 impl Step {
+    /// A step whose every run ran.
     pub fn new(runs: Vec<RunResult>) -> Step {
+        let requested = runs.len();
+        Step::stopped(runs, requested, None)
+    }
+
+    /// A step of `requested` runs of which `runs` ran (all of them unless `stop`).
+    pub fn stopped(runs: Vec<RunResult>, requested: usize, stop: Option<Stop>) -> Step {
         assert!(!runs.is_empty(), "a step has at least one run");
-        Step { runs }
+        assert!(
+            runs.len() <= requested && (stop.is_some() || runs.len() == requested),
+            "{} runs of {requested} without a stop",
+            runs.len()
+        );
+        Step {
+            runs,
+            requested,
+            stop,
+        }
     }
 
     pub fn rate(&self) -> f64 {
         self.runs[0].scenario.rate
     }
 
+    /// Runs asked for (`sweep_repeat`); `runs.len()` is less when the step stopped early.
     pub fn repeats(&self) -> usize {
-        self.runs.len()
+        self.requested
+    }
+
+    /// "stopped after k of N runs: <reason>" for a step that stopped early.
+    pub fn stop_text(&self) -> Option<String> {
+        self.stop.map(|s| {
+            format!(
+                "stopped after {} of {} runs: {}",
+                self.runs.len(),
+                self.requested,
+                s.reason(self.requested)
+            )
+        })
     }
 
     /// Index of the run whose e2e p95 is the median (the upper one for an even count; on
@@ -827,17 +932,19 @@ impl Step {
     }
 
     /// The knee test: every run passed its checks and lost nothing, and the median e2e p95 is
-    /// under the limit.
+    /// under the limit. A step that stopped early never passes.
     pub fn under_knee(&self) -> bool {
-        self.runs
-            .iter()
-            .all(|r| r.ok() && r.result.num("lost") == 0)
+        self.stop.is_none()
+            && self
+                .runs
+                .iter()
+                .all(|r| r.ok() && r.result.num("lost") == 0)
             && self.median_p95_ms() < self.runs[0].scenario.knee_p95_ms
     }
 
     /// Every run's failed checks; with repeats each prefixed by its run ("run 2/3: …").
     pub fn failures(&self) -> Vec<String> {
-        let n = self.runs.len();
+        let n = self.requested;
         if n == 1 {
             return self.runs[0].failures.clone();
         }
@@ -950,8 +1057,9 @@ fn step_summary(step: &Step, half: bool) -> String {
     }
     let tp = step.throughput();
     let head = format!(
-        "== {}{rate:.0} msgs/s, median of {n} runs (min–max): throughput {:.0}/s ({:.0}–{:.0}), e2e p95 {}, p99 {}, {}",
+        "== {}{rate:.0} msgs/s, median of {} runs (min–max): throughput {:.0}/s ({:.0}–{:.0}), e2e p95 {}, p99 {}, {}",
         if half { "half the knee, " } else { "" },
+        step.runs.len(),
         tp.median,
         tp.min,
         tp.max,
@@ -959,6 +1067,10 @@ fn step_summary(step: &Step, half: bool) -> String {
         spread_text(step.e2e_ms(0.99)),
         checks_text(&step.failures()),
     );
+    let head = match step.stop_text() {
+        Some(t) => format!("{head} ({t})"),
+        None => head,
+    };
     if half {
         head
     } else {
@@ -967,16 +1079,20 @@ fn step_summary(step: &Step, half: bool) -> String {
 }
 
 /// `n` fresh runs at `rate` in a row (`SWEEP_PAUSE` before each, except before the very first
-/// run of a sweep); `header(k)` is the progress line before run `k` (1-based).
+/// run of a sweep); `header(k)` is the progress line before run `k` (1-based). With `judged`
+/// (a sweep step, not the half-knee runs) the step stops as soon as `early_stop` says it can
+/// no longer pass.
 fn repeated(
     sc: &Scenario,
     rate: f64,
     opts: &RunOpts,
     pause_first: bool,
+    judged: bool,
     header: impl Fn(usize) -> String,
 ) -> Result<Step, String> {
     let n = sc.sweep_repeat.max(1) as usize;
     let mut runs = Vec::with_capacity(n);
+    let mut verdicts = Vec::with_capacity(n);
     for k in 1..=n {
         if pause_first || k > 1 {
             std::thread::sleep(SWEEP_PAUSE);
@@ -994,13 +1110,20 @@ fn repeated(
                 checks_text(&r.failures),
             );
         }
+        verdicts.push(RunVerdict::of(&r));
         runs.push(r);
+        if judged {
+            if let Some(stop) = early_stop(n, sc.knee_p95_ms, &verdicts) {
+                return Ok(Step::stopped(runs, n, Some(stop)));
+            }
+        }
     }
     Ok(Step::new(runs))
 }
 
-/// A sweep: `sweep_repeat` runs per rate, ascending; stops after the first rate that fails the
-/// knee test unless `sweep_all`. With `half_knee` and a knee found, then runs `sweep_repeat`
+/// A sweep: `sweep_repeat` runs per rate, ascending (fewer when a rate's verdict is a failure
+/// before its last run: `early_stop`); stops after the first rate that fails the knee test
+/// unless `sweep_all`. With `half_knee` and a knee found, then runs `sweep_repeat`
 /// times more at half the knee's offered rate (fresh runs, not a swept step: the latency at 2×
 /// headroom).
 pub fn sweep(sc: &Scenario, opts: &RunOpts) -> Result<Sweep, String> {
@@ -1012,7 +1135,7 @@ pub fn sweep(sc: &Scenario, opts: &RunOpts) -> Result<Sweep, String> {
     let mut steps: Vec<Step> = Vec::with_capacity(rates.len());
     let mut knee = None;
     for (i, &rate) in rates.iter().enumerate() {
-        let step = repeated(sc, rate, opts, i > 0, |k| {
+        let step = repeated(sc, rate, opts, i > 0, true, |k| {
             let head = format!("== sweep step {}/{}: {rate:.0} msgs/s", i + 1, rates.len());
             if n > 1 {
                 format!("{head} (run {k}/{n})")
@@ -1034,7 +1157,7 @@ pub fn sweep(sc: &Scenario, opts: &RunOpts) -> Result<Sweep, String> {
     let half_knee = match knee {
         Some(k) if sc.half_knee => {
             let rate = steps[k].rate() / 2.0;
-            let step = repeated(sc, rate, opts, true, |k| {
+            let step = repeated(sc, rate, opts, true, false, |k| {
                 let head = format!("== half the knee: {rate:.0} msgs/s");
                 if n > 1 {
                     format!("{head} (run {k}/{n})")
@@ -1254,5 +1377,167 @@ mod tests {
         assert!(line.contains("e2e p95 30.0"), "{line}");
         assert!(line.contains(" ms (10.0"), "{line}");
         assert!(line.ends_with("-> under the knee"), "{line}");
+    }
+
+    fn v(checks_ok: bool, p95_ms: f64) -> RunVerdict {
+        RunVerdict { checks_ok, p95_ms }
+    }
+
+    const OVER: RunVerdict = RunVerdict {
+        checks_ok: true,
+        p95_ms: 150.0,
+    };
+    const UNDER: RunVerdict = RunVerdict {
+        checks_ok: true,
+        p95_ms: 50.0,
+    };
+
+    #[test]
+    fn early_stop_with_an_odd_count_waits_for_a_majority_over_the_limit() {
+        assert_eq!(over_limit_deciding(3), 2);
+        assert_eq!(early_stop(3, 100.0, &[]), None);
+        assert_eq!(early_stop(3, 100.0, &[OVER]), None, "2 more could pass");
+        assert_eq!(
+            early_stop(3, 100.0, &[OVER, OVER]),
+            Some(Stop::Latency {
+                over: 2,
+                limit_ms: 100.0
+            })
+        );
+        // At the limit counts as over (the knee test wants p95 < limit).
+        assert!(early_stop(3, 100.0, &[v(true, 100.0), OVER]).is_some());
+        // The last run decides nothing early: every run has run.
+        assert_eq!(early_stop(3, 100.0, &[UNDER, OVER, OVER]), None);
+        assert_eq!(
+            early_stop(1, 100.0, &[OVER]),
+            None,
+            "one run is never early"
+        );
+        // 5 runs: 2 over is not enough, 3 is.
+        assert_eq!(early_stop(5, 100.0, &[OVER, UNDER, OVER]), None);
+        assert!(early_stop(5, 100.0, &[OVER, UNDER, OVER, OVER]).is_some());
+    }
+
+    #[test]
+    fn early_stop_with_an_even_count_uses_the_upper_median() {
+        // The upper median of 2 is the worse run: one run over decides it.
+        assert_eq!(over_limit_deciding(2), 1);
+        assert_eq!(
+            early_stop(2, 100.0, &[OVER]),
+            Some(Stop::Latency {
+                over: 1,
+                limit_ms: 100.0
+            })
+        );
+        assert_eq!(early_stop(2, 100.0, &[UNDER]), None);
+        // Of 4: the 3rd lowest, so 2 over decide it, 1 does not.
+        assert_eq!(over_limit_deciding(4), 2);
+        assert_eq!(early_stop(4, 100.0, &[OVER, UNDER]), None);
+        assert_eq!(early_stop(4, 100.0, &[UNDER, OVER, UNDER]), None);
+        assert!(early_stop(4, 100.0, &[UNDER, OVER, OVER]).is_some());
+    }
+
+    #[test]
+    fn early_stop_on_a_failed_check_at_once() {
+        let failed = v(false, 5.0);
+        assert_eq!(
+            early_stop(3, 100.0, &[failed]),
+            Some(Stop::Checks { run: 1 }),
+            "the first run failed its checks although its p95 is fine"
+        );
+        assert_eq!(
+            early_stop(9, 100.0, &[UNDER, failed]),
+            Some(Stop::Checks { run: 2 })
+        );
+        // A failed check outranks latency.
+        assert_eq!(
+            early_stop(2, 100.0, &[v(false, 500.0)]),
+            Some(Stop::Checks { run: 1 })
+        );
+        // What counts as a failed check is what fails `under_knee`: failures or lost messages.
+        let mut quiet_loss = run(1000.0, 10.0, &[]);
+        quiet_loss.result.set("lost", 1);
+        assert!(!RunVerdict::of(&quiet_loss).checks_ok);
+        assert!(!RunVerdict::of(&run(1000.0, 10.0, &["duplicates = 1"])).checks_ok);
+        let fine = RunVerdict::of(&run(1000.0, 10.0, &[]));
+        assert!(fine.checks_ok && (fine.p95_ms - 10.0).abs() < 0.1);
+    }
+
+    #[test]
+    fn early_stop_only_when_no_remaining_runs_could_pass_the_step() {
+        // Exhaustively for up to 6 runs, each under or over the limit: a prefix stops the step
+        // exactly when every way of finishing it fails the step's own knee test.
+        for n in 1..=6usize {
+            let pass: Vec<bool> = (0..1u32 << n)
+                .map(|mask| {
+                    let runs = (0..n)
+                        .map(|i| run(1000.0, if mask >> i & 1 == 1 { 150.0 } else { 50.0 }, &[]))
+                        .collect();
+                    Step::new(runs).under_knee()
+                })
+                .collect();
+            for k in 1..n {
+                for prefix in 0..1u32 << k {
+                    let done: Vec<RunVerdict> = (0..k)
+                        .map(|i| if prefix >> i & 1 == 1 { OVER } else { UNDER })
+                        .collect();
+                    let can_pass =
+                        (0..1u32 << (n - k)).any(|rest| pass[(prefix | rest << k) as usize]);
+                    assert_eq!(
+                        early_stop(n, 100.0, &done).is_some(),
+                        !can_pass,
+                        "n {n}, first {k} runs over-mask {prefix:b}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_stopped_step_reports_what_ran_and_why() {
+        let st = Step::stopped(
+            vec![run(1000.0, 150.0, &[]), run(1000.0, 120.0, &[])],
+            3,
+            early_stop(3, 100.0, &[OVER, OVER]),
+        );
+        assert_eq!((st.repeats(), st.runs.len()), (3, 2));
+        assert!(st.ok(), "every run that ran passed its checks");
+        assert!(!st.under_knee());
+        assert_eq!(
+            st.stop_text().as_deref(),
+            Some(
+                "stopped after 2 of 3 runs: 2 runs had e2e p95 ≥ 100 ms, so the median of 3 \
+                 cannot be under it"
+            )
+        );
+        let line = step_summary(&st, false);
+        assert!(line.contains("median of 2 runs"), "{line}");
+        assert!(line.contains("(stopped after 2 of 3 runs: "), "{line}");
+        assert!(line.ends_with("-> over the knee"), "{line}");
+        // A failed check on the first run: run numbers count the runs asked for.
+        let st = Step::stopped(
+            vec![run(1000.0, 10.0, &["lost = 4"])],
+            3,
+            Some(Stop::Checks { run: 1 }),
+        );
+        assert_eq!(st.failures(), vec!["run 1/3: lost = 4".to_string()]);
+        assert_eq!(
+            st.stop_text().as_deref(),
+            Some("stopped after 1 of 3 runs: run 1 failed its checks")
+        );
+        assert!(!st.under_knee());
+        // A sweep of stopped steps still has N runs per rate.
+        let sw = Sweep {
+            steps: vec![st],
+            knee: None,
+            half_knee: None,
+        };
+        assert_eq!(sw.repeats(), 3);
+        // Every run ran: no stop.
+        let full = Step::new(vec![run(1000.0, 10.0, &[]), run(1000.0, 20.0, &[])]);
+        assert_eq!(
+            (full.repeats(), full.stop, full.stop_text()),
+            (2, None, None)
+        );
     }
 }

@@ -352,7 +352,8 @@ prints, so no login round trip and no process per token.\n\n--sweep R1,R2,...: o
 rate (fresh users each), ascending, stopping after the first rate over the knee (p95 e2e >= \
 --knee-p95-ms, or any error, or anything lost); the report shows the throughput-vs-latency curve. \
 --sweep-repeat N runs each rate N times: the step's verdict uses the median p95 (the upper one for \
-even N) and fails if any run fails a check.\n\n\
+even N) and fails if any run fails a check; a rate stops before its N-th run once it cannot pass \
+(a failed check, or half the runs, rounded up, with p95 at or over the limit).\n\n\
 --report DIR writes report.json (schema in loadgen/README.md), report.md and report.html."
     )]
     Run(Box<RunFlags>),

@@ -228,6 +228,34 @@ fn a_sweep_with_no_rate_under_the_limit_fails_its_exit_code() {
 }
 
 #[test]
+fn a_repeated_step_stops_once_its_median_is_over_the_limit() {
+    let s = start_server("stopearly");
+    // No real round trip meets 1 µs: of 3 runs, the first 2 over the limit decide the median,
+    // so the third never runs.
+    let (code, v) = loadgen(
+        &s,
+        "sweep",
+        &[
+            "--connections",
+            "20",
+            "--sweep",
+            "50",
+            "--sweep-repeat",
+            "3",
+            "--knee-p95-ms",
+            "0.001",
+        ],
+    );
+    assert_eq!(code, 1, "{v:#}");
+    assert_eq!(num(&v, &["sweep", "repeats"]), 3.0, "{v:#}");
+    let st = &v["sweep"]["steps"][0];
+    assert_eq!(num(st, &["repeats"]), 3.0, "asked for: {st:#}");
+    assert_eq!(st["runs"].as_array().map(Vec::len), Some(2), "ran: {st:#}");
+    assert_eq!(st["under_knee"], false, "{st:#}");
+    assert_eq!(st["ok"], true, "only the latency limit failed: {st:#}");
+}
+
+#[test]
 fn a_repeated_sweep_reports_every_run_and_the_median_over_real_sockets() {
     let (s, code, v) = small_sweep("repeat", &["--sweep-repeat", "2"]);
     assert_eq!(code, 0, "{v:#}");
