@@ -2,13 +2,16 @@
 //! as a child (with its worker processes), and the report it writes read back.
 //!
 //! The server binary is the workspace's `target/<profile>/switchboard`, next to this package's
-//! binary; `cargo test --workspace` builds it. When it is missing (`cargo test -p
-//! switchboard-loadgen` on a fresh tree) the test builds it with the same cargo.
+//! binary. `cargo test -p switchboard-loadgen` does not build it (only the `switchboard`
+//! library, a dev-dependency), so before the first server starts the harness runs `cargo build
+//! -p switchboard` with the same cargo, profile and target directory, once per test process:
+//! 0.2 s on the development box when it is already up to date, and never a stale binary.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::time::Instant;
 
 /// One server and its load at a time: the tests assert latency (a knee at p95 < 100 ms), and
 /// three servers with their load generators on a 2-CPU box at once pushed p95 past 200 ms.
@@ -30,24 +33,105 @@ impl Drop for Server {
     }
 }
 
+/// The server binary `target/<profile>/switchboard` next to this package's binary, built (or
+/// found up to date) by `cargo build -p switchboard` once per test process: `cargo test -p
+/// switchboard-loadgen` alone builds only the `switchboard` library, so an existing binary could
+/// be from older sources. Every test that starts a server waits for that one build; if it
+/// fails, each of them fails with cargo's stderr.
 fn server_binary() -> PathBuf {
-    let lg = PathBuf::from(env!("CARGO_BIN_EXE_switchboard-loadgen"));
+    static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    BUILT
+        .get_or_init(build_server)
+        .clone()
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn build_server() -> Result<PathBuf, String> {
+    let lg = Path::new(env!("CARGO_BIN_EXE_switchboard-loadgen"));
     let bin = lg.with_file_name("switchboard");
-    if !bin.exists() {
-        let release = lg
-            .parent()
-            .and_then(Path::file_name)
-            .is_some_and(|p| p == "release");
-        let mut c = Command::new(env!("CARGO"));
-        c.args(["build", "-p", "switchboard", "--bin", "switchboard"]);
-        if release {
+    // target/<profile>/switchboard-loadgen: build with that profile into that target dir.
+    let profile_dir = lg.parent().ok_or("loadgen binary has no directory")?;
+    let target_dir = profile_dir.parent().ok_or("no target directory")?;
+    let profile = profile_dir
+        .file_name()
+        .and_then(|p| p.to_str())
+        .ok_or("profile directory name")?;
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .ok_or("no workspace above loadgen/")?;
+    let mut c = Command::new(env!("CARGO"));
+    // Not the variables cargo set for this test process: build scripts that read them (ring's
+    // reads CARGO_MANIFEST_DIR) would see them changed and rebuild half the tree, every time
+    // and again for the next plain `cargo build`. Cargo's own settings (CARGO_HOME,
+    // CARGO_TARGET_DIR, CARGO_BUILD_*, CARGO_PROFILE_*, ...) stay.
+    for (k, _) in std::env::vars_os() {
+        let Some(k) = k.to_str() else { continue };
+        if k == "OUT_DIR"
+            || k.starts_with("CARGO_PKG_")
+            || k.starts_with("CARGO_BIN_")
+            || [
+                "CARGO_MANIFEST_DIR",
+                "CARGO_MANIFEST_PATH",
+                "CARGO_MANIFEST_LINKS",
+                "CARGO_CRATE_NAME",
+                "CARGO_PRIMARY_PACKAGE",
+                "CARGO_TARGET_TMPDIR",
+                "CARGO_RUSTC_CURRENT_DIR",
+            ]
+            .contains(&k)
+        {
+            c.env_remove(k);
+        }
+    }
+    c.args([
+        "build",
+        "--quiet",
+        "-p",
+        "switchboard",
+        "--bin",
+        "switchboard",
+    ])
+    .arg("--manifest-path")
+    .arg(workspace.join("Cargo.toml"))
+    .arg("--target-dir")
+    .arg(target_dir);
+    match profile {
+        "debug" => {}
+        "release" => {
             c.arg("--release");
         }
-        let st = c.status().expect("run cargo build for the server binary");
-        assert!(st.success(), "building the server binary failed");
+        p => {
+            c.args(["--profile", p]);
+        }
     }
-    assert!(bin.exists(), "no server binary at {}", bin.display());
-    bin
+    let cmd = std::iter::once(c.get_program())
+        .chain(c.get_args())
+        .map(|a| a.to_string_lossy())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let started = Instant::now();
+    let out = c
+        .output()
+        .map_err(|e| format!("running `{cmd}` for the server binary: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "building the server binary failed ({}): `{cmd}`\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    eprintln!(
+        "server binary {} built or up to date in {:.1} s",
+        bin.display(),
+        started.elapsed().as_secs_f64()
+    );
+    if !bin.exists() {
+        return Err(format!(
+            "cargo built the server but there is no {}",
+            bin.display()
+        ));
+    }
+    Ok(bin)
 }
 
 fn start_server(name: &str) -> Server {
