@@ -330,6 +330,8 @@ fn step_json(st: &Step) -> Value {
         m.insert("under_knee".into(), json!(st.under_knee()));
         m.insert("failures".into(), json!(st.failures()));
         m.insert("repeats".into(), json!(st.repeats()));
+        m.insert("stopped_early".into(), json!(st.runs.len() < st.repeats()));
+        m.insert("stop_reason".into(), json!(st.stop_text()));
         m.insert(
             "runs".into(),
             Value::Array(st.runs.iter().map(run_step_json).collect()),
@@ -634,6 +636,14 @@ pub fn markdown(r: &RunResult, sweep: Option<&Sweep>) -> String {
 }
 
 fn verdict(s: &Step) -> String {
+    let v = verdict_only(s);
+    match s.stop_text() {
+        Some(t) => format!("{v}; {t}"),
+        None => v,
+    }
+}
+
+fn verdict_only(s: &Step) -> String {
     if s.under_knee() {
         "under the knee".into()
     } else if s.ok() {
@@ -712,7 +722,7 @@ fn sweep_markdown(o: &mut String, sw: &Sweep) {
     } else {
         let _ = writeln!(
             o,
-            "Each rate ran {n} times; figures are the median over the runs (for an even count the worse middle one: the higher latency, the lower throughput) with min–max in brackets; lost and errors are summed over the runs.\n"
+            "Each rate ran {n} times (fewer where the verdict says the step stopped early: it could no longer pass); figures are the median over the runs (for an even count the worse middle one: the higher latency, the lower throughput) with min–max in brackets; lost and errors are summed over the runs.\n"
         );
         let _ = writeln!(o, "| offered msgs/s | achieved msgs/s median (min–max) | e2e p50 median | p95 median (min–max) | p99 median (min–max) | lost | errors | verdict |\n|---|---|---|---|---|---|---|---|");
         for st in steps {
@@ -1229,7 +1239,15 @@ mod tests {
         // The step's fields are its only run's, and median = min = max = that run.
         let mut only = st["runs"][0].clone();
         let mut top = st.clone();
-        for k in ["repeats", "runs", "median", "min", "max"] {
+        for k in [
+            "repeats",
+            "stopped_early",
+            "stop_reason",
+            "runs",
+            "median",
+            "min",
+            "max",
+        ] {
             top.as_object_mut().expect("object").remove(k);
         }
         only.as_object_mut().expect("object");
@@ -1330,5 +1348,49 @@ mod tests {
         // One min–max bar per step for p50, p95 and p99.
         assert_eq!(h.matches(r#"class="whisker""#).count(), 6, "{h}");
         assert!(!h.contains("NaN"));
+    }
+
+    #[test]
+    fn a_step_stopped_early_says_so_in_json_and_markdown() {
+        let stopped = Step::stopped(
+            vec![sample(3000.0, 150_000), sample(3000.0, 120_000)],
+            3,
+            Some(crate::coord::Stop::Latency {
+                over: 2,
+                limit_ms: 100.0,
+            }),
+        );
+        let full = Step::new(vec![
+            sample(1000.0, 2000),
+            sample(1000.0, 3000),
+            sample(1000.0, 4000),
+        ]);
+        let sw = Sweep {
+            steps: vec![full, stopped],
+            knee: Some(0),
+            half_knee: None,
+        };
+        let j = sweep_json(&sw);
+        let (s0, s1) = (&j["sweep"]["steps"][0], &j["sweep"]["steps"][1]);
+        assert_eq!(s0["stopped_early"], json!(false));
+        assert_eq!(s0["stop_reason"], Value::Null);
+        assert_eq!(s1["stopped_early"], json!(true));
+        assert_eq!(s1["repeats"], json!(3));
+        assert_eq!(s1["runs"].as_array().map(Vec::len), Some(2));
+        assert!(
+            s1["stop_reason"]
+                .as_str()
+                .is_some_and(|t| t.starts_with("stopped after 2 of 3 runs")),
+            "{s1:#}"
+        );
+        let md = markdown(sw.main_step(), Some(&sw));
+        let row = md
+            .lines()
+            .find(|l| l.starts_with("| 3000 |"))
+            .expect("the stopped step's row");
+        assert!(
+            row.contains("p95 over the limit; stopped after 2 of 3 runs"),
+            "{row}"
+        );
     }
 }
