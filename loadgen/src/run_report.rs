@@ -229,6 +229,7 @@ pub fn run_json(r: &RunResult) -> Value {
             "receipt": latency_json(&r.hist("receipt")),
             "connect": latency_json(&r.hist("connect")),
             "send_lag": latency_json(&r.hist("send_lag")),
+            "read_lag": latency_json(&r.hist("read_lag")),
         },
         "lost": res.num("lost"),
         "duplicates": res.num("duplicates"),
@@ -586,6 +587,10 @@ pub fn markdown(r: &RunResult, sweep: Option<&Sweep>) -> String {
     o.push_str(&lat_row(
         "send lag (client late vs schedule)",
         &r.hist("send_lag"),
+    ));
+    o.push_str(&lat_row(
+        "read lag (newest bytes in the socket → client read them; per read, a lower bound)",
+        &r.hist("read_lag"),
     ));
     let _ = writeln!(o, "\n## Correctness\n");
     let _ = writeln!(o, "| check | count |\n|---|---|");

@@ -16,6 +16,82 @@ pub fn now_ns() -> u64 {
     epoch.elapsed().as_nanos() as u64
 }
 
+/// Wall-clock nanoseconds since the Unix epoch: the clock of the kernel's receive timestamps.
+pub fn unix_now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
+}
+
+/// Asks the kernel to stamp each segment `fd` receives (`SO_TIMESTAMPNS`, wall clock), so a
+/// read can tell how long its newest bytes had waited (`recv_stamped`).
+pub fn enable_rx_timestamps(fd: std::os::fd::RawFd) -> io::Result<()> {
+    let one: libc::c_int = 1;
+    // SAFETY: `fd` is an open socket; the option value is a c_int that outlives the call, and
+    // its size is passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_TIMESTAMPNS,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// `recvmsg` into `buf`: the bytes read and, when the socket has `enable_rx_timestamps` on, the
+/// wall-clock arrival (ns since the Unix epoch) of the newest segment this read took (for TCP
+/// the kernel reports the last segment consumed). `unix_now_ns() −` it is then how long the
+/// read came after its newest bytes arrived: a lower bound on how late the bytes were read.
+pub fn recv_stamped(fd: std::os::fd::RawFd, buf: &mut [u8]) -> io::Result<(usize, Option<u64>)> {
+    // Room for one SCM_TIMESTAMPNS (a 16-byte header and a 16-byte timespec), 8-aligned.
+    let mut control = [0u64; 8];
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: an all-zero msghdr is a valid empty one; the fields set below point at `iov` and
+    // `control`, which outlive the call.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = std::mem::size_of_val(&control) as _;
+    // SAFETY: `fd` is an open socket; `msg` describes writable buffers of the stated sizes.
+    let n = unsafe { libc::recvmsg(fd, &mut msg, 0) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut stamp = None;
+    // SAFETY: `msg` was filled by recvmsg; CMSG_FIRSTHDR / CMSG_NXTHDR stay within
+    // `msg_controllen` bytes of `control`, and a header's data is read only when its level,
+    // type and length say it holds a timespec (read unaligned: no alignment is promised).
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            let h = &*c;
+            if h.cmsg_level == libc::SOL_SOCKET
+                && h.cmsg_type == libc::SCM_TIMESTAMPNS
+                && h.cmsg_len as usize
+                    >= libc::CMSG_LEN(std::mem::size_of::<libc::timespec>() as u32) as usize
+            {
+                let ts: libc::timespec =
+                    std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<libc::timespec>());
+                if ts.tv_sec > 0 {
+                    stamp = Some(ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64);
+                }
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
+        }
+    }
+    Ok((n as usize, stamp))
+}
+
 pub fn unix_now_s() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -190,6 +266,33 @@ pub fn clock_ticks_per_s() -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stamped_read_reports_when_its_newest_bytes_arrived() {
+        use std::io::Write;
+        use std::os::fd::AsRawFd;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let mut tx =
+            std::net::TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+        let (rx, _) = listener.accept().expect("accept");
+        let mut buf = [0u8; 64];
+        // Without the option: bytes, no stamp.
+        tx.write_all(b"one").expect("write");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let (n, stamp) = recv_stamped(rx.as_raw_fd(), &mut buf).expect("recv");
+        assert_eq!((&buf[..n], stamp), (&b"one"[..], None));
+        enable_rx_timestamps(rx.as_raw_fd()).expect("SO_TIMESTAMPNS");
+        let before = unix_now_ns();
+        tx.write_all(b"two").expect("write");
+        std::thread::sleep(std::time::Duration::from_millis(30));
+        let (n, stamp) = recv_stamped(rx.as_raw_fd(), &mut buf).expect("recv");
+        let after = unix_now_ns();
+        assert_eq!(&buf[..n], b"two");
+        let at = stamp.expect("a receive timestamp");
+        assert!(before <= at && at <= after, "{before} <= {at} <= {after}");
+        // The read came at least the 30 ms sleep after the bytes arrived.
+        assert!(after - at >= 30_000_000, "waited {} ns", after - at);
+    }
 
     #[test]
     fn parses_sockstat_and_meminfo() {

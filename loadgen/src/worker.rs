@@ -206,6 +206,9 @@ struct Ctx {
     receipt: Histogram<u64>,
     connect: Histogram<u64>,
     send_lag: Histogram<u64>,
+    /// Per read in the measured window: the newest bytes' kernel arrival → this read
+    /// (`sys::recv_stamped`), how late the client itself read (a lower bound).
+    read_lag: Histogram<u64>,
     sec: Sec,
     /// Acks / deliveries that arrived inside the measured window, and sends scheduled in it.
     acks_window: u64,
@@ -737,11 +740,11 @@ impl Worker {
                 break;
             }
             reads += 1;
-            let Some(mut stream) = self.conns[i].stream.as_ref() else {
+            let Some(stream) = self.conns[i].stream.as_ref() else {
                 return;
             };
-            match stream.read(&mut self.scratch) {
-                Ok(0) => {
+            match sys::recv_stamped(stream.as_raw_fd(), &mut self.scratch) {
+                Ok((0, _)) => {
                     let kind = if self.conns[i].state == State::Closing {
                         "closed"
                     } else {
@@ -750,7 +753,11 @@ impl Worker {
                     self.send_confirms(i);
                     return self.conn_died(i, kind);
                 }
-                Ok(n) => {
+                Ok((n, stamp)) => {
+                    if let (Some(at), true) = (stamp, self.ctx.in_window(now)) {
+                        let lag = sys::unix_now_ns().saturating_sub(at);
+                        self.ctx.read_lag.saturating_record(us(lag));
+                    }
                     let conn = &mut self.conns[i];
                     let result = if conn.rx.is_empty() {
                         self.ctx
@@ -955,15 +962,16 @@ impl Worker {
         self.epoll
             .wait(wait, &mut ready)
             .map_err(|e| format!("epoll_wait: {e}"))?;
-        let now = now_ns();
+        // The clock is read per event, not once per turn: a delivery handled late in a turn of
+        // many events is charged the time it waited behind the others.
         for r in &ready {
-            self.on_ready(*r, now);
+            self.on_ready(*r, now_ns());
         }
         self.ready = ready;
         let again = std::mem::take(&mut self.again);
         for ci in again {
             if matches!(self.conns[ci as usize].state, State::Open | State::Closing) {
-                self.read_open(ci as usize, now, true);
+                self.read_open(ci as usize, now_ns(), true);
             }
         }
         self.flush_dirty();
@@ -1130,6 +1138,7 @@ fn run(spec_line: &str, cmds: &mpsc::Receiver<String>) -> Result<(), String> {
             receipt: latency_histogram(),
             connect: latency_histogram(),
             send_lag: latency_histogram(),
+            read_lag: latency_histogram(),
             sec: Sec::new(),
             acks_window: 0,
             deliveries_window: 0,
@@ -1340,6 +1349,7 @@ fn run(spec_line: &str, cmds: &mpsc::Receiver<String>) -> Result<(), String> {
     r.hists.insert("receipt".into(), w.ctx.receipt.clone());
     r.hists.insert("connect".into(), w.ctx.connect.clone());
     r.hists.insert("send_lag".into(), w.ctx.send_lag.clone());
+    r.hists.insert("read_lag".into(), w.ctx.read_lag.clone());
     write_line(&r.encode());
     close_all(&mut w);
     Ok(())

@@ -145,6 +145,8 @@ pub fn connect_nonblocking(addr: SocketAddr, source: IpAddr) -> io::Result<TcpSt
     let socket = bound_socket(addr, source)?;
     socket.set_nonblocking(true)?;
     socket.set_nodelay(true)?;
+    // Receive timestamps: the worker's `read_lag` (how long bytes waited in this socket).
+    crate::sys::enable_rx_timestamps(socket.as_raw_fd())?;
     match socket.connect(&addr.into()) {
         Ok(()) => {}
         Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}

@@ -275,7 +275,21 @@ fn a_sweep_finds_its_knee_and_measures_half_of_it_over_real_sockets() {
         "{commits:#}"
     );
     assert!(!commits["fsync_us_p99_le"].is_null(), "{commits:#}");
+    // The latency split: the server's commit waits and reactor lag, and the client's read lag
+    // (kernel receive timestamps), each with samples from the knee step's message phase.
+    let waits = &v["server_waits"];
+    assert!(num(waits, &["commit_wait_us", "count"]) > 0.0, "{waits:#}");
+    assert!(num(waits, &["reactor_lag_us", "count"]) > 0.0, "{waits:#}");
+    assert!(!waits["commit_wait_us"]["p99_le"].is_null(), "{waits:#}");
+    let read_lag = &v["latency_ms"]["read_lag"];
+    assert!(num(read_lag, &["count"]) > 0.0, "{read_lag:#}");
+    assert!(
+        num(read_lag, &["p50"]) <= num(&v, &["latency_ms", "e2e", "max"]),
+        "a read's lag is part of its frames' latency: {v:#}"
+    );
     let md = std::fs::read_to_string(s.dir.join("sweep/report.md")).expect("report.md");
+    assert!(md.contains("| read lag (newest bytes"), "{md}");
+    assert!(md.contains("| server reactor lag ("), "{md}");
     assert!(
         md.contains("| server group commits (message phase) |"),
         "{md}"
