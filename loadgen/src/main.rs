@@ -153,7 +153,8 @@ struct RunFlags {
     /// Loopback source addresses (0: one per 10,000 connections, at least one per worker).
     #[arg(long)]
     source_ips: Option<u32>,
-    /// Worker processes (0: enough for --conns-per-worker-max). [default: 0]
+    /// Worker processes (0: enough for --conns-per-worker-max, and one per CPU when the users
+    /// allow, at most 16). [default: 0]
     #[arg(long)]
     workers: Option<u32>,
     /// Most connections per worker when --workers is 0. [default: 15000]
