@@ -144,15 +144,21 @@ fn waits_json(r: &RunResult) -> Value {
         return Value::Null;
     };
     let q = |b: &Buckets| {
-        json!({
-            "count": b.count,
-            "mean": b.mean().map(round3),
-            "p50_le": le_json(b.quantile_le(0.5)),
-            "p99_le": le_json(b.quantile_le(0.99)),
-            "p999_le": le_json(b.quantile_le(0.999)),
-        })
+        let mut m = quantiles_json("", b);
+        m.insert("count".into(), json!(b.count));
+        Value::Object(m)
     };
     json!({ "commit_wait_us": q(&w), "reactor_lag_us": q(&l) })
+}
+
+/// `{prefix}mean`, `{prefix}p50_le`, `{prefix}p99_le`, `{prefix}p999_le` of a histogram.
+fn quantiles_json(prefix: &str, b: &Buckets) -> Map<String, Value> {
+    let mut m = Map::new();
+    m.insert(format!("{prefix}mean"), json!(b.mean().map(round3)));
+    for (k, q) in [("p50", 0.5), ("p99", 0.99), ("p999", 0.999)] {
+        m.insert(format!("{prefix}{k}_le"), le_json(b.quantile_le(q)));
+    }
+    m
 }
 
 fn le_json(v: Option<u64>) -> Value {
@@ -161,6 +167,17 @@ fn le_json(v: Option<u64>) -> Value {
         Some(u64::MAX) => json!("+Inf"),
         Some(b) => json!(b),
     }
+}
+
+/// "mean … µs, p50 … µs, p99 … µs, p99.9 … µs (bucket bounds)" of a microsecond histogram.
+fn us_quantiles(b: &Buckets) -> String {
+    format!(
+        "mean {} µs, p50 {} µs, p99 {} µs, p99.9 {} µs (bucket bounds)",
+        opt(b.mean().map(|m| format!("{m:.0}"))),
+        le_text(b.quantile_le(0.5)),
+        le_text(b.quantile_le(0.99)),
+        le_text(b.quantile_le(0.999)),
+    )
 }
 
 fn le_text(v: Option<u64>) -> String {
@@ -175,14 +192,13 @@ fn commits_json(r: &RunResult) -> Value {
     let Some((f, b)) = server_commits(r) else {
         return Value::Null;
     };
-    json!({
-        "commits": f.count,
-        "fsync_us_mean": f.mean().map(round3),
-        "fsync_us_p50_le": le_json(f.quantile_le(0.5)),
-        "fsync_us_p99_le": le_json(f.quantile_le(0.99)),
-        "fsync_us_p999_le": le_json(f.quantile_le(0.999)),
-        "records_per_commit_mean": b.mean().map(round3),
-    })
+    let mut m = quantiles_json("fsync_us_", &f);
+    m.insert("commits".into(), json!(f.count));
+    m.insert(
+        "records_per_commit_mean".into(),
+        json!(b.mean().map(round3)),
+    );
+    Value::Object(m)
 }
 
 /// The report of one run (the fields of issue 4 plus the detail behind them).
@@ -537,20 +553,14 @@ pub fn markdown(r: &RunResult, sweep: Option<&Sweep>) -> String {
     if let Some((w, l)) = server_waits(r).filter(|(w, l)| w.count > 0 || l.count > 0) {
         let _ = writeln!(
             o,
-            "| server commit wait (a commit's oldest record staged → its acks and deliveries handed on) | mean {} µs, p50 {} µs, p99 {} µs, p99.9 {} µs (bucket bounds) |",
-            opt(w.mean().map(|m| format!("{m:.0}"))),
-            le_text(w.quantile_le(0.5)),
-            le_text(w.quantile_le(0.99)),
-            le_text(w.quantile_le(0.999)),
+            "| server commit wait (a commit's oldest record staged → its acks and deliveries handed on) | {} |",
+            us_quantiles(&w)
         );
         let _ = writeln!(
             o,
-            "| server reactor lag (how late a 10 ms timer ran on a core: the wait of anything that became ready there) | {} samples; mean {} µs, p50 {} µs, p99 {} µs, p99.9 {} µs (bucket bounds) |",
+            "| server reactor lag (how late a 10 ms timer ran on a core: the wait of anything that became ready there) | {} samples; {} |",
             l.count,
-            opt(l.mean().map(|m| format!("{m:.0}"))),
-            le_text(l.quantile_le(0.5)),
-            le_text(l.quantile_le(0.99)),
-            le_text(l.quantile_le(0.999)),
+            us_quantiles(&l)
         );
     }
     let _ = writeln!(

@@ -301,23 +301,26 @@ fn a_sweep_finds_its_knee_and_measures_half_of_it_over_real_sockets() {
     assert!(line.contains("100 msgs/s offered"), "{line}");
 }
 
+/// A one-rate sweep (20 connections, 50 msgs/s) under a p95 limit of 1 µs, which no real round
+/// trip meets, with `extra` flags; returns the exit code and report.json.
+fn sweep_over_any_limit(name: &str, extra: &[&str]) -> (i32, serde_json::Value) {
+    let s = start_server(name);
+    let mut args = vec![
+        "--connections",
+        "20",
+        "--sweep",
+        "50",
+        "--knee-p95-ms",
+        "0.001",
+    ];
+    args.extend_from_slice(extra);
+    loadgen(&s, "sweep", &args)
+}
+
 #[test]
 fn a_sweep_with_no_rate_under_the_limit_fails_its_exit_code() {
-    let s = start_server("nokneee");
-    // A p95 limit of 1 µs no real round trip meets: no knee, so no half-knee run either.
-    let (code, v) = loadgen(
-        &s,
-        "sweep",
-        &[
-            "--connections",
-            "20",
-            "--sweep",
-            "50",
-            "--half-knee",
-            "--knee-p95-ms",
-            "0.001",
-        ],
-    );
+    // No knee, so no half-knee run either.
+    let (code, v) = sweep_over_any_limit("nokneee", &["--half-knee"]);
     assert_eq!(code, 1, "{v:#}");
     assert!(v["sweep"]["knee_rate"].is_null(), "{v:#}");
     assert!(v["sweep"]["half_knee"].is_null(), "{v:#}");
@@ -327,23 +330,8 @@ fn a_sweep_with_no_rate_under_the_limit_fails_its_exit_code() {
 
 #[test]
 fn a_repeated_step_stops_once_its_median_is_over_the_limit() {
-    let s = start_server("stopearly");
-    // No real round trip meets 1 µs: of 3 runs, the first 2 over the limit decide the median,
-    // so the third never runs.
-    let (code, v) = loadgen(
-        &s,
-        "sweep",
-        &[
-            "--connections",
-            "20",
-            "--sweep",
-            "50",
-            "--sweep-repeat",
-            "3",
-            "--knee-p95-ms",
-            "0.001",
-        ],
-    );
+    // Of 3 runs, the first 2 over the limit decide the median, so the third never runs.
+    let (code, v) = sweep_over_any_limit("stopearly", &["--sweep-repeat", "3"]);
     assert_eq!(code, 1, "{v:#}");
     assert_eq!(num(&v, &["sweep", "repeats"]), 3.0, "{v:#}");
     let st = &v["sweep"]["steps"][0];
@@ -402,27 +390,32 @@ fn a_repeated_sweep_reports_every_run_and_the_median_over_real_sockets() {
     assert!(md.contains("p95 median (min–max)"), "{md}");
 }
 
+/// `run` against a port nothing listens on, with `extra` flags: for scenarios refused before any
+/// connection is tried. Returns the exit code and stderr.
+fn refused_run(extra: &[&str]) -> (Option<i32>, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_switchboard-loadgen"))
+        .args([
+            "run",
+            "--target",
+            "ws://127.0.0.1:9",
+            "--secret-file",
+            "/nonexistent/token.secret",
+            "--quiet",
+        ])
+        .args(extra)
+        .output()
+        .expect("run switchboard-loadgen");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 #[test]
 fn sweep_repeat_out_of_range_is_refused_before_connecting() {
-    // Nothing listens here: the scenario is refused before any connection is tried.
     for n in ["0", "10"] {
-        let out = Command::new(env!("CARGO_BIN_EXE_switchboard-loadgen"))
-            .args([
-                "run",
-                "--target",
-                "ws://127.0.0.1:9",
-                "--secret-file",
-                "/nonexistent/token.secret",
-                "--sweep",
-                "100",
-                "--sweep-repeat",
-                n,
-                "--quiet",
-            ])
-            .output()
-            .expect("run switchboard-loadgen");
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{n}: {err}");
+        let (code, err) = refused_run(&["--sweep", "100", "--sweep-repeat", n]);
+        assert_eq!(code, Some(2), "{n}: {err}");
         assert!(
             err.contains(&format!("sweep_repeat (--sweep-repeat) is {n}")) && err.contains("1..=9"),
             "{n}: {err}"
@@ -433,23 +426,8 @@ fn sweep_repeat_out_of_range_is_refused_before_connecting() {
 #[test]
 fn sweep_repeat_without_a_sweep_is_refused_before_connecting() {
     // No --sweep: nothing to repeat, so it is an error rather than a silent single run.
-    let out = Command::new(env!("CARGO_BIN_EXE_switchboard-loadgen"))
-        .args([
-            "run",
-            "--target",
-            "ws://127.0.0.1:9",
-            "--secret-file",
-            "/nonexistent/token.secret",
-            "--rate",
-            "100",
-            "--sweep-repeat",
-            "3",
-            "--quiet",
-        ])
-        .output()
-        .expect("run switchboard-loadgen");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
+    let (code, err) = refused_run(&["--rate", "100", "--sweep-repeat", "3"]);
+    assert_eq!(code, Some(2), "{err}");
     assert!(
         err.contains("sweep_repeat (--sweep-repeat) is 3 but there is no sweep"),
         "{err}"
