@@ -10,7 +10,8 @@ pub const FSYNC_BUCKETS_US: [u64; 12] = [
     100, 250, 500, 1_000, 2_000, 4_000, 8_000, 16_000, 32_000, 64_000, 128_000, 512_000,
 ];
 /// Upper bounds (microseconds) of the commit wait histogram buckets: the fsync buckets, since a
-/// commit wait is at least one write + fdatasync.
+/// commit with records waits at least for its write + fdatasync (a reply-only batch, with no
+/// records, can be shorter).
 pub const COMMIT_WAIT_BUCKETS_US: [u64; 12] = FSYNC_BUCKETS_US;
 /// Upper bounds (microseconds) of the reactor lag histogram buckets.
 pub const REACTOR_LAG_BUCKETS_US: [u64; 12] = [
