@@ -42,7 +42,9 @@ lines = ["# Switchboard vs Mosquitto, same 1:1 scenario", "",
          "## Per rate", "",
          *([f"Each rate ran {sides['switchboard']['sweep'].get('repeats', 1)} times (`SWEEP_REPEAT`): achieved msgs/s and "
             "latencies below are medians over the runs (for an even count the worse middle value); "
-            "a rate fails its checks if any run did.", ""]
+            "a rate fails its checks if any run did. A rate stops repeating early only once a run failed a check "
+            f"or half its runs had e2e p95 >= {sides['switchboard']['sweep'].get('knee_p95_ms', 100):.0f} ms "
+            "(\"(k of N runs)\" below).", ""]
            if sides["switchboard"]["sweep"].get("repeats", 1) > 1 else []),
          "| offered msgs/s | Switchboard achieved | e2e p50 | e2e p99 | server CPU s | Mosquitto achieved | e2e p50 | e2e p99 | server CPU s |",
          "|---|---|---|---|---|---|---|---|---|"]
