@@ -204,8 +204,13 @@ impl Checker {
         &self.counts
     }
 
+    /// Messages tracked (sent) so far.
     pub fn len(&self) -> usize {
         self.msgs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.msgs.is_empty()
     }
 
     /// Records a message about to be written; returns its id.

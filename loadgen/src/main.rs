@@ -15,25 +15,9 @@
 //!
 //! Tokens are minted from the server's `token.secret`, so no login round trip is needed. Only
 //! loopback targets are accepted: this tool is for measuring one box.
-
-mod check;
-mod coord;
-mod idle;
-mod metrics;
-mod mqtt;
-mod plan;
-mod poll;
-mod proto;
-mod report;
-mod run_report;
-mod scenario;
-mod sched;
-mod simple;
-mod svg;
-mod sys;
-mod token;
-mod worker;
-mod ws_raw;
+//!
+//! This file is the command line; the modules are the library (`src/lib.rs`), so the fuzz
+//! targets in `loadgen/fuzz/` can drive its byte parsers.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -42,7 +26,8 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
-use crate::report::parse_duration;
+use switchboard_loadgen::report::parse_duration;
+use switchboard_loadgen::{coord, idle, plan, run_report, scenario, simple, sys, worker};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;

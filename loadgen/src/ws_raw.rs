@@ -100,6 +100,11 @@ Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {key}\r\nAuthorization: Bearer {
     )
 }
 
+/// The `Sec-WebSocket-Accept` a correct server answers `key` with (RFC 6455 4.2.2).
+pub fn accept_key(key: &str) -> String {
+    tungstenite::handshake::derive_accept_key(key.as_bytes())
+}
+
 /// Checks a complete response head: status 101 and the accept key derived from `key`.
 pub fn check_upgrade_response(head: &[u8], key: &str) -> Result<(), OpenError> {
     let mut headers = [httparse::EMPTY_HEADER; 16];
@@ -118,8 +123,7 @@ pub fn check_upgrade_response(head: &[u8], key: &str) -> Result<(), OpenError> {
         .iter()
         .find(|h| h.name.eq_ignore_ascii_case("sec-websocket-accept"))
         .map(|h| h.value);
-    let expected = tungstenite::handshake::derive_accept_key(key.as_bytes());
-    if accept.map(<[u8]>::trim_ascii) != Some(expected.as_bytes()) {
+    if accept.map(<[u8]>::trim_ascii) != Some(accept_key(key).as_bytes()) {
         return Err(OpenError::BadResponse("wrong Sec-WebSocket-Accept"));
     }
     Ok(())
