@@ -88,6 +88,11 @@ pub struct CoreMetrics {
     pub bytes_in: AtomicU64,
     pub bytes_out: AtomicU64,
     pub messages_persisted: AtomicU64,
+    /// The core's shard store's in-memory index (`EmbeddedStore::index_memory`), set after each
+    /// group commit: durable messages it locates and its estimated heap bytes. Grows with stored
+    /// history (there is no retention yet).
+    pub store_index_messages: AtomicU64,
+    pub store_index_bytes: AtomicU64,
     pub records_persisted: AtomicU64,
     pub deliveries: AtomicU64,
     pub slow_consumer_closes: AtomicU64,
@@ -277,6 +282,22 @@ pub fn render(all: &[CoreMetrics]) -> String {
         "counter",
         all,
         |m| m.messages_persisted.load(Relaxed),
+    );
+    counter(
+        &mut out,
+        "switchboard_store_index_messages",
+        "Durable messages in the shard's in-memory log index (one location each; no retention).",
+        "gauge",
+        all,
+        |m| m.store_index_messages.load(Relaxed),
+    );
+    counter(
+        &mut out,
+        "switchboard_store_index_bytes",
+        "Estimated heap bytes of the shard's in-memory log index (grows with stored history).",
+        "gauge",
+        all,
+        |m| m.store_index_bytes.load(Relaxed),
     );
     counter(
         &mut out,

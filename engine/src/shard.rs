@@ -115,12 +115,21 @@ impl Shard {
         self.wake.notify();
     }
 
+    /// Puts the store's index size into this core's metrics (`/metrics` reads them from any core).
+    fn publish_index_memory(&self, core: &Core) {
+        let mem = self.store.index_memory();
+        let m = core.metrics();
+        m.store_index_messages.store(mem.messages, Relaxed);
+        m.store_index_bytes.store(mem.bytes, Relaxed);
+    }
+
     /// The group-commit loop. Runs for the life of the core. A failed write or fsync is fatal:
     /// after a failed fdatasync the kernel may have dropped the dirty pages, so the only safe
     /// continuation is to crash and let recovery read what is really on disk. Nothing was
     /// acknowledged for the failed batch.
     pub async fn run_committer(self: Rc<Self>, core: Rc<Core>) {
         let cfg = core.cfg.clone();
+        self.publish_index_memory(&core);
         loop {
             // Records already waiting as the previous commit finished: the shard is under
             // sustained load, so waiting `commit_delay_us` gathers more records per fsync (on a
@@ -167,6 +176,7 @@ impl Shard {
                     .filter(|r| matches!(r, Record::Message(_)))
                     .count();
                 m.messages_persisted.fetch_add(msgs as u64, Relaxed);
+                self.publish_index_memory(&core);
                 self.owner.borrow_mut().committed(&batch);
             }
             let (purges, effects): (Vec<_>, Vec<_>) = batch

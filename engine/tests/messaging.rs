@@ -364,6 +364,9 @@ fn metrics_and_health_endpoints() {
         );
         assert!(n > 0, "core {c} lag probe never ran: {body}");
     }
+    // The log index locates the one stored message (set before the commit's ack went out).
+    assert_eq!(sum(&body, "switchboard_store_index_messages{"), 1, "{body}");
+    assert!(sum(&body, "switchboard_store_index_bytes{") >= 12, "{body}");
     assert_eq!(server.http_get("/healthz"), (200, "ok\n".to_string()));
     assert_eq!(server.http_get("/nope").0, 404);
     assert_eq!(server.http_get("/v1/echo").0, 426);

@@ -380,6 +380,11 @@ even N) and fails if any run fails a check; a rate stops before its N-th run onc
         /// which is cleaner than a sweep step's RSS delta).
         #[arg(long)]
         bytes_per_connection: Option<f64>,
+        /// Days of sent messages the servers keep. The embedded store keeps every message and its
+        /// index holds each one's location in memory (the report's `server_index`), so stored
+        /// history needs memory next to the connections; 0 leaves it out.
+        #[arg(long, default_value_t = 30.0)]
+        history_days: f64,
     },
     /// (internal) A worker process of `run`: reads its spec on stdin, reports on stdout.
     #[command(hide = true)]
@@ -519,6 +524,7 @@ fn main() -> ExitCode {
             kernel_bytes_per_connection,
             conns_per_box_max,
             bytes_per_connection,
+            history_days,
         } => {
             let d = plan::Demand {
                 users,
@@ -533,6 +539,7 @@ fn main() -> ExitCode {
                 conns_per_box_max,
                 bytes_per_connection_default: 8192.0,
                 bytes_per_connection,
+                history_days,
             };
             plan::run(&report, &d).map(|md| {
                 print!("{md}");

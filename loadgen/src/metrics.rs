@@ -22,6 +22,11 @@ pub struct Scrape {
     pub messages_persisted_total: u64,
     /// `switchboard_slow_consumer_closes_total`.
     pub slow_consumer_closes_total: u64,
+    /// `switchboard_store_index_messages`: durable messages the shards' in-memory log indexes
+    /// locate (all of the server's stored history).
+    pub index_messages: u64,
+    /// `switchboard_store_index_bytes`: those indexes' estimated heap bytes.
+    pub index_bytes: u64,
     /// Server cores: the number of `switchboard_connections{core=…}` series.
     pub cores: u64,
     /// `switchboard_fsync_latency_us`: group commit write + fdatasync, microseconds.
@@ -194,6 +199,8 @@ pub fn parse(body: &str) -> Scrape {
             "switchboard_http_unauthorized_total" => &mut s.unauthorized_total,
             "switchboard_messages_persisted_total" => &mut s.messages_persisted_total,
             "switchboard_slow_consumer_closes_total" => &mut s.slow_consumer_closes_total,
+            "switchboard_store_index_messages" => &mut s.index_messages,
+            "switchboard_store_index_bytes" => &mut s.index_bytes,
             _ => continue,
         };
         *slot += value;
@@ -217,6 +224,10 @@ switchboard_http_unauthorized_total{core=\"0\"} 1\n\
 switchboard_messages_persisted_total{core=\"0\"} 5\n\
 switchboard_messages_persisted_total{core=\"1\"} 6\n\
 switchboard_process_rss_bytes 123456\n\
+switchboard_store_index_messages{core=\"0\"} 700\n\
+switchboard_store_index_messages{core=\"1\"} 300\n\
+switchboard_store_index_bytes{core=\"0\"} 9000\n\
+switchboard_store_index_bytes{core=\"1\"} 4000\n\
 garbage line\n";
         let s = parse(body);
         assert_eq!(
@@ -228,6 +239,8 @@ garbage line\n";
                 unauthorized_total: 1,
                 messages_persisted_total: 11,
                 slow_consumer_closes_total: 0,
+                index_messages: 1000,
+                index_bytes: 13_000,
                 cores: 2,
                 at: None,
                 ..Scrape::default()

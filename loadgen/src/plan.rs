@@ -2,9 +2,12 @@
 //! every step, so the reader can redo it with other assumptions.
 //!
 //! ```text
-//!  report.json ─► measured: knee msgs/s per box, server cores, server bytes per connection
-//!  --users, --msgs-per-user-day, --peak-factor, --headroom, devices, online share, box memory
-//!      ─► boxes for throughput, boxes for connections (memory, descriptors) ─► max ─► limiting
+//!  report.json ─► measured: knee msgs/s per box, server cores, server bytes per connection,
+//!                 server index bytes per stored message
+//!  --users, --msgs-per-user-day, --peak-factor, --headroom, devices, online share, box memory,
+//!  --history-days
+//!      ─► boxes for throughput, boxes for connections (memory, descriptors), boxes for memory
+//!         (connections + stored history's index) ─► max ─► limiting
 //! ```
 
 use std::fmt::Write;
@@ -24,6 +27,9 @@ pub struct Measured {
     pub bytes_per_connection: Option<f64>,
     /// Server CPU seconds per acked message, when the run knew the server's pid.
     pub cpu_s_per_msg: Option<f64>,
+    /// Heap bytes of the server's in-memory log index per stored message (report.json
+    /// `server_index.bytes_per_message`): stored history costs memory until there is retention.
+    pub index_bytes_per_message: Option<f64>,
     pub connections: u64,
     pub source: String,
     /// The report is a sweep in which no rate passed: `msgs_per_s` is only the best a failing
@@ -64,6 +70,9 @@ impl Measured {
             server_cores: v["server_cores"].as_u64().filter(|&c| c > 0).unwrap_or(1),
             bytes_per_connection: v["bytes_per_connection"].as_f64().filter(|b| *b > 0.0),
             cpu_s_per_msg: cpu.filter(|_| acked > 0.0).map(|c| c / acked),
+            index_bytes_per_message: v["server_index"]["bytes_per_message"]
+                .as_f64()
+                .filter(|b| *b > 0.0),
             connections: v["connections_established"].as_u64().unwrap_or(0),
             source: source.to_string(),
             sweep_without_knee,
@@ -92,6 +101,22 @@ pub struct Demand {
     pub bytes_per_connection_default: f64,
     /// Server bytes per connection given on the command line; overrides the report.
     pub bytes_per_connection: Option<f64>,
+    /// Days of sent messages the servers keep (the embedded store keeps all; its index holds
+    /// every one in memory). 0 leaves stored history out of the plan.
+    pub history_days: f64,
+}
+
+/// Stored history's share of memory (with a measured index cost and `history_days` > 0).
+#[derive(Clone, Debug, PartialEq)]
+pub struct History {
+    pub stored_messages: f64,
+    pub index_bytes: f64,
+    /// Boxes whose usable memory holds every connection plus the index.
+    pub boxes_for_memory: u64,
+    /// Index growth of the whole fleet per day.
+    pub index_bytes_per_day: f64,
+    /// Days of history the planned boxes hold next to their connections.
+    pub days_to_full: f64,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -105,6 +130,7 @@ pub struct Plan {
     pub conns_per_box_by_memory: f64,
     pub conns_per_box: f64,
     pub boxes_for_connections: u64,
+    pub history: Option<History>,
     pub boxes: u64,
     pub cores: u64,
     pub limiting: &'static str,
@@ -120,6 +146,9 @@ pub fn plan(m: &Measured, d: &Demand) -> Result<Plan, String> {
     if !(d.online_share > 0.0 && d.online_share <= 1.0) {
         return Err("--online-share must be in (0, 1]".into());
     }
+    if d.history_days.is_nan() || d.history_days < 0.0 {
+        return Err("--history-days must be >= 0".into());
+    }
     let avg = d.users * d.msgs_per_user_day / 86_400.0;
     let peak = avg * d.peak_factor;
     let usable = m.msgs_per_s * (1.0 - d.headroom);
@@ -132,8 +161,34 @@ pub fn plan(m: &Measured, d: &Demand) -> Result<Plan, String> {
     let by_mem = d.box_memory_bytes * (1.0 - d.headroom) / (bpc + d.kernel_bytes_per_connection);
     let per_box = by_mem.min(d.conns_per_box_max);
     let boxes_conn = (conns / per_box).ceil().max(1.0) as u64;
-    let boxes = boxes_tp.max(boxes_conn);
-    let limiting = if boxes_tp >= boxes_conn {
+    let usable_mem = d.box_memory_bytes * (1.0 - d.headroom);
+    let conns_mem = conns * (bpc + d.kernel_bytes_per_connection);
+    let history = m
+        .index_bytes_per_message
+        .filter(|_| d.history_days > 0.0)
+        .map(|b| {
+            let per_day = d.users * d.msgs_per_user_day * b;
+            let stored = d.users * d.msgs_per_user_day * d.history_days;
+            let index = stored * b;
+            let boxes_mem = ((conns_mem + index) / usable_mem).ceil().max(1.0) as u64;
+            let fleet = boxes_tp.max(boxes_conn).max(boxes_mem) as f64;
+            History {
+                stored_messages: stored,
+                index_bytes: index,
+                boxes_for_memory: boxes_mem,
+                index_bytes_per_day: per_day,
+                days_to_full: if per_day > 0.0 {
+                    (fleet * usable_mem - conns_mem) / per_day
+                } else {
+                    f64::INFINITY
+                },
+            }
+        });
+    let boxes_mem = history.as_ref().map_or(0, |h| h.boxes_for_memory);
+    let boxes = boxes_tp.max(boxes_conn).max(boxes_mem);
+    let limiting = if boxes_mem > boxes_tp.max(boxes_conn) {
+        "memory (connections + stored history's index)"
+    } else if boxes_tp >= boxes_conn {
         "message throughput (CPU, disk fsync)"
     } else if by_mem < d.conns_per_box_max {
         "connections (memory)"
@@ -150,6 +205,7 @@ pub fn plan(m: &Measured, d: &Demand) -> Result<Plan, String> {
         conns_per_box_by_memory: by_mem,
         conns_per_box: per_box,
         boxes_for_connections: boxes_conn,
+        history,
         boxes,
         cores: boxes * m.server_cores,
         limiting,
@@ -275,12 +331,73 @@ pub fn markdown(m: &Measured, d: &Demand, p: &Plan) -> String {
         p.boxes_for_connections
     );
     let _ = writeln!(o, "```\n");
+    let _ = writeln!(o, "## Stored history\n");
+    match (&p.history, m.index_bytes_per_message) {
+        (Some(h), Some(b)) => {
+            let _ = writeln!(o, "```text");
+            let _ = writeln!(
+                o,
+                "stored   = users × msgs/user/day × days     = {} × {} × {} = {} messages",
+                n(d.users),
+                n(d.msgs_per_user_day),
+                d.history_days,
+                n(h.stored_messages)
+            );
+            let _ = writeln!(
+                o,
+                "index    = stored × {b:.1} B (measured)       = {} B, growing {} B per day",
+                n(h.index_bytes),
+                n(h.index_bytes_per_day)
+            );
+            let _ = writeln!(
+                o,
+                "boxes    = ⌈(online × (server + kernel bytes per conn) + index) / (box memory × (1 − headroom))⌉\n         = ⌈({} × {} + {}) / {}⌉ = {}",
+                n(p.connections),
+                n(p.bytes_per_connection + d.kernel_bytes_per_connection),
+                n(h.index_bytes),
+                n(d.box_memory_bytes * (1.0 - d.headroom)),
+                h.boxes_for_memory
+            );
+            let _ = writeln!(
+                o,
+                "full in  = (boxes × usable memory − connections' memory) / growth per day = {:.0} days",
+                h.days_to_full
+            );
+            let _ = writeln!(o, "```\n");
+            let _ = writeln!(
+                o,
+                "The embedded store keeps every stored message's location in memory and has no \
+                 retention yet: plan memory for the days of history kept (`--history-days`), and \
+                 past them, the boxes fill in the days shown.\n"
+            );
+        }
+        (None, Some(_)) => {
+            let _ = writeln!(o, "Left out (`--history-days 0`).\n");
+        }
+        (_, None) => {
+            let _ = writeln!(
+                o,
+                "Not planned: the report has no `server_index` (an MQTT run, a server without \
+                 `/metrics`, or a report made before it was measured). Stored history costs \
+                 server memory (the log index) on top of the connections.\n"
+            );
+        }
+    }
     let _ = writeln!(o, "## Result\n");
     let _ = writeln!(
         o,
         "**{} box(es), {} cores** (boxes like the measured one, {} core(s) each). Limiting resource: **{}** \
-         ({} boxes for throughput vs {} for connections).\n",
-        p.boxes, p.cores, m.server_cores, p.limiting, p.boxes_for_throughput, p.boxes_for_connections
+         ({} boxes for throughput vs {} for connections{}).\n",
+        p.boxes,
+        p.cores,
+        m.server_cores,
+        p.limiting,
+        p.boxes_for_throughput,
+        p.boxes_for_connections,
+        p.history.as_ref().map_or(String::new(), |h| format!(
+            " vs {} for memory with {} days of history",
+            h.boxes_for_memory, d.history_days
+        ))
     );
     let _ = writeln!(
         o,
@@ -333,6 +450,7 @@ mod tests {
             conns_per_box_max: 1_000_000.0,
             bytes_per_connection_default: 8192.0,
             bytes_per_connection: None,
+            history_days: 30.0,
         }
     }
 
@@ -366,6 +484,7 @@ mod tests {
             server_cores: 2,
             bytes_per_connection: Some(5400.0),
             cpu_s_per_msg: None,
+            index_bytes_per_message: None,
             connections: 19_000,
             source: "r".into(),
             sweep_without_knee: false,
@@ -406,6 +525,70 @@ mod tests {
         let p = plan(&m, &given).expect("plan");
         assert_eq!(p.bytes_per_connection, 100_000.0);
         assert!(markdown(&m, &given, &p).contains("--bytes-per-connection"));
+    }
+
+    #[test]
+    fn stored_history_adds_memory_and_can_limit() {
+        let v = json!({"throughput_msgs_per_s": 50000.0,
+                       "server_index": {"messages": 1000, "bytes": 35000, "bytes_per_message": 35.0}});
+        let m = Measured::from_report(&v, "r.json").expect("measured");
+        assert_eq!(m.index_bytes_per_message, Some(35.0));
+        let m = Measured {
+            msgs_per_s: 40_000.0,
+            is_knee: true,
+            bytes_per_connection: Some(5400.0),
+            ..m
+        };
+        let d = demand();
+        let p = plan(&m, &d).expect("plan");
+        let h = p.history.clone().expect("history planned");
+        // 10M × 40 × 30 = 12e9 messages × 35 B = 420 GB; 7.5M × 9496 B = 71.2 GB of
+        // connections; (71.2 + 420) GB / (24 GiB × 0.7 = 18.04 GB) = 27.2 → 28 boxes.
+        assert_eq!(h.stored_messages, 12e9);
+        assert_eq!(h.index_bytes, 420e9);
+        assert_eq!(h.boxes_for_memory, 28);
+        assert_eq!(p.boxes, 28);
+        assert!(p.limiting.contains("history"), "{}", p.limiting);
+        // 28 × 18.04 GB − 71.2 GB = 433.8 GB of room at 14 GB per day: 31 days.
+        assert!((h.days_to_full - 30.98).abs() < 0.1, "{}", h.days_to_full);
+        let md = markdown(&m, &d, &p);
+        assert!(md.contains("12,000,000,000 messages"), "{md}");
+        assert!(md.contains("for memory with 30 days of history"), "{md}");
+
+        // A week of history: still memory, 98 GB of index + 71.2 GB of connections → 10 boxes.
+        let week = Demand {
+            history_days: 7.0,
+            ..demand()
+        };
+        let p = plan(&m, &week).expect("plan");
+        assert_eq!(p.history.as_ref().map(|h| h.boxes_for_memory), Some(10));
+        assert_eq!(p.boxes, 10);
+        let p = plan(
+            &m,
+            &Demand {
+                history_days: 0.0,
+                ..demand()
+            },
+        )
+        .expect("plan");
+        assert!(p.history.is_none());
+        assert_eq!(p.boxes, 8);
+        assert!(plan(
+            &m,
+            &Demand {
+                history_days: -1.0,
+                ..demand()
+            }
+        )
+        .is_err());
+        // Without a measured index cost the plan says so instead of guessing.
+        let none = Measured {
+            index_bytes_per_message: None,
+            ..m
+        };
+        let p = plan(&none, &d).expect("plan");
+        assert!(p.history.is_none());
+        assert!(markdown(&none, &d, &p).contains("Not planned"));
     }
 
     #[test]

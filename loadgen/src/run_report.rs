@@ -266,6 +266,7 @@ pub fn run_json(r: &RunResult) -> Value {
         "server_connections_gauge": r.server.connected.map(|s| s.connections),
         "server_cores": r.server.connected.or(r.server.before).map(|s| s.cores),
         "server_messages_persisted": persisted,
+        "server_index": index_json(r),
         "server_cpu_s": r.server.cpu_s.map(round3),
         "server_commits": commits_json(r),
         "server_waits": waits_json(r),
@@ -281,6 +282,20 @@ pub fn run_json(r: &RunResult) -> Value {
             "receipt": hdr_json(&r.hist("receipt")),
         },
     })
+}
+
+/// The server's in-memory log index at the end of the run (all its stored history, earlier
+/// runs' included): `{messages, bytes, bytes_per_message}`, null without a scrape or a message.
+/// `plan --history-days` sizes memory for stored history with `bytes_per_message`.
+fn index_json(r: &RunResult) -> Value {
+    match r.server.end {
+        Some(e) if e.index_messages > 0 => json!({
+            "messages": e.index_messages,
+            "bytes": e.index_bytes,
+            "bytes_per_message": round3(e.index_bytes as f64 / e.index_messages as f64),
+        }),
+        _ => Value::Null,
+    }
 }
 
 /// Where the machine's CPU went during the message phase: `{machine_s, cpus, server_s,
@@ -532,6 +547,19 @@ pub fn markdown(r: &RunResult, sweep: Option<&Sweep>) -> String {
         o,
         "| server RSS per connection (delta / connections) | {} |",
         per_conn.map_or("n/a".into(), |b| format!("{b:.0} B"))
+    );
+    let _ = writeln!(
+        o,
+        "| server log index at the end (stored history held in memory; no retention) | {} |",
+        r.server
+            .end
+            .filter(|e| e.index_messages > 0)
+            .map_or("n/a".into(), |e| format!(
+                "{} for {} messages ({:.1} B per message)",
+                human_bytes(e.index_bytes as f64),
+                e.index_messages,
+                e.index_bytes as f64 / e.index_messages as f64
+            ))
     );
     let _ = writeln!(
         o,

@@ -275,6 +275,13 @@ fn a_sweep_finds_its_knee_and_measures_half_of_it_over_real_sockets() {
         "{commits:#}"
     );
     assert!(!commits["fsync_us_p99_le"].is_null(), "{commits:#}");
+    // The server's log index holds every message it stored (all steps), at least a location each.
+    let index = &v["server_index"];
+    assert!(
+        num(index, &["messages"]) >= num(&v, &["messages_acked"]),
+        "{index:#}"
+    );
+    assert!(num(index, &["bytes_per_message"]) >= 12.0, "{index:#}");
     // The latency split: the server's commit waits and reactor lag, and the client's read lag
     // (kernel receive timestamps), each with samples from the knee step's message phase.
     let waits = &v["server_waits"];
@@ -299,6 +306,35 @@ fn a_sweep_finds_its_knee_and_measures_half_of_it_over_real_sockets() {
         .find(|l| l.starts_with("At half the knee"))
         .unwrap_or_else(|| panic!("no half-knee line in\n{md}"));
     assert!(line.contains("100 msgs/s offered"), "{line}");
+    assert!(md.contains("| server log index at the end"), "{md}");
+    // `plan` from this report sizes memory for stored history with the measured index cost.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_switchboard-loadgen"))
+        .args(["plan", "--report"])
+        .arg(s.dir.join("sweep/report.json"))
+        .args([
+            "--users",
+            "1000000",
+            "--msgs-per-user-day",
+            "50",
+            "--peak-factor",
+            "3",
+            "--box-memory-gib",
+            "16",
+            "--history-days",
+            "90",
+        ])
+        .output()
+        .expect("plan");
+    let plan = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{plan}");
+    assert!(
+        plan.contains("stored   = users × msgs/user/day × days     = 1,000,000 × 50 × 90 = 4,500,000,000 messages"),
+        "{plan}"
+    );
+    assert!(
+        plan.contains("for memory with 90 days of history"),
+        "{plan}"
+    );
 }
 
 /// A one-rate sweep (20 connections, 50 msgs/s) under a p95 limit of 1 µs, which no real round

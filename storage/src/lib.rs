@@ -47,7 +47,7 @@ use std::path::PathBuf;
 use switchboard_wire::ids::{ChatId, Seq};
 
 pub use log::{
-    AppendStats, CompletedPurge, EmbeddedStore, Location, PurgeEvidence, PurgeStats,
+    AppendStats, CompletedPurge, EmbeddedStore, IndexMemory, Location, PurgeEvidence, PurgeStats,
     RecoveryReport, TailDamage, Truncation, PURGE_SEQS_MAX,
 };
 pub use record::{
@@ -57,15 +57,17 @@ pub use record::{
     RECORD_BYTES_MAX,
 };
 pub use state::{
-    ChatMeta, DedupEntry, GroupMeta, Membership, ReceiptAuthors, ShardState, RECEIPT_AUTHORS_MAX,
+    ChatMeta, DedupEntry, DedupWindow, GroupMeta, Membership, ReceiptAuthors, ShardState,
+    DEDUP_GENERATIONS, RECEIPT_AUTHORS_MAX,
 };
 
 /// Default for [`StoreConfig::segment_bytes_max`]: 64 MiB.
 pub const SEGMENT_BYTES_MAX_DEFAULT: u64 = 64 * 1024 * 1024;
 /// Default for [`StoreConfig::dedup_entries_max`]: one million per shard.
 pub const DEDUP_ENTRIES_MAX_DEFAULT: usize = 1_000_000;
-/// Largest accepted [`StoreConfig::dedup_entries_max`]: the dedup table is reserved at its bound
-/// when a shard opens (~60 B of address space per entry), so the bound must stay sane.
+/// Largest accepted [`StoreConfig::dedup_entries_max`]: the dedup window reserves a table for
+/// each generation as it starts (~120 B per entry; see [`DedupWindow`]), so the bound must stay
+/// sane.
 pub const DEDUP_ENTRIES_MAX_LIMIT: usize = 50_000_000;
 /// Default for [`StoreConfig::unsynced_bytes_max`]: 16 MiB.
 pub const UNSYNCED_BYTES_MAX_DEFAULT: usize = 16 * 1024 * 1024;
@@ -76,7 +78,7 @@ pub const UNSYNCED_BYTES_MAX_DEFAULT: usize = 16 * 1024 * 1024;
 /// | field                | default    | trade-off                                                   |
 /// |----------------------|------------|-------------------------------------------------------------|
 /// | `segment_bytes_max`  | 64 MiB     | larger: fewer files and fds; smaller: finer future retention |
-/// | `dedup_entries_max`  | 1,000,000  | larger: longer retry window; ~100 B of memory per entry      |
+/// | `dedup_entries_max`  | 1,000,000  | larger: longer retry window; ~120 B per entry, by 1/8 steps  |
 /// | `unsynced_bytes_max` | 16 MiB     | larger: fewer fsyncs for huge batches; wider torn-tail window |
 /// | `preallocate_segments` | true     | cheaper `fdatasync`; costs a zero-filled spare segment on disk |
 #[derive(Clone, Debug, PartialEq, Eq)]

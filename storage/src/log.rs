@@ -340,6 +340,22 @@ struct Inner {
     /// chat → location of seq `i + 1` at index `i`. An entry exists from the chat's durable
     /// `ChatCreated` on, so its presence also says the chat exists.
     index: HashMap<ChatId, Vec<Location>>,
+    /// Sum of the index vectors' lengths (durable messages) and capacities, kept as entries are
+    /// pushed, so [`EmbeddedStore::index_memory`] costs nothing per call.
+    index_entries: u64,
+    index_capacity: u64,
+}
+
+/// What the in-memory index of an [`EmbeddedStore`] holds and about what it costs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IndexMemory {
+    /// Chats with a durable `ChatCreated`.
+    pub chats: u64,
+    /// Durable messages (one [`Location`] each).
+    pub messages: u64,
+    /// Heap bytes of the index: the vectors' capacity in [`Location`]s (growth slack included)
+    /// plus the map's slots. An estimate of the allocation, not of the allocator's overhead.
+    pub bytes: u64,
 }
 
 /// The embedded store of one shard. See the module docs.
@@ -1137,7 +1153,12 @@ impl EmbeddedStore {
             dir: dir.to_path_buf(),
             dir_handle,
             cfg,
-            inner: RefCell::new(Inner { segments, index }),
+            inner: RefCell::new(Inner {
+                index_entries: index.values().map(|v| v.len() as u64).sum(),
+                index_capacity: index.values().map(|v| v.capacity() as u64).sum(),
+                segments,
+                index,
+            }),
             appending: Cell::new(false),
             poisoned: Cell::new(false),
             purging: Cell::new(false),
@@ -1177,6 +1198,20 @@ impl EmbeddedStore {
             .index
             .get(&chat)
             .map_or(0, |v| v.len() as u64))
+    }
+
+    /// The size of the in-memory index: it grows by one [`Location`] per durable message and
+    /// nothing ever removes one (there is no retention yet), so it bounds how much history a
+    /// shard can hold in a given memory.
+    pub fn index_memory(&self) -> IndexMemory {
+        let inner = self.inner.borrow();
+        let slot = std::mem::size_of::<(ChatId, Vec<Location>)>() as u64 + 1;
+        IndexMemory {
+            chats: inner.index.len() as u64,
+            messages: inner.index_entries,
+            bytes: inner.index_capacity * std::mem::size_of::<Location>() as u64
+                + inner.index.capacity() as u64 * slot,
+        }
     }
 
     /// Whether a `ChatCreated` for `chat` is durable.
@@ -1381,7 +1416,12 @@ impl EmbeddedStore {
 
         {
             let mut inner = self.inner.borrow_mut();
-            let Inner { segments, index } = &mut *inner;
+            let Inner {
+                segments,
+                index,
+                index_entries,
+                index_capacity,
+            } = &mut *inner;
             segments[segment].len = pos + bytes as u64;
             for chat in created {
                 index.entry(chat).or_default();
@@ -1392,10 +1432,13 @@ impl EmbeddedStore {
                     offset: (pos + at as u64) as u32,
                     len: len as u32,
                 };
-                index
+                let locs = index
                     .get_mut(&chat)
-                    .expect("checked by check_batch, created in this or an earlier round")
-                    .push(loc);
+                    .expect("checked by check_batch, created in this or an earlier round");
+                let capacity = locs.capacity();
+                locs.push(loc);
+                *index_entries += 1;
+                *index_capacity += (locs.capacity() - capacity) as u64;
             }
         }
         self.maybe_prepare_spare();

@@ -8,7 +8,7 @@
 //!   Record ──apply──► chats (kind, members, next_seq, durable_seq)
 //!                     cursors (chat, user, device) → (delivered, read)   monotonic
 //!                     user → chats                                       for sync
-//!                     dedup (sender, client_msg_id) → DedupEntry         bounded FIFO
+//!                     dedup (sender, client_msg_id) → DedupEntry         bounded, by generation
 //!                     group → (seq, sender) of its newest messages       bounded, for receipts
 //! ```
 
@@ -300,24 +300,100 @@ pub struct DedupEntry {
     pub timestamp_ms: u64,
 }
 
+/// Generations a [`DedupWindow`] splits its bound into (fewer when the bound is smaller).
+pub const DEDUP_GENERATIONS: usize = 8;
+
+/// The idempotency window: the most recent sends' `(sender, client_msg_id)` keys, at most
+/// `dedup_entries_max` of them, evicted oldest first by generation.
+///
+/// The bound is split into up to [`DEDUP_GENERATIONS`] hash tables of `bound / generations`
+/// entries, each reserved at its size when it starts, so no insert ever rehashes (growing one
+/// table of a million entries rehashed them all at once: 100–370 ms stalls of the shard's
+/// reactor, measured as p99 spikes in `benches/run.sh`). Reserving one table for the whole bound
+/// instead made it resident within the first ~10 % of its entries (hashing spreads them over
+/// every page): ~115 MB per shard after 90K sends. Here memory grows a generation (~15 MB at the
+/// default bound) at a time. When the newest generation is full and all exist, the oldest is
+/// dropped (its table reused), so the window keeps at least the newest
+/// `(generations − 1) × (bound / generations)` keys and never more than the bound. With a bound
+/// under [`DEDUP_GENERATIONS`] every generation holds one key: an exact FIFO.
+#[derive(Debug, PartialEq)]
+pub struct DedupWindow {
+    /// Oldest first; the last one takes inserts.
+    generations: VecDeque<HashMap<(UserId, ClientMsgId), DedupEntry>>,
+    per_generation: usize,
+    generations_max: usize,
+}
+
+impl DedupWindow {
+    /// # Panics
+    /// If `bound` is 0.
+    pub fn new(bound: usize) -> DedupWindow {
+        assert!(bound > 0, "dedup_entries_max must be positive");
+        let generations_max = bound.min(DEDUP_GENERATIONS);
+        DedupWindow {
+            generations: VecDeque::with_capacity(generations_max),
+            per_generation: bound / generations_max,
+            generations_max,
+        }
+    }
+
+    pub fn get(&self, key: &(UserId, ClientMsgId)) -> Option<&DedupEntry> {
+        self.generations.iter().rev().find_map(|g| g.get(key))
+    }
+
+    /// Adds a key. A key already present means the engine stored a retry inside the window,
+    /// which it should not do; its entry is replaced where it is (same eviction position).
+    pub fn insert(&mut self, key: (UserId, ClientMsgId), entry: DedupEntry) {
+        for g in self.generations.iter_mut().rev() {
+            if let Some(e) = g.get_mut(&key) {
+                *e = entry;
+                return;
+            }
+        }
+        let full = self
+            .generations
+            .back()
+            .is_none_or(|g| g.len() >= self.per_generation);
+        if full {
+            let table = if self.generations.len() == self.generations_max {
+                let mut oldest = self.generations.pop_front().expect("generations_max > 0");
+                oldest.clear();
+                oldest
+            } else {
+                HashMap::with_capacity(self.per_generation)
+            };
+            self.generations.push_back(table);
+        }
+        self.generations
+            .back_mut()
+            .expect("a generation was just ensured")
+            .insert(key, entry);
+        debug_assert!(self.len() <= self.per_generation * self.generations_max);
+    }
+
+    /// Keys in the window.
+    pub fn len(&self) -> usize {
+        self.generations.iter().map(HashMap::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.generations.iter().all(HashMap::is_empty)
+    }
+}
+
 /// The shard's decision-making state. See the module docs.
 ///
-/// Memory: per chat ~100 B plus 8 B per member; per cursor key ~60 B; per dedup entry ~100 B
-/// (key 24 B, value 32 B, hash-table and FIFO overhead), so the default `dedup_entries_max` of
-/// 1,000,000 costs ~100 MB per shard when full. The dedup table and FIFO are reserved at that
-/// bound when the shard opens (address space; resident as entries arrive), so no insert ever
-/// rehashes the whole table. A group whose members lag holds up to 4 KiB of receipt authors
-/// ([`RECEIPT_AUTHORS_MAX`]).
+/// Memory: per chat ~100 B plus 8 B per member; per cursor key ~60 B; per dedup entry ~120 B
+/// of table (key 24 B and value 32 B in a hash table reserved at under half load), so the
+/// default `dedup_entries_max` of 1,000,000 costs ~120 MB per shard when full, in steps of one
+/// [`DedupWindow`] generation (~15 MB) as sends arrive. A group whose members lag holds up to
+/// 4 KiB of receipt authors ([`RECEIPT_AUTHORS_MAX`]).
 #[derive(Debug, PartialEq)]
 pub struct ShardState {
     chats: HashMap<ChatId, ChatMeta>,
     cursors: HashMap<(ChatId, UserId, DeviceId), (Seq, Seq)>,
     user_chats: HashMap<UserId, Vec<ChatId>>,
-    dedup: HashMap<(UserId, ClientMsgId), DedupEntry>,
-    /// Insertion order of `dedup` keys, oldest first; evicted from the front.
-    dedup_fifo: VecDeque<(UserId, ClientMsgId)>,
-    /// See [`crate::StoreConfig::dedup_entries_max`].
-    dedup_entries_max: usize,
+    dedup: DedupWindow,
     /// Presence state of the users whose home is this shard: (last_seen_ms, last-seen visibility,
     /// online visibility).
     users: HashMap<UserId, (u64, u8, u8)>,
@@ -342,14 +418,7 @@ impl ShardState {
             chats: HashMap::new(),
             cursors: HashMap::new(),
             user_chats: HashMap::new(),
-            // Sized for the bound up front: growing a table of a million entries rehashes all of
-            // them at once (hashbrown doubles at 7/8 load), which stalled the shard's reactor for
-            // 100–370 ms as the table passed ~459K and ~918K entries (measured as p99 spikes of
-            // single sweep steps in benches/run.sh). Reserving costs address space; the pages
-            // fill in as entries arrive.
-            dedup: HashMap::with_capacity(dedup_entries_max),
-            dedup_fifo: VecDeque::with_capacity(dedup_entries_max),
-            dedup_entries_max,
+            dedup: DedupWindow::new(dedup_entries_max),
             deleted: HashSet::new(),
             edits: HashMap::new(),
             users: HashMap::new(),
@@ -607,18 +676,7 @@ impl ShardState {
     }
 
     fn insert_dedup(&mut self, key: (UserId, ClientMsgId), entry: DedupEntry) {
-        // A key already present means the engine stored a retry inside the window, which it
-        // should not do; keep the newest entry and the key's original FIFO position.
-        if self.dedup.insert(key, entry).is_none() {
-            self.dedup_fifo.push_back(key);
-        }
-        while self.dedup.len() > self.dedup_entries_max {
-            let Some(old) = self.dedup_fifo.pop_front() else {
-                break;
-            };
-            self.dedup.remove(&old);
-        }
-        debug_assert_eq!(self.dedup.len(), self.dedup_fifo.len());
+        self.dedup.insert(key, entry);
     }
 
     /// Records that messages of `chat` up to `seq` are durable.
@@ -951,6 +1009,56 @@ mod tests {
         );
         // Keys are per sender.
         assert!(s.dedup(&UserId(2), &key(4)).is_none());
+    }
+
+    #[test]
+    fn dedup_window_evicts_by_generation_and_reserves_one_at_a_time() {
+        let entry = |n: u64| DedupEntry {
+            chat: CHAT,
+            seq: Seq(n),
+            msg_id: MsgId(n),
+            timestamp_ms: n,
+        };
+        let key = |n: u64| (UserId(1), ClientMsgId::from_halves(0, n));
+        // 16 = 8 generations of 2.
+        let mut w = DedupWindow::new(16);
+        for n in 1..=16 {
+            w.insert(key(n), entry(n));
+        }
+        assert_eq!((w.len(), w.generations.len()), (16, 8));
+        assert!((1..=16).all(|n| w.get(&key(n)) == Some(&entry(n))));
+        // The 17th starts a generation in place of the oldest: 1 and 2 go, together.
+        w.insert(key(17), entry(17));
+        assert_eq!((w.len(), w.generations.len()), (15, 8));
+        assert!(w.get(&key(1)).is_none() && w.get(&key(2)).is_none());
+        assert!((3..=17).all(|n| w.get(&key(n)) == Some(&entry(n))));
+        // A key already present is replaced where it is, not added again.
+        w.insert(key(3), entry(99));
+        assert_eq!(w.len(), 15);
+        assert_eq!(w.get(&key(3)), Some(&entry(99)));
+        for n in 18..=19 {
+            w.insert(key(n), entry(n));
+        }
+        assert!(w.get(&key(3)).is_none(), "3 left with its generation");
+        // Never more than the bound, at least bound − one generation once full.
+        for n in 20..=1000 {
+            w.insert(key(n), entry(n));
+            assert!((14..=16).contains(&w.len()), "{}", w.len());
+        }
+
+        // The default bound: one table of 125,000 reserved at first, none rehashed as it fills.
+        let mut w = DedupWindow::new(1_000_000);
+        w.insert(key(0), entry(0));
+        assert_eq!(w.generations.len(), 1);
+        let capacity = w.generations[0].capacity();
+        assert!(capacity >= 125_000);
+        for n in 1..125_000 {
+            w.insert(key(n), entry(n));
+        }
+        assert_eq!(w.generations.len(), 1);
+        assert_eq!(w.generations[0].capacity(), capacity);
+        w.insert(key(125_000), entry(125_000));
+        assert_eq!(w.generations.len(), 2);
     }
 
     #[test]

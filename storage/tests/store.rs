@@ -97,6 +97,10 @@ fn append_then_read_round_trip() {
             .unwrap();
         assert!(recovered.is_empty());
         assert_eq!(store.durable_seq(A), Seq(0));
+        assert_eq!(
+            (store.index_memory().chats, store.index_memory().messages),
+            (0, 0)
+        );
         let batch = vec![
             created(A),
             msg(A, 1, 10),
@@ -114,6 +118,9 @@ fn append_then_read_round_trip() {
         ];
         let stats = store.append(&batch).await.unwrap();
         assert_eq!(stats.records, 7);
+        // Cursors and chats are not messages: 3 of A and 1 of B are.
+        let mem = store.index_memory();
+        assert_eq!((mem.chats, mem.messages), (2, 4));
         assert_eq!(
             stats.bytes,
             batch.iter().map(Record::encoded_len).sum::<usize>()
@@ -342,6 +349,10 @@ fn reopen_rebuilds_identical_state_and_index() {
             .map(|s| store.location(A, Seq(s)).unwrap())
             .collect();
         let paths = store.segment_paths();
+        let mem = store.index_memory();
+        assert_eq!((mem.chats, mem.messages), (2, 40));
+        let location = std::mem::size_of::<switchboard_storage::Location>() as u64;
+        assert!(mem.bytes >= 40 * location, "{mem:?}");
         store.close().await.unwrap();
         (state, locations, paths)
     });
@@ -360,6 +371,9 @@ fn reopen_rebuilds_identical_state_and_index() {
             .map(|s| store.location(A, Seq(s)).unwrap())
             .collect();
         assert_eq!(again, locations);
+        let mem = store.index_memory();
+        assert_eq!((mem.chats, mem.messages), (2, 40));
+        assert!(mem.bytes >= 40 * 12, "{mem:?}");
         assert_eq!(store.durable_seq(A), Seq(30));
         assert_eq!(store.durable_seq(B), Seq(10));
         assert_eq!(
