@@ -804,7 +804,16 @@ mod tests {
                 let cfg = Rc::new(Config::default());
                 let metrics = Arc::new(vec![CoreMetrics::new(1)]);
                 let key = TokenKey::new(&[1u8; 32]);
-                let core = Rc::new(Core::new(0, 1, 1, cfg, key, metrics, HashMap::new()));
+                let core = Rc::new(Core::new(
+                    0,
+                    1,
+                    1,
+                    cfg,
+                    key,
+                    metrics,
+                    HashMap::new(),
+                    Arc::new(crate::shard::ShardPressure::new(1)),
+                ));
                 let listener = glommio::net::TcpListener::bind("127.0.0.1:0").unwrap();
                 let addr = listener.local_addr().unwrap();
                 let mut client = glommio::net::TcpStream::connect(addr).await.unwrap();

@@ -53,11 +53,15 @@ struct Cold {
     sync: Option<SyncProgress>,
     /// Users whose presence this connection follows (at most `PRESENCE_SUBSCRIPTIONS_MAX`).
     presence_subs: HashSet<UserId>,
+    /// Frames read but not handled yet because the connection was throttled part-way through
+    /// them (at most one read's worth: the core's 64 KiB read scratch); handled, in order,
+    /// before the socket is read again.
+    parked: Vec<ws::WsEvent>,
 }
 
 impl Cold {
     fn is_empty(&self) -> bool {
-        self.sync.is_none() && self.presence_subs.is_empty()
+        self.sync.is_none() && self.presence_subs.is_empty() && self.parked.is_empty()
     }
 }
 
@@ -91,6 +95,9 @@ pub struct ConnShared {
     /// Frames per connection (config `frames_per_conn_*`): the bucket's arrival time; the rate
     /// is the same for every connection.
     frames_tat_ms: Cell<u64>,
+    /// Not read while set: the connection sent to a shard under pressure and waits in the
+    /// core's list for that shard (`Core::throttle_if_pressed`) until the pressure is off.
+    throttled: Cell<bool>,
 }
 
 /// A duration for the connections' u32 millisecond clock (`Core::conn_clock_ms`), capped at
@@ -126,6 +133,7 @@ impl ConnShared {
             next_ping_ms: Cell::new(now_ms.wrapping_add_signed(first_ping_ms(id, ping_ms))),
             ping_due: Cell::new(false),
             frames_tat_ms: Cell::new(0),
+            throttled: Cell::new(false),
         }
     }
 
@@ -150,6 +158,17 @@ impl ConnShared {
         }
     }
 
+    /// Stops reading the socket (see `throttled`); false if it already was stopped.
+    pub fn throttle(&self) -> bool {
+        !self.throttled.replace(true)
+    }
+
+    /// Reads the socket again.
+    pub fn unthrottle(&self) {
+        self.throttled.set(false);
+        self.notify();
+    }
+
     /// Remembers the waiting task's waker (the connection task is the only waiter).
     fn register(&self, waker: &Waker) {
         let current = self.waker.take();
@@ -164,7 +183,25 @@ impl ConnShared {
         let queue = self.queue.take();
         let queued = !queue.is_empty();
         self.queue.set(queue);
-        queued || self.ping_due.get() || self.closing.get().is_some()
+        queued
+            || self.ping_due.get()
+            || self.closing.get().is_some()
+            || (!self.throttled.get() && self.has_parked())
+    }
+
+    /// Whether frames wait in `Cold::parked`.
+    fn has_parked(&self) -> bool {
+        self.with_cold(|c| c.as_ref().is_some_and(|c| !c.parked.is_empty()))
+    }
+
+    /// The frames parked by a throttle, if any (they are handled before anything read later).
+    fn take_parked(&self) -> Vec<ws::WsEvent> {
+        self.with_cold(|c| c.as_mut().map(|c| std::mem::take(&mut c.parked)))
+            .unwrap_or_default()
+    }
+
+    fn park(&self, events: Vec<ws::WsEvent>) {
+        self.with_cold(|c| c.get_or_insert_default().parked = events);
     }
 
     /// Asks the connection task to close with `why`; queued frames are dropped (the messages
@@ -732,8 +769,10 @@ fn run_ws(
                     if c.has_work() {
                         Woke::Wake
                     } else {
-                        let can_read =
-                            (c.inflight.get() as usize) < core.cfg.conn_inflight_sends_max;
+                        let can_read = (c.inflight.get() as usize)
+                            < core.cfg.conn_inflight_sends_max
+                            && !c.throttled.get()
+                            && !c.has_parked();
                         if stream.is_tls() {
                             // Boxed: TLS connections carry a session of several KiB anyway.
                             Box::pin(wait_chat(core, &mut stream, c, can_read)).await
@@ -914,9 +953,32 @@ async fn step(
     input: Input,
     tx: &mut Vec<u8>,
 ) -> Option<End> {
-    for event in input.events {
+    let chat = match mode {
+        Mode::Chat(c) => Some(c),
+        Mode::Echo(_) => None,
+    };
+    let mut events = input.events;
+    // A connection that goes on (no framing error, no end) stops handling frames once it is
+    // throttled and parks the rest; parked frames come first, before anything read later.
+    let may_park = input.failed.is_none() && input.end.is_none();
+    if let Some(c) = chat.filter(|c| !c.throttled.get()) {
+        let mut parked = c.take_parked();
+        if !parked.is_empty() {
+            parked.append(&mut events);
+            events = parked;
+        }
+    }
+    let mut events = events.into_iter();
+    while let Some(event) = events.next() {
         if let Some(end) = on_event(core, tx, mode, event).await {
             return Some(end);
+        }
+        if let Some(c) = chat.filter(|c| may_park && c.throttled.get()) {
+            let rest: Vec<_> = events.collect();
+            if !rest.is_empty() {
+                c.park(rest);
+            }
+            break;
         }
     }
     if let Some(e) = input.failed {
@@ -928,10 +990,6 @@ async fn step(
     if input.ping {
         ws::write_frame(tx, ws::opcode::PING, &[]);
     }
-    let chat = match mode {
-        Mode::Chat(c) => Some(c),
-        Mode::Echo(_) => None,
-    };
     loop {
         if let Some(c) = chat {
             // Everything notified so far is handled below.
@@ -1120,6 +1178,30 @@ async fn on_frame(core: &Rc<Core>, conn: &Rc<ConnShared>, bytes: &[u8]) {
         user: conn.user,
         device: conn.device,
     };
+    // The chat whose shard this frame stages records in: if that shard is under pressure, the
+    // connection is not read again until it is off (the frame itself goes on).
+    let stages_in = match &frame {
+        ClientFrame::Send(req) => match req.target {
+            Target::Peer(p) => Some(ChatId::direct(conn.user, p)),
+            Target::Chat(c) => Some(c),
+        },
+        ClientFrame::Delivered { chat, .. }
+        | ClientFrame::Read { chat, .. }
+        | ClientFrame::Edit { chat, .. }
+        | ClientFrame::Delete { chat, .. }
+        | ClientFrame::React { chat, .. } => Some(*chat),
+        ClientFrame::CreateGroup(req) => Some(ChatId::group(conn.user, req.client_msg_id)),
+        ClientFrame::GroupUpdate(req) => Some(req.chat),
+        _ => None,
+    };
+    route_frame(core, conn, origin, frame).await;
+    if let Some(chat) = stages_in {
+        core.throttle_if_pressed(conn, core.shard_of(chat));
+    }
+}
+
+/// Sends a checked, rate-allowed frame where it is handled (usually the owner of its chat).
+async fn route_frame(core: &Rc<Core>, conn: &Rc<ConnShared>, origin: Origin, frame: ClientFrame) {
     match frame {
         ClientFrame::Send(req) => {
             let (chat, peer) = match req.target {
@@ -1449,6 +1531,7 @@ mod tests {
             TokenKey::new(&[1u8; 32]),
             metrics,
             HashMap::new(),
+            Arc::new(crate::shard::ShardPressure::new(1)),
         ))
     }
 

@@ -206,6 +206,12 @@ pub struct Core {
     pub tls: Option<Arc<rustls::ServerConfig>>,
     /// Connection attempts per source address (config `connects_per_addr_*`), on this core.
     pub connect_limiter: RefCell<switchboard_api::ratelimit::KeyedLimiter<std::net::IpAddr>>,
+    /// Every shard's pressure (`shard.rs`, shared by all cores).
+    pub shard_pressure: Arc<crate::shard::ShardPressure>,
+    /// This core's connections not being read because they sent to a shard under pressure,
+    /// per shard (index = shard id); each connection is in at most one list
+    /// (`ConnShared::throttle`), so together they hold at most this core's connections.
+    throttled: RefCell<Vec<Vec<Rc<ConnShared>>>>,
 }
 
 impl Core {
@@ -218,6 +224,7 @@ impl Core {
         key: TokenKey,
         all_metrics: Arc<Vec<CoreMetrics>>,
         shards: HashMap<u32, Rc<Shard>>,
+        shard_pressure: Arc<crate::shard::ShardPressure>,
     ) -> Core {
         let mesh = Mesh::new(
             id,
@@ -268,6 +275,20 @@ impl Core {
             tls: None,
             msg_limiter: RefCell::new(msg_limiter),
             connect_limiter: RefCell::new(connect_limiter),
+            shard_pressure,
+            throttled: RefCell::new(vec![Vec::new(); shards_total as usize]),
+        }
+    }
+
+    /// After `conn` sent work to `shard`: if the shard is under pressure (and
+    /// `shard_pressure_throttle` is on), the connection is not read again until it is off.
+    pub fn throttle_if_pressed(&self, conn: &Rc<ConnShared>, shard: u32) {
+        if !self.cfg.shard_pressure_throttle || !self.shard_pressure.is_on(shard) {
+            return;
+        }
+        if conn.throttle() {
+            self.metrics().conn_throttles.fetch_add(1, Relaxed);
+            self.throttled.borrow_mut()[shard as usize].push(conn.clone());
         }
     }
 
@@ -364,6 +385,12 @@ impl Core {
                             c.close(&(crate::ws::close::REVOKED, "device logged out or removed"));
                         }
                     }
+                }
+            }
+            CoreMsg::PressureOff { shard } => {
+                let waiting = std::mem::take(&mut self.throttled.borrow_mut()[shard as usize]);
+                for c in waiting {
+                    c.unthrottle();
                 }
             }
             CoreMsg::RevocationsLoaded => {

@@ -96,6 +96,11 @@ pub struct CoreMetrics {
     pub records_persisted: AtomicU64,
     pub deliveries: AtomicU64,
     pub slow_consumer_closes: AtomicU64,
+    /// Times a connection stopped being read because it sent to a shard under pressure
+    /// (back-pressure; it is read again when the shard's pressure is off).
+    pub conn_throttles: AtomicU64,
+    /// Times one of this core's shards came under pressure (`Owner::pressure`).
+    pub shard_pressure_episodes: AtomicU64,
     pub fsync_us: Histogram<12>,
     pub commit_batch_records: Histogram<8>,
     /// Per group commit: from when its oldest record was staged to when its effects (acks,
@@ -322,6 +327,22 @@ pub fn render(all: &[CoreMetrics]) -> String {
         "counter",
         all,
         |m| m.slow_consumer_closes.load(Relaxed),
+    );
+    counter(
+        &mut out,
+        "switchboard_conn_throttles_total",
+        "Times a connection stopped being read because it sent to a shard under pressure (too many records waiting for its group commit); it is read again when the pressure is off.",
+        "counter",
+        all,
+        |m| m.conn_throttles.load(Relaxed),
+    );
+    counter(
+        &mut out,
+        "switchboard_shard_pressure_episodes_total",
+        "Times a shard came under pressure: staged records reached half of shard_pending_records_max (off again at a quarter).",
+        "counter",
+        all,
+        |m| m.shard_pressure_episodes.load(Relaxed),
     );
     counter(
         &mut out,

@@ -162,6 +162,11 @@ pub enum CoreMsg {
     },
     /// The sending core has broadcast every revocation it recovered at start-up.
     RevocationsLoaded,
+    /// Shard `shard`'s pressure ended (`Shard::run_pressure_announcer`): wake the connections
+    /// throttled for it (`Core::throttle_if_pressed`, back-pressure instead of `Overloaded`).
+    PressureOff {
+        shard: u32,
+    },
     // ---- to the chat's owner core
     Send {
         origin: Origin,

@@ -145,6 +145,7 @@ pub fn run(mut cfg: Config) -> Result<(), String> {
     let pin = cfg.pin_cores && cores <= cpus;
     let metrics: Arc<Vec<CoreMetrics>> =
         Arc::new((0..cores).map(|_| CoreMetrics::new(cores)).collect());
+    let pressure = Arc::new(crate::shard::ShardPressure::new(shards_total));
     let cfg = Arc::new(cfg);
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), String>>();
     // SIGINT/SIGTERM are blocked in every thread (the executors inherit the mask) and taken
@@ -169,6 +170,7 @@ pub fn run(mut cfg: Config) -> Result<(), String> {
         };
         let (cfg, key, metrics, ready) =
             (cfg.clone(), key.clone(), metrics.clone(), ready_tx.clone());
+        let pressure = pressure.clone();
         let tls = tls.clone();
         let (stop, push) = (stop.clone(), push.clone());
         let listener = match first.take() {
@@ -186,7 +188,8 @@ pub fn run(mut cfg: Config) -> Result<(), String> {
                 let cfg = Rc::new((*cfg).clone());
                 let mut shards = HashMap::new();
                 for s in (0..shards_total).filter(|s| *s as usize % cores == id) {
-                    match Shard::open(&cfg.data_dir, s, shards_total, &cfg).await {
+                    match Shard::open(&cfg.data_dir, s, shards_total, &cfg, pressure.clone()).await
+                    {
                         Ok(shard) => {
                             shards.insert(s, Rc::new(shard));
                         }
@@ -196,7 +199,8 @@ pub fn run(mut cfg: Config) -> Result<(), String> {
                         }
                     }
                 }
-                let mut core = Core::new(id, cores, shards_total, cfg, key, metrics, shards);
+                let mut core =
+                    Core::new(id, cores, shards_total, cfg, key, metrics, shards, pressure);
                 core.tls = tls;
                 let _ = core.push.set(push);
                 let core = Rc::new(core);
@@ -244,6 +248,8 @@ pub fn run(mut cfg: Config) -> Result<(), String> {
                 }
                 for shard in core.shards.values() {
                     glommio::spawn_local(shard.clone().run_committer(core.clone())).detach();
+                    glommio::spawn_local(shard.clone().run_pressure_announcer(core.clone()))
+                        .detach();
                 }
                 {
                     // Share the blocks recovered from this core's shards with every core.

@@ -35,6 +35,38 @@ pub struct Shard {
     wake: Notify,
     /// When the oldest work now pending was staged (`staged`), for `commit_wait_us`.
     first_staged: Cell<Option<Instant>>,
+    /// Whether the shard is under pressure (`Owner::pressure`: too many records waiting for the
+    /// committer), the flags every core reads it from, and the wake-up of the task that tells
+    /// every core when it ends (`run_pressure_announcer`).
+    pressure: Cell<bool>,
+    pressure_flags: Arc<ShardPressure>,
+    pressure_changed: Notify,
+}
+
+/// Every shard's pressure, one flag each (index = shard id), shared by all cores: written only by
+/// the shard's own core (`Shard::update_pressure`), read by every core when a connection sends
+/// to the shard (`Core::throttle_if_pressed`). A flag, not a message, so that the connections
+/// see "on" at once: a message would reach even the owner's own connections only after they had
+/// handled every frame of their current reads. "Off" also travels as `CoreMsg::PressureOff`,
+/// which wakes the throttled connections.
+pub struct ShardPressure(Vec<std::sync::atomic::AtomicBool>);
+
+impl ShardPressure {
+    pub fn new(shards_total: u32) -> ShardPressure {
+        ShardPressure(
+            (0..shards_total)
+                .map(|_| std::sync::atomic::AtomicBool::new(false))
+                .collect(),
+        )
+    }
+
+    pub fn is_on(&self, shard: u32) -> bool {
+        self.0[shard as usize].load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn set(&self, shard: u32, on: bool) {
+        self.0[shard as usize].store(on, std::sync::atomic::Ordering::Release);
+    }
 }
 
 impl Shard {
@@ -43,6 +75,7 @@ impl Shard {
         id: u32,
         shards_total: u32,
         cfg: &crate::config::Config,
+        pressure_flags: Arc<ShardPressure>,
     ) -> Result<Shard, StorageError> {
         let dir = data_dir.join(format!("shard-{id}"));
         let store_cfg = StoreConfig {
@@ -104,6 +137,9 @@ impl Shard {
             store,
             wake: Notify::new(),
             first_staged: Cell::new(None),
+            pressure: Cell::new(false),
+            pressure_flags,
+            pressure_changed: Notify::new(),
         })
     }
 
@@ -113,6 +149,40 @@ impl Shard {
             self.first_staged.set(Some(Instant::now()));
         }
         self.wake.notify();
+        self.update_pressure();
+    }
+
+    /// Re-evaluates the shard's pressure after staging or taking a batch; a change wakes the
+    /// announcer.
+    fn update_pressure(&self) {
+        let was = self.pressure.get();
+        let now = self.owner.borrow().pressure(was);
+        if now != was {
+            self.pressure.set(now);
+            self.pressure_flags.set(self.id, now);
+            self.pressure_changed.notify();
+        }
+    }
+
+    /// Tells every core (`CoreMsg::PressureOff`) when the shard's pressure has ended, so they
+    /// wake the connections they throttled for it. The flag went off before the broadcast, so a
+    /// core that handles the broadcast and then reads the flag sees it off (or on again, for a
+    /// new episode whose own "off" comes later). Changes that come while a broadcast waits for
+    /// the mesh are folded into the next round. Runs for the life of the core.
+    pub async fn run_pressure_announcer(self: Rc<Self>, core: Rc<Core>) {
+        let mut announced = false;
+        loop {
+            while self.pressure.get() == announced {
+                self.pressure_changed.notified().await;
+            }
+            announced = self.pressure.get();
+            if announced {
+                core.metrics().shard_pressure_episodes.fetch_add(1, Relaxed);
+            } else {
+                let shard = self.id;
+                core.broadcast(|| CoreMsg::PressureOff { shard }).await;
+            }
+        }
     }
 
     /// Puts the store's index size into this core's metrics (`/metrics` reads them from any core).
@@ -147,6 +217,7 @@ impl Shard {
                 .owner
                 .borrow_mut()
                 .take_batch(cfg.commit_batch_records_max);
+            self.update_pressure();
             // The batch's wait runs from its oldest staging. Work left pending (a batch cut at
             // `commit_batch_records_max`) keeps that time: its next commit's wait is an upper
             // bound, never an understatement.
