@@ -22,6 +22,11 @@ pub struct Scrape {
     pub messages_persisted_total: u64,
     /// `switchboard_slow_consumer_closes_total`.
     pub slow_consumer_closes_total: u64,
+    /// `switchboard_conn_throttles_total`: times a connection stopped being read because it sent
+    /// to a shard under pressure (the server's back-pressure before `Overloaded`).
+    pub conn_throttles_total: u64,
+    /// `switchboard_shard_pressure_episodes_total`: times a shard came under pressure.
+    pub pressure_episodes_total: u64,
     /// `switchboard_store_index_messages`: durable messages the shards' in-memory log indexes
     /// locate (all of the server's stored history).
     pub index_messages: u64,
@@ -199,6 +204,8 @@ pub fn parse(body: &str) -> Scrape {
             "switchboard_http_unauthorized_total" => &mut s.unauthorized_total,
             "switchboard_messages_persisted_total" => &mut s.messages_persisted_total,
             "switchboard_slow_consumer_closes_total" => &mut s.slow_consumer_closes_total,
+            "switchboard_conn_throttles_total" => &mut s.conn_throttles_total,
+            "switchboard_shard_pressure_episodes_total" => &mut s.pressure_episodes_total,
             "switchboard_store_index_messages" => &mut s.index_messages,
             "switchboard_store_index_bytes" => &mut s.index_bytes,
             _ => continue,
@@ -228,6 +235,9 @@ switchboard_store_index_messages{core=\"0\"} 700\n\
 switchboard_store_index_messages{core=\"1\"} 300\n\
 switchboard_store_index_bytes{core=\"0\"} 9000\n\
 switchboard_store_index_bytes{core=\"1\"} 4000\n\
+switchboard_conn_throttles_total{core=\"0\"} 40\n\
+switchboard_conn_throttles_total{core=\"1\"} 2\n\
+switchboard_shard_pressure_episodes_total{core=\"1\"} 7\n\
 garbage line\n";
         let s = parse(body);
         assert_eq!(
@@ -241,6 +251,8 @@ garbage line\n";
                 slow_consumer_closes_total: 0,
                 index_messages: 1000,
                 index_bytes: 13_000,
+                conn_throttles_total: 42,
+                pressure_episodes_total: 7,
                 cores: 2,
                 at: None,
                 ..Scrape::default()

@@ -128,6 +128,28 @@ pub fn server_commits(r: &RunResult) -> Option<(Buckets, Buckets)> {
     ))
 }
 
+/// The server's back-pressure during the message phase (connected → end): connections it
+/// stopped reading because their shard was under pressure, and the shards' pressure episodes.
+pub fn server_throttles(r: &RunResult) -> Option<(u64, u64)> {
+    let (a, e) = (r.server.connected?, r.server.end?);
+    Some((
+        e.conn_throttles_total
+            .saturating_sub(a.conn_throttles_total),
+        e.pressure_episodes_total
+            .saturating_sub(a.pressure_episodes_total),
+    ))
+}
+
+fn throttles_json(r: &RunResult) -> Value {
+    match server_throttles(r) {
+        Some((conns, episodes)) => json!({
+            "conn_throttles": conns,
+            "pressure_episodes": episodes,
+        }),
+        None => Value::Null,
+    }
+}
+
 /// The server's latency split during the message phase (connected → end, from its `/metrics`
 /// histograms): per group commit, oldest record staged → effects handed on; and how late each
 /// core's 10 ms reactor lag probe ran.
@@ -270,6 +292,7 @@ pub fn run_json(r: &RunResult) -> Value {
         "server_cpu_s": r.server.cpu_s.map(round3),
         "server_commits": commits_json(r),
         "server_waits": waits_json(r),
+        "server_throttles": throttles_json(r),
         "client_cpu_s": round3(r.client_cpu_s),
         "client_rss_bytes": res.num("client_rss_bytes"),
         "phase_cpu": phase_cpu_json(r),
@@ -331,6 +354,7 @@ fn run_step_json(s: &RunResult) -> Value {
         "server_cpu_s": s.server.cpu_s.map(round3),
         "server_commits": commits_json(s),
         "server_waits": waits_json(s),
+        "server_throttles": throttles_json(s),
         "client_cpu_s": round3(s.client_cpu_s),
         "run_s": round3(s.run_s),
         "phase_cpu": phase_cpu_json(s),
@@ -576,6 +600,12 @@ pub fn markdown(r: &RunResult, sweep: Option<&Sweep>) -> String {
             le_text(f.quantile_le(0.5)),
             le_text(f.quantile_le(0.99)),
             le_text(f.quantile_le(0.999)),
+        );
+    }
+    if let Some((conns, episodes)) = server_throttles(r) {
+        let _ = writeln!(
+            o,
+            "| server back-pressure (message phase: shards under pressure, connections not read until it passed) | {episodes} pressure episodes, {conns} connection throttles |"
         );
     }
     if let Some((w, l)) = server_waits(r).filter(|(w, l)| w.count > 0 || l.count > 0) {

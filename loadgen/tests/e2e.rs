@@ -288,6 +288,10 @@ fn a_sweep_finds_its_knee_and_measures_half_of_it_over_real_sockets() {
     assert!(num(waits, &["commit_wait_us", "count"]) > 0.0, "{waits:#}");
     assert!(num(waits, &["reactor_lag_us", "count"]) > 0.0, "{waits:#}");
     assert!(!waits["commit_wait_us"]["p99_le"].is_null(), "{waits:#}");
+    // The server's back-pressure counters were scraped (a light sweep never needs them: 0s).
+    let throttles = &v["server_throttles"];
+    assert!(throttles["conn_throttles"].is_u64(), "{throttles:#}");
+    assert!(throttles["pressure_episodes"].is_u64(), "{throttles:#}");
     let read_lag = &v["latency_ms"]["read_lag"];
     assert!(num(read_lag, &["count"]) > 0.0, "{read_lag:#}");
     assert!(
