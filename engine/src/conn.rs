@@ -711,6 +711,12 @@ pub fn sweep_conns(core: &Core, now: Instant) {
     // Signed wrapping differences: readings are at most `CONN_TIMEOUT_MAX` apart.
     let since = |t: u32| now_ms.wrapping_sub(t) as i32;
     for c in core.conns.borrow().values() {
+        if c.throttled.get() {
+            // Not read because of a shard's pressure: its silence is the server's doing, so its
+            // idle clock starts again from here (the peer may well have answered our pings).
+            c.last_rx_ms.set(now_ms);
+            continue;
+        }
         let heard = since(c.last_rx_ms.get());
         if heard >= idle_ms {
             c.close(&(close::IDLE_TIMEOUT, "idle timeout"));
@@ -1594,8 +1600,9 @@ mod tests {
     }
 
     /// The sweep pings only connections that have been silent for `ping_interval`, closes those
-    /// silent for `idle_timeout`, and connections opened together come due spread over the last
-    /// quarter of the interval instead of all in one sweep.
+    /// silent for `idle_timeout` (but never one the server is not reading: throttled), and
+    /// connections opened together come due spread over the last quarter of the interval
+    /// instead of all in one sweep.
     #[test]
     fn sweep_pings_only_silent_connections_and_spreads_first_pings() {
         let ping_ms = 10_000;
@@ -1628,7 +1635,8 @@ mod tests {
                     core.conns.borrow_mut().insert(id, c.clone());
                     c
                 };
-                let (busy, silent, dead) = (mk(1), mk(2), mk(3));
+                let (busy, silent, dead, throttled) = (mk(1), mk(2), mk(3), mk(4));
+                assert!(throttled.throttle());
                 // Nobody is due before 7.5 s.
                 sweep_conns(&core, at(7));
                 assert!(!busy.ping_due.get() && !silent.ping_due.get() && !dead.ping_due.get());
@@ -1655,6 +1663,17 @@ mod tests {
                     .get()
                     .is_some_and(|(code, _)| *code == close::IDLE_TIMEOUT));
                 assert!(silent.closing.get().is_none() && busy.closing.get().is_none());
+                // Throttled (not read) the whole time: neither pinged nor closed, and once read
+                // again its idle clock runs from the last sweep.
+                assert!(!throttled.ping_due.get() && throttled.closing.get().is_none());
+                throttled.unthrottle();
+                sweep_conns(&core, at(59));
+                assert!(throttled.closing.get().is_none());
+                sweep_conns(&core, at(60));
+                assert!(throttled
+                    .closing
+                    .get()
+                    .is_some_and(|(code, _)| *code == close::IDLE_TIMEOUT));
             });
     }
 
