@@ -48,7 +48,7 @@ use switchboard_wire::ids::{ChatId, Seq};
 
 pub use log::{
     AppendStats, CompletedPurge, EmbeddedStore, IndexMemory, Location, PurgeEvidence, PurgeStats,
-    RecoveryReport, TailDamage, Truncation, PURGE_SEQS_MAX,
+    RecoveryReport, TailDamage, Truncation, INDEX_ENTRY_BYTES, PURGE_SEQS_MAX, SEGMENTS_MAX,
 };
 pub use record::{
     decode_one, AccountRecord, ChatKind, CursorKind, Record, RecordError, StoredMessage,

@@ -191,7 +191,7 @@ const _: () = assert!(MESSAGE_PAYLOAD_AT == MESSAGE_FRAME_OVERHEAD_BYTES - RECOR
 const _: () = assert!(READ_COALESCE_BYTES_MAX >= crate::record::RECORD_BYTES_MAX + 8);
 const _: () = assert!(SCAN_CHUNK_BYTES >= crate::record::RECORD_BYTES_MAX + 8);
 
-/// Where one durable record lives. 12 bytes per message in memory.
+/// Where one durable record lives (the index keeps it packed in 8 bytes: [`PackedLocation`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Location {
     /// Index into the store's segment list (0 = oldest segment open).
@@ -200,6 +200,51 @@ pub struct Location {
     pub offset: u32,
     /// Frame length, header included.
     pub len: u32,
+}
+
+/// Most segments one shard's store holds: the in-memory index packs a message's segment number
+/// into 15 bits ([`PackedLocation`]). 2 TiB per shard at the default 64 MiB segments. A roll past
+/// it fails like a full disk (`StorageFull`), and `open` refuses a directory with more.
+pub const SEGMENTS_MAX: usize = 1 << 15;
+
+/// Bits of a frame's length in a [`PackedLocation`].
+const PACKED_LEN_BITS: u32 = 17;
+const _: () = assert!(RECORD_HEADER_BYTES + crate::record::RECORD_BYTES_MAX < 1 << PACKED_LEN_BITS);
+const _: () = assert!(SEGMENTS_MAX <= 1 << (64 - 32 - PACKED_LEN_BITS));
+
+/// Bytes of the in-memory index per stored message, before the vectors' growth slack.
+pub const INDEX_ENTRY_BYTES: u64 = std::mem::size_of::<PackedLocation>() as u64;
+const _: () = assert!(INDEX_ENTRY_BYTES == 8);
+
+/// A [`Location`] as the in-memory index keeps it: 8 bytes instead of 12, since the index is
+/// the store's memory per stored message. Bits, high to low: segment (15; below
+/// [`SEGMENTS_MAX`]), offset (32; segments are at most `u32::MAX` bytes), frame length (17; a
+/// frame is at most `RECORD_HEADER_BYTES + RECORD_BYTES_MAX`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct PackedLocation(u64);
+
+impl PackedLocation {
+    fn new(loc: Location) -> PackedLocation {
+        assert!(
+            (loc.segment as usize) < SEGMENTS_MAX,
+            "segment {} past SEGMENTS_MAX",
+            loc.segment
+        );
+        assert!(loc.len < 1 << PACKED_LEN_BITS, "frame of {} bytes", loc.len);
+        PackedLocation(
+            (u64::from(loc.segment) << (32 + PACKED_LEN_BITS))
+                | (u64::from(loc.offset) << PACKED_LEN_BITS)
+                | u64::from(loc.len),
+        )
+    }
+
+    fn get(self) -> Location {
+        Location {
+            segment: (self.0 >> (32 + PACKED_LEN_BITS)) as u32,
+            offset: (self.0 >> PACKED_LEN_BITS) as u32,
+            len: (self.0 & ((1 << PACKED_LEN_BITS) - 1)) as u32,
+        }
+    }
 }
 
 /// What one `append` did.
@@ -339,7 +384,7 @@ struct Inner {
     segments: Vec<Segment>,
     /// chat → location of seq `i + 1` at index `i`. An entry exists from the chat's durable
     /// `ChatCreated` on, so its presence also says the chat exists.
-    index: HashMap<ChatId, Vec<Location>>,
+    index: HashMap<ChatId, Vec<PackedLocation>>,
     /// Sum of the index vectors' lengths (durable messages) and capacities, kept as entries are
     /// pushed, so [`EmbeddedStore::index_memory`] costs nothing per call.
     index_entries: u64,
@@ -360,8 +405,9 @@ pub struct IndexMemory {
 
 /// The embedded store of one shard. See the module docs.
 ///
-/// Memory: 12 bytes per durable message (its [`Location`]) plus a map entry per chat; payloads
-/// are never kept. At 100 M messages per shard the index is ~1.2 GB; a checkpoint of the index
+/// Memory: 8 bytes per durable message (its [`PackedLocation`], plus the vectors' growth slack)
+/// and a map entry per chat; payloads are never kept. At 100 M messages per shard the index is
+/// ~0.8-1.1 GB; a checkpoint of the index
 /// (and of [`crate::ShardState`]) with older segments read lazily would bound both this and the
 /// start-up scan.
 pub struct EmbeddedStore {
@@ -752,7 +798,7 @@ struct SegmentScan {
 #[derive(Default)]
 struct Recovered {
     records: Vec<Record>,
-    index: HashMap<ChatId, Vec<Location>>,
+    index: HashMap<ChatId, Vec<PackedLocation>>,
     /// In log order.
     suspects: Vec<Suspect>,
     /// Unmarked suspects no `Deleted` event named yet: (chat, seq) → index into `suspects`.
@@ -950,6 +996,12 @@ impl EmbeddedStore {
         let mut last_file_len = 0;
         let mut last_data_end = 0;
         let segment_count = bases.len();
+        if segment_count > SEGMENTS_MAX {
+            return Err(StorageError::Config(format!(
+                "{} holds {segment_count} segments, more than SEGMENTS_MAX ({SEGMENTS_MAX})",
+                dir.display()
+            )));
+        }
         for (i, base) in bases.into_iter().enumerate() {
             let path = dir.join(segment_name(base));
             let is_last = i + 1 == segment_count;
@@ -1205,11 +1257,11 @@ impl EmbeddedStore {
     /// shard can hold in a given memory.
     pub fn index_memory(&self) -> IndexMemory {
         let inner = self.inner.borrow();
-        let slot = std::mem::size_of::<(ChatId, Vec<Location>)>() as u64 + 1;
+        let slot = std::mem::size_of::<(ChatId, Vec<PackedLocation>)>() as u64 + 1;
         IndexMemory {
             chats: inner.index.len() as u64,
             messages: inner.index_entries,
-            bytes: inner.index_capacity * std::mem::size_of::<Location>() as u64
+            bytes: inner.index_capacity * std::mem::size_of::<PackedLocation>() as u64
                 + inner.index.capacity() as u64 * slot,
         }
     }
@@ -1223,7 +1275,7 @@ impl EmbeddedStore {
     pub fn location(&self, chat: ChatId, seq: Seq) -> Option<Location> {
         let inner = self.inner.borrow();
         let i = usize::try_from(seq.0.checked_sub(1)?).ok()?;
-        inner.index.get(&chat)?.get(i).copied()
+        inner.index.get(&chat)?.get(i).map(|l| l.get())
     }
 
     /// Segment files, oldest first.
@@ -1359,6 +1411,16 @@ impl EmbeddedStore {
             active.preallocated = true;
             file = new_file;
         } else if pos > 0 && pos + bytes as u64 > self.cfg.segment_bytes_max {
+            if segment + 1 >= SEGMENTS_MAX {
+                return Err(StorageError::Io {
+                    op: "roll segment",
+                    path,
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::StorageFull,
+                        format!("the shard holds SEGMENTS_MAX ({SEGMENTS_MAX}) segments"),
+                    ),
+                });
+            }
             let base = {
                 let inner = self.inner.borrow();
                 let active = &inner.segments[segment];
@@ -1436,7 +1498,7 @@ impl EmbeddedStore {
                     .get_mut(&chat)
                     .expect("checked by check_batch, created in this or an earlier round");
                 let capacity = locs.capacity();
-                locs.push(loc);
+                locs.push(PackedLocation::new(loc));
                 *index_entries += 1;
                 *index_capacity += (locs.capacity() - capacity) as u64;
             }
@@ -1640,7 +1702,7 @@ impl EmbeddedStore {
             let mut payload_bytes = 0usize;
             let mut count = 0usize;
             while lowest > 1 && count < count_max {
-                let loc = locs[(lowest - 2) as usize];
+                let loc = locs[(lowest - 2) as usize].get();
                 let payload = (loc.len as usize).saturating_sub(MESSAGE_FRAME_OVERHEAD_BYTES);
                 if count > 0 && payload_bytes + payload > bytes_max {
                     break;
@@ -1711,7 +1773,7 @@ impl EmbeddedStore {
             let locs = &inner.index[&chat];
             let mut runs: Vec<Run> = Vec::new();
             for seq in first..=last {
-                let loc = locs[(seq - 1) as usize];
+                let loc = locs[(seq - 1) as usize].get();
                 let len = loc.len as usize;
                 if let Some(run) = runs.last_mut() {
                     let same = Rc::ptr_eq(&run.file, &inner.segments[loc.segment as usize].file);
@@ -1822,7 +1884,8 @@ impl EmbeddedStore {
                     .checked_sub(1)
                     .and_then(|i| usize::try_from(i).ok())
                     .and_then(|i| locs.get(i))
-                    .ok_or(StorageError::UnknownSeq { chat, seq })?;
+                    .ok_or(StorageError::UnknownSeq { chat, seq })?
+                    .get();
                 let seg = &inner.segments[loc.segment as usize];
                 targets.push(PurgeTarget {
                     seq,
@@ -2083,7 +2146,7 @@ async fn fill_spare(dir: PathBuf, len: u64, spare: Rc<Spare>) -> Result<(), Stor
 
 /// Adds one recovered record to the index, checking what `append` guarantees.
 fn index_record(
-    index: &mut HashMap<ChatId, Vec<Location>>,
+    index: &mut HashMap<ChatId, Vec<PackedLocation>>,
     record: &Record,
     loc: Location,
 ) -> Result<(), Corruption> {
@@ -2103,7 +2166,7 @@ fn index_record(
                     got: m.seq,
                 });
             }
-            locs.push(loc);
+            locs.push(PackedLocation::new(loc));
         }
         Record::Cursor { .. }
         | Record::Block { .. }
@@ -2255,6 +2318,33 @@ impl MessageStore for EmbeddedStore {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn packed_locations_round_trip_at_their_limits() {
+        let frame_max = (RECORD_HEADER_BYTES + crate::record::RECORD_BYTES_MAX) as u32;
+        for segment in [0, 1, 4097, SEGMENTS_MAX as u32 - 1] {
+            for offset in [0, 1, 0x8000_0000, u32::MAX] {
+                for len in [0, 1, 100, frame_max, (1 << PACKED_LEN_BITS) - 1] {
+                    let loc = Location {
+                        segment,
+                        offset,
+                        len,
+                    };
+                    assert_eq!(PackedLocation::new(loc).get(), loc);
+                }
+            }
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "past SEGMENTS_MAX")]
+    fn a_segment_past_the_limit_is_never_packed() {
+        PackedLocation::new(Location {
+            segment: SEGMENTS_MAX as u32,
+            offset: 0,
+            len: 1,
+        });
+    }
+
     use super::*;
     use switchboard_wire::ids::{ClientMsgId, DeviceId, MsgId, UserId};
 

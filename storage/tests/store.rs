@@ -351,8 +351,8 @@ fn reopen_rebuilds_identical_state_and_index() {
         let paths = store.segment_paths();
         let mem = store.index_memory();
         assert_eq!((mem.chats, mem.messages), (2, 40));
-        let location = std::mem::size_of::<switchboard_storage::Location>() as u64;
-        assert!(mem.bytes >= 40 * location, "{mem:?}");
+        let entry = switchboard_storage::INDEX_ENTRY_BYTES;
+        assert!(mem.bytes >= 40 * entry, "{mem:?}");
         store.close().await.unwrap();
         (state, locations, paths)
     });
@@ -373,7 +373,10 @@ fn reopen_rebuilds_identical_state_and_index() {
         assert_eq!(again, locations);
         let mem = store.index_memory();
         assert_eq!((mem.chats, mem.messages), (2, 40));
-        assert!(mem.bytes >= 40 * 12, "{mem:?}");
+        assert!(
+            mem.bytes >= 40 * switchboard_storage::INDEX_ENTRY_BYTES,
+            "{mem:?}"
+        );
         assert_eq!(store.durable_seq(A), Seq(30));
         assert_eq!(store.durable_seq(B), Seq(10));
         assert_eq!(
@@ -945,5 +948,25 @@ fn large_batches_take_several_sync_rounds() {
             got,
             (1..=40).map(|s| message(A, s, 10_000)).collect::<Vec<_>>()
         );
+    });
+}
+
+/// The index packs a segment number in 15 bits: a directory with more segments than
+/// `SEGMENTS_MAX` is refused with a clear error before any of them is opened.
+#[test]
+fn a_shard_with_more_than_segments_max_segments_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = shard_dir(&tmp);
+    std::fs::create_dir_all(&dir).unwrap();
+    for i in 0..=switchboard_storage::SEGMENTS_MAX as u64 {
+        std::fs::File::create(dir.join(format!("seg-{:016}.log", i * 1000))).unwrap();
+    }
+    run(async {
+        let err = EmbeddedStore::open(&dir, StoreConfig::default())
+            .await
+            .err()
+            .expect("refused");
+        let text = err.to_string();
+        assert!(text.contains("more than SEGMENTS_MAX (32768)"), "{text}");
     });
 }
