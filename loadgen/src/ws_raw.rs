@@ -448,6 +448,38 @@ fn mask(seed: u64) -> [u8; 4] {
 mod tests {
     use super::*;
 
+    /// The committed seeds of the `upgrade_response` fuzz target (`fuzz/seeds/`, written by its
+    /// script) are heads the check accepts for their key, so the fuzzer starts on the
+    /// accepting path.
+    #[test]
+    fn upgrade_fuzz_seeds_are_accepted() {
+        let dir =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/upgrade_response");
+        let mut n = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let data = std::fs::read(entry.unwrap().path()).unwrap();
+            let (&seed, head) = data.split_first().unwrap();
+            assert_eq!(seed & 1, 0, "a seed for the raw half");
+            let key = sec_websocket_key(u64::from(seed));
+            assert!(
+                check_upgrade_response(head, &key).is_ok(),
+                "{}",
+                String::from_utf8_lossy(head)
+            );
+            // One bit of the accept key changed: refused.
+            let accept = accept_key(&key);
+            let at = head
+                .windows(accept.len())
+                .position(|w| w == accept.as_bytes())
+                .unwrap();
+            let mut bad = head.to_vec();
+            bad[at] ^= 1;
+            assert!(check_upgrade_response(&bad, &key).is_err());
+            n += 1;
+        }
+        assert!(n >= 3, "{n} seeds in {}", dir.display());
+    }
+
     #[test]
     fn key_and_accept() {
         let key = sec_websocket_key(1);
