@@ -199,17 +199,8 @@ fn inflight_limit_applies_back_pressure_without_losing_sends() {
     // With at most 2 sends in flight the server stops reading this socket between acks; a client
     // pipelining 200 sends still gets every ack, in order.
     let (server, _dir) = server_with_config(2, "conn_inflight_sends_max = 2\n");
-    let mut a = server.connect(110, 1);
-    let ids: Vec<_> = (0..200u32)
-        .map(|i| {
-            a.send_message(Target::Peer(UserId(111)), &i.to_be_bytes())
-                .unwrap()
-        })
-        .collect();
-    let seqs: Vec<u64> = ids
-        .into_iter()
-        .map(|id| a.wait_ack(id, T).unwrap().seq.0)
-        .collect();
+    let (seqs, errors) = pipeline_sends(&server, 110, 200);
+    assert_eq!(errors, vec![]);
     assert_eq!(seqs, (1..=200).collect::<Vec<_>>());
 }
 
@@ -222,13 +213,17 @@ fn metric_total(server: &Server, name: &str) -> u64 {
         .sum()
 }
 
-/// Pipelines `n` sends to one peer as fast as the socket takes them, then collects every answer
-/// in order: the acked seqs and the error codes.
-fn pipeline_sends(server: &Server, n: u32) -> (Vec<u64>, Vec<switchboard_wire::ErrorCode>) {
-    let mut a = server.connect(130, 1);
+/// Pipelines `n` sends from `user` to `user + 1` as fast as the socket takes them, then collects
+/// every answer in order: the acked seqs and the error codes.
+fn pipeline_sends(
+    server: &Server,
+    user: u64,
+    n: u32,
+) -> (Vec<u64>, Vec<switchboard_wire::ErrorCode>) {
+    let mut a = server.connect(user, 1);
     let ids: Vec<_> = (0..n)
         .map(|i| {
-            a.send_message(Target::Peer(UserId(131)), &i.to_be_bytes())
+            a.send_message(Target::Peer(UserId(user + 1)), &i.to_be_bytes())
                 .unwrap()
         })
         .collect();
@@ -250,7 +245,7 @@ fn shard_pressure_throttles_readers_instead_of_refusing_sends() {
     // flag is set while the connection's own read is being handled.
     let slow = "shard_pending_records_max = 64\ncommit_batch_records_max = 8\ncommit_delay_us = 50000\nconn_inflight_sends_max = 1000\n";
     let (server, _dir) = server_with_config(1, slow);
-    let (seqs, errors) = pipeline_sends(&server, 300);
+    let (seqs, errors) = pipeline_sends(&server, 130, 300);
     // Nothing refused: the server stopped reading the socket while the shard was under
     // pressure, and every send was acknowledged in order.
     assert_eq!(errors, vec![]);
@@ -262,7 +257,7 @@ fn shard_pressure_throttles_readers_instead_of_refusing_sends() {
     // The same load without the throttle reads everything at once and refuses what is past the
     // limit with Overloaded (retryable; nothing refused was stored).
     let (server, _dir) = server_with_config(1, &format!("{slow}shard_pressure_throttle = false\n"));
-    let (seqs, errors) = pipeline_sends(&server, 300);
+    let (seqs, errors) = pipeline_sends(&server, 130, 300);
     assert!(
         !errors.is_empty(),
         "no send was refused: {} acked",
