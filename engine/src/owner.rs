@@ -106,6 +106,9 @@ impl Default for OwnerLimits {
 pub struct Batch {
     pub records: Vec<Record>,
     pub effects: Vec<Effect>,
+    /// When its oldest item was staged (`None` for an empty batch): the start of the
+    /// `commit_wait_us` the shard reports for it.
+    pub staged_at: Option<std::time::Instant>,
 }
 
 /// Server message ids: 42 bits of milliseconds since 2020-01-01, 10 bits of shard, 12 bits of
@@ -234,7 +237,11 @@ impl Owner {
             self.state.apply(r);
         }
         self.pending_records += records.len();
-        self.pending.push_back(Batch { records, effects });
+        self.pending.push_back(Batch {
+            records,
+            effects,
+            staged_at: Some(std::time::Instant::now()),
+        });
     }
 
     /// Stages records of another kind than chats (accounts) with the effects that wait for them.
@@ -1155,6 +1162,8 @@ impl Owner {
                 break;
             }
             let item = self.pending.pop_front().expect("front exists");
+            // Items are taken in staging order: the first is the oldest.
+            out.staged_at = out.staged_at.or(item.staged_at);
             self.pending_records -= item.records.len();
             out.records.extend(item.records);
             out.effects.extend(item.effects);
@@ -1426,6 +1435,25 @@ mod tests {
                 ErrorCode::InvalidArgument
             ]
         );
+    }
+
+    #[test]
+    fn a_batch_carries_the_staging_time_of_its_oldest_item() {
+        let mut o = owner();
+        let chat = ChatId::direct(A, B);
+        assert_eq!(o.take_batch(10).staged_at, None);
+        o.on_send(1, origin(A), chat, Some(B), send(1, B, 0)); // 2 records
+        let first = o.pending.front().and_then(|b| b.staged_at).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        o.on_send(1, origin(A), chat, Some(B), send(2, B, 0));
+        let second = o.pending.back().and_then(|b| b.staged_at).unwrap();
+        assert!(second > first);
+        // Cut after the first item: each batch starts at its own oldest item, so work left
+        // pending under sustained load is never timed from an older batch.
+        let b = o.take_batch(2);
+        assert_eq!((b.records.len(), b.staged_at), (2, Some(first)));
+        let b = o.take_batch(2);
+        assert_eq!((b.records.len(), b.staged_at), (1, Some(second)));
     }
 
     #[test]

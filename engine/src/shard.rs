@@ -17,7 +17,7 @@ use std::path::Path;
 use std::rc::Rc;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use switchboard_storage::CONTENT_KIND_DELETED;
 use switchboard_storage::{EmbeddedStore, Record, ShardState, StorageError, StoreConfig};
 use switchboard_wire::limits::HISTORY_PAGE_BYTES_MAX;
@@ -33,8 +33,6 @@ pub struct Shard {
     pub accounts: RefCell<crate::accounts::Accounts>,
     pub store: EmbeddedStore,
     wake: Notify,
-    /// When the oldest work now pending was staged (`staged`), for `commit_wait_us`.
-    first_staged: Cell<Option<Instant>>,
     /// Whether the shard is under pressure (`Owner::pressure`: too many records waiting for the
     /// committer), the flags every core reads it from, and the wake-up of the task that tells
     /// every core when it ends (`run_pressure_announcer`).
@@ -136,7 +134,6 @@ impl Shard {
             accounts: RefCell::new(accounts),
             store,
             wake: Notify::new(),
-            first_staged: Cell::new(None),
             pressure: Cell::new(false),
             pressure_flags,
             pressure_changed: Notify::new(),
@@ -145,9 +142,6 @@ impl Shard {
 
     /// Wakes the committer after staging.
     pub fn staged(&self) {
-        if self.first_staged.get().is_none() {
-            self.first_staged.set(Some(Instant::now()));
-        }
         self.wake.notify();
         self.update_pressure();
     }
@@ -218,14 +212,8 @@ impl Shard {
                 .borrow_mut()
                 .take_batch(cfg.commit_batch_records_max);
             self.update_pressure();
-            // The batch's wait runs from its oldest staging. Work left pending (a batch cut at
-            // `commit_batch_records_max`) keeps that time: its next commit's wait is an upper
-            // bound, never an understatement.
-            let staged_at = if self.owner.borrow().has_pending() {
-                self.first_staged.get()
-            } else {
-                self.first_staged.take()
-            };
+            // The batch's wait runs from the staging of its oldest item.
+            let staged_at = batch.staged_at;
             if !batch.records.is_empty() {
                 let stats = match self.store.append(&batch.records).await {
                     Ok(s) => s,
